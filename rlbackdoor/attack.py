@@ -1,0 +1,259 @@
+"""The batched backdoor state machine shared by every wrapper, and the base envs it attacks.
+
+An :class:`Attack` holds a trigger, a schedule and a payload, and per-env state for a batch of
+``n`` envs. Wrappers drive it in three calls:
+
+- :meth:`Attack.begin` on the first observations of new episodes,
+- :meth:`Attack.act` on the agent's actions (returns the actions to execute),
+- :meth:`Attack.step` on what the env returned (returns poisoned observations, rewards and flags).
+
+A step is *poisoned* when the agent acted on a triggered observation (its reward and possibly its
+action are manipulated); an observation is *triggered* when the trigger is in it (or, for an
+action-sequence trigger, when the backdoor is armed).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from rlbackdoor.errors import SpecError
+from rlbackdoor.poisoning.payloads import Payload, build_payload
+from rlbackdoor.poisoning.schedules import Schedule, build_schedule
+from rlbackdoor.specs import AttackSpec, InDistributionTrigger
+from rlbackdoor.triggers import ActionSequence, ObservationTrigger, build_trigger
+
+_OPTIONAL_ENV_PACKAGES = {"MiniGrid-": "minigrid", "BabyAI-": "minigrid"}
+
+
+def make_base_env(spec: AttackSpec, **make_kwargs: Any) -> gym.Env:
+    """The clean env an attack applies to: ``gymnasium.make(base, **base_kwargs)`` then ``base_wrappers``."""
+    for prefix, package in _OPTIONAL_ENV_PACKAGES.items():
+        if spec.base.startswith(prefix):
+            importlib.import_module(package)
+    try:
+        env = gym.make(spec.base, **{**spec.base_kwargs, **make_kwargs})
+    except gym.error.Error as err:
+        raise SpecError(f"base: cannot make '{spec.base}' ({err}); use a registered Gymnasium id") from None
+    except TypeError as err:
+        raise SpecError(f"base_kwargs: '{spec.base}' rejects them ({err}); fix base_kwargs") from None
+    for ref in spec.base_wrappers:
+        module, _, name = ref.name.partition(":")
+        try:
+            wrapper = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            raise SpecError(
+                f"base_wrappers: cannot import '{ref.name}'; give an importable module:Class"
+            ) from None
+        try:
+            env = wrapper(env, **ref.kwargs)
+        except TypeError as err:
+            raise SpecError(f"base_wrappers: {ref.name} rejects its kwargs ({err}); fix them") from None
+    return env
+
+
+def sample_observations(env: gym.Env, n: int, seed: int) -> np.ndarray:
+    """``n`` observations of ``env`` under a uniformly random policy (seeded), stacked on a batch axis."""
+    env.action_space.seed(seed)
+    obs, _ = env.reset(seed=seed)
+    out = []
+    for _ in range(n):
+        out.append(obs)
+        obs, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        if terminated or truncated:
+            obs, _ = env.reset()
+    return np.stack(out)
+
+
+@dataclass
+class StepFlags:
+    """Per-env flags of one step (arrays of shape ``(n,)``)."""
+
+    poisoned: np.ndarray
+    triggered: np.ndarray
+    hit: np.ndarray
+    clean_reward: np.ndarray
+
+
+class Attack:
+    """Trigger + schedule + payload, with per-env state for a batch.
+
+    :param spec: the attack.
+    :param observation_space: the observation space of the (base-wrapped) env.
+    :param action_space: its action space.
+    :param clean: clean observations (needed by in-distribution triggers; also the stealth reference).
+    """
+
+    DRAWS = 256
+
+    def __init__(
+        self,
+        spec: AttackSpec,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        clean: np.ndarray | None = None,
+    ) -> None:
+        self.spec = spec
+        self.trigger = build_trigger(spec.trigger, observation_space, action_space, clean)
+        self.obs_trigger = self.trigger if isinstance(self.trigger, ObservationTrigger) else None
+        self.sequence = self.trigger if isinstance(self.trigger, ActionSequence) else None
+        self.schedule: Schedule = build_schedule(spec.schedule)
+        self.payload: Payload = build_payload(spec.payload, action_space)
+        self.reset(1)
+
+    @classmethod
+    def for_env(cls, spec: AttackSpec, env: gym.Env) -> Attack:
+        """Build an attack against ``env``'s spaces, fitting in-distribution triggers on its clean rollouts."""
+        clean = None
+        if isinstance(spec.trigger, InDistributionTrigger):
+            clean = sample_observations(make_base_env(spec), spec.trigger.fit_steps, spec.seed)
+        return cls(spec, env.observation_space, env.action_space, clean)
+
+    # ------------------------------------------------------------------------------------- state
+    def reset(self, n_envs: int, seed: int | None = None) -> None:
+        """Zero the counts, allocate state for ``n_envs`` envs and reseed: same (spec seed, ``seed``), same draws."""
+        key = [self.spec.seed] if seed is None else [self.spec.seed, seed]
+        self.rng = np.random.default_rng(np.random.SeedSequence(key))
+        self.n = n_envs
+        self.n_steps = self.n_poisoned = self.n_triggered = self.n_hits = 0
+        self.t = np.zeros(n_envs, dtype=np.int64)
+        self.left = np.zeros(n_envs, dtype=np.int64)
+        self.armed = np.zeros(n_envs, dtype=bool)
+        self.inject = np.full(n_envs, -1, dtype=np.int64)
+        self.schedule.reset(n_envs)
+        if self.sequence is not None:
+            self.sequence.reset(n_envs)
+        self._draws = np.empty((0, n_envs, 2))
+        self._next = 0
+
+    def _uniform(self) -> np.ndarray:
+        """Two uniform draws per env (schedule, forced action), taken from a pre-drawn block."""
+        if self._next >= len(self._draws):
+            self._draws = self.rng.random((self.DRAWS, self.n, 2))
+            self._next = 0
+        self._next += 1
+        return self._draws[self._next - 1]
+
+    def _restart(self, mask: np.ndarray) -> None:
+        self.t[mask] = 0
+        self.left[mask] = 0
+        self.inject[mask] = -1
+        if self.sequence is not None:
+            self.sequence.clear(mask)
+
+    def _decide(self, obs: np.ndarray, starts: np.ndarray, live: np.ndarray) -> np.ndarray:
+        """Choose which ``live`` envs' next observation is triggered; stamp it; return the observations."""
+        u = self._uniform()[:, 0]
+        fire = self.schedule.fire(self.t, starts, live, u, obs) & (self.left == 0) & (self.inject < 0)
+        if self.sequence is not None:
+            self.inject[fire] = 0
+        else:
+            self.left[fire] = self.schedule.duration
+        armed = live & (self.left > 0)
+        cap = self.schedule.max_poisoned
+        if cap is not None and armed.any():
+            armed &= np.cumsum(armed) <= cap - self.n_triggered
+        self.left[armed] -= 1
+        self.armed = armed
+        self.n_triggered += int(armed.sum())
+        if self.obs_trigger is not None and armed.any():
+            obs = self.obs_trigger.apply(obs, armed)
+        return obs
+
+    def _continuing(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Stamp final observations of episodes whose trigger was still running (not a decision)."""
+        running = mask & (self.left > 0)
+        if self.obs_trigger is not None and running.any():
+            obs = self.obs_trigger.apply(obs, running)
+        return obs
+
+    # ----------------------------------------------------------------------------------- driving
+    def begin(self, obs: np.ndarray) -> np.ndarray:
+        """First observations of new episodes in every env of the batch."""
+        every = np.ones(self.n, dtype=bool)
+        self._restart(every)
+        return self._decide(obs, every, every)
+
+    def act(self, actions: np.ndarray) -> np.ndarray:
+        """Actions to execute: the payload may force the target; an action trigger may be injected."""
+        executed = self.payload.force(actions, self.armed, self._uniform()[:, 1])
+        if self.sequence is not None and (self.inject >= 0).any():
+            inj = self.inject >= 0
+            executed = np.array(executed, copy=True)
+            executed[inj] = self.sequence.sequence[self.inject[inj]]
+            self.inject[inj] += 1
+            self.inject[self.inject >= len(self.sequence.sequence)] = -1
+        return executed
+
+    def step(
+        self,
+        obs: np.ndarray,
+        rewards: np.ndarray,
+        dones: np.ndarray,
+        actions: np.ndarray,
+        executed: np.ndarray,
+        terminal_obs: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, StepFlags]:
+        """Poison one step of the batch.
+
+        :param obs: observations the env returned (after auto-reset for vectorized envs).
+        :param rewards: clean rewards.
+        :param dones: episode ends (terminated or truncated).
+        :param actions: the agent's own actions (the payload rewards these).
+        :param executed: the actions the env executed (action triggers watch these).
+        :param terminal_obs: with auto-reset, the final observations of the ended episodes (rows of
+            ``dones``); ``None`` when ``obs`` itself holds them and :meth:`begin` follows.
+        :return: observations, rewards, terminal observations, and the step's flags.
+        """
+        poisoned = self.armed
+        hit = self.payload.hits(actions) & poisoned
+        clean_reward = rewards
+        rewards = self.payload.reward(rewards, actions, poisoned)
+        self.n_steps += self.n
+        self.n_poisoned += int(poisoned.sum())
+        self.n_hits += int(hit.sum())
+        if self.sequence is not None:
+            matched = self.sequence.observe(executed)
+            self.left[matched & (self.left == 0)] = self.schedule.duration
+        self.t += 1
+        if terminal_obs is not None:
+            if dones.any():
+                terminal_obs = self._continuing(terminal_obs, dones)
+                self._restart(dones)
+            obs = self._decide(obs, dones, np.ones(self.n, dtype=bool))
+        else:
+            obs = self._continuing(obs, dones)
+            obs = self._decide(obs, np.zeros(self.n, dtype=bool), ~dones)
+        return obs, rewards, terminal_obs, StepFlags(poisoned, self.armed, hit, clean_reward)
+
+    # ----------------------------------------------------------------------------------- reports
+    @property
+    def poison_rate(self) -> float:
+        """Poisoned steps over all steps so far."""
+        return self.n_poisoned / max(1, self.n_steps)
+
+    def counts(self) -> dict[str, int]:
+        """Running counts: steps, poisoned steps, triggered observations, target hits."""
+        return {
+            "n_steps": self.n_steps,
+            "n_poisoned": self.n_poisoned,
+            "n_triggered": self.n_triggered,
+            "n_hits": self.n_hits,
+        }
+
+    def info(self, flags: StepFlags, i: int) -> dict[str, Any]:
+        """The ``info["rlbd"]`` entry of env ``i``."""
+        target = self.payload.target
+        return {
+            "poisoned": bool(flags.poisoned[i]),
+            "triggered": bool(flags.triggered[i]),
+            "hit": bool(flags.hit[i]),
+            "target": None if target is None else target.tolist(),
+            "clean_reward": float(flags.clean_reward[i]),
+            **self.counts(),
+        }

@@ -1,0 +1,49 @@
+"""``rlbd``: the command-line shell over the library. Each command is a thin call into a library function.
+
+Errors the project raises (:class:`rlbackdoor.errors.RlbdError`) print as one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from rlbackdoor.cli import envs
+from rlbackdoor.errors import RlbdError
+
+app = typer.Typer(
+    name="rlbd",
+    help="rlbackdoor: backdoored RL environments, poisoned training, evaluation and defenses.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(envs.app, name="envs")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``rlbd``; return the exit code (2 on a project error, with a one-line message)."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except RlbdError as err:
+        print(f"rlbd: error: {err}", file=sys.stderr)
+        return 2
+    except typer.Exit as ex:
+        return ex.exit_code
+    except typer.Abort:
+        print("rlbd: aborted", file=sys.stderr)
+        return 1
+    except Exception as err:  # click usage errors carry their own exit code
+        code = getattr(err, "exit_code", None)
+        if code is None:
+            raise
+        show = getattr(err, "format_message", None)
+        print(f"rlbd: error: {show() if show else err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""``rlbd envs``: list the registered backdoor envs and show one spec with its stealth figures."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.console import Console
+from rich.table import Column, Table
+
+from rlbackdoor.attack import Attack, make_base_env, sample_observations
+from rlbackdoor.registry import FACTORY_ID, env_specs, get_env_spec
+
+app = typer.Typer(help="Registered backdoor environments.", no_args_is_help=True)
+console = Console()
+
+
+@app.command("list")
+def list_envs() -> None:
+    """Print every registered id with its base env, trigger, schedule and payload."""
+    table = Table(Column("id", no_wrap=True), Column("base", no_wrap=True), "trigger", "schedule", "payload")
+    for env_id, spec in env_specs().items():
+        table.add_row(env_id, spec.base, spec.trigger.kind, spec.schedule.kind, spec.payload.kind)
+    table.add_row(FACTORY_ID, "env_id=...", "kwargs", "kwargs", "kwargs")
+    console.print(table)
+
+
+def stealth_report(env_id: str, n: int = 512) -> dict[str, float]:
+    """Stealth figures of a registered env's trigger over ``n`` clean random-policy observations."""
+    spec = get_env_spec(env_id)
+    env = make_base_env(spec)
+    attack = Attack.for_env(spec, env)
+    if attack.obs_trigger is None:
+        return {"l0": float(len(spec.trigger.sequence)), "note": "action-sequence trigger: L0 counts actions"}  # type: ignore[union-attr]
+    return attack.obs_trigger.stealth(sample_observations(env, n, spec.seed))
+
+
+@app.command("show")
+def show(env_id: str = typer.Argument(..., help="a registered id, e.g. rlbd/TrojanCartPole-v0")) -> None:
+    """Print a spec's resolved fields and its trigger's stealth figures (L0/L2/Linf, absolute and relative)."""
+    spec = get_env_spec(env_id)
+    console.print_json(json.dumps({**spec.model_dump(mode="json"), "stealth": stealth_report(env_id)}))

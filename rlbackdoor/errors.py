@@ -1,0 +1,19 @@
+"""The project's exceptions. Each message names the problem and the fix; the CLI prints it on one line."""
+
+from __future__ import annotations
+
+
+class RlbdError(Exception):
+    """Base class of every error ``rlbd`` reports as a one-line message with exit code 2."""
+
+
+class SpecError(RlbdError, ValueError):
+    """A YAML spec or config is malformed or does not fit the environment it names."""
+
+
+class ArtifactError(RlbdError):
+    """A run directory, model file or card is missing, corrupt or inconsistent."""
+
+
+class ObservationError(RlbdError, ValueError):
+    """An observation cannot be processed (NaN, wrong shape or dtype)."""

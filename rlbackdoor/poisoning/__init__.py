@@ -1,0 +1,1 @@
+"""Poisoning: schedules (when) and payloads (what the attacker wants, reward poisoning)."""

@@ -1,0 +1,330 @@
+"""Pydantic models of every YAML file the project reads; the only place that parses configuration.
+
+Validation here is structural (types, ranges, which fields go together). Whether a spec fits a
+concrete environment (indices inside the observation, a target action inside the action space) is
+checked when the attack is built against that environment, in :mod:`rlbackdoor.attack`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rlbackdoor.errors import SpecError
+
+Number = float
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _finite(values: Any, field: str) -> Any:
+    flat = values if isinstance(values, (list, tuple)) else [values]
+    stack = list(flat)
+    while stack:
+        v = stack.pop()
+        if isinstance(v, (list, tuple)):
+            stack.extend(v)
+        elif v is not None and not math.isfinite(float(v)):
+            raise ValueError(f"{field} contains {v}; use finite numbers")
+    return values
+
+
+# --------------------------------------------------------------------------------------------- triggers
+class _IndexedTrigger(_Spec):
+    indices: list[int] = Field(min_length=1)
+    values: list[Number] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> _IndexedTrigger:
+        if len(self.indices) != len(self.values):
+            raise ValueError(
+                f"indices has {len(self.indices)} entries but values has {len(self.values)}; give one value per index"
+            )
+        _finite(self.values, "values")
+        return self
+
+
+class ValueTrigger(_IndexedTrigger):
+    """Set observation entries ``indices`` to ``values`` (vector observations)."""
+
+    kind: Literal["value"]
+
+
+class AdditiveTrigger(_IndexedTrigger):
+    """Add ``values`` to observation entries ``indices``, clipped to the space bounds."""
+
+    kind: Literal["additive"]
+
+
+class PatchTrigger(_Spec):
+    """Stamp a ``size`` patch at ``position`` (row, col) of an image: a constant ``value`` or a ``pattern``.
+
+    ``layout`` is ``hwc``, ``chw`` or ``auto`` (the channel axis is the smallest of the three).
+    """
+
+    kind: Literal["patch"]
+    size: tuple[int, int] = (2, 2)
+    position: tuple[int, int] = (0, 0)
+    value: Number | list[Number] | None = None
+    pattern: list[Any] | None = None
+    layout: Literal["auto", "hwc", "chw"] = "auto"
+
+    @field_validator("size", "position", mode="before")
+    @classmethod
+    def _pair(cls, v: Any) -> Any:
+        return (v, v) if isinstance(v, int) else v
+
+    @model_validator(mode="after")
+    def _content(self) -> PatchTrigger:
+        if min(self.size) < 1:
+            raise ValueError(f"size {self.size} must be at least 1x1")
+        if min(self.position) < 0:
+            raise ValueError(f"position {self.position} must be non-negative (row, col)")
+        if (self.value is None) == (self.pattern is None):
+            raise ValueError("give exactly one of value (a constant) or pattern (a nested list)")
+        _finite(self.value if self.value is not None else self.pattern, "value/pattern")
+        return self
+
+
+class BlendTrigger(PatchTrigger):
+    """Alpha-blend a patch (or, with ``size`` covering the image, a whole pattern) into an image."""
+
+    kind: Literal["blend"]  # type: ignore[assignment]
+    alpha: float = Field(0.2, gt=0.0, le=1.0)
+
+
+class InDistributionTrigger(_Spec):
+    """Set ``indices`` to the clean-rollout ``quantiles`` of each entry: a rare but valid combination."""
+
+    kind: Literal["in_distribution"]
+    indices: list[int] = Field(min_length=1)
+    quantiles: list[float] = Field(min_length=1)
+    fit_steps: int = Field(
+        2000, ge=100, description="random-policy steps of the base env used to fit the values"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> InDistributionTrigger:
+        if len(self.indices) != len(self.quantiles):
+            raise ValueError("give one quantile per index")
+        if not all(0.0 <= q <= 1.0 for q in self.quantiles):
+            raise ValueError(f"quantiles {self.quantiles} must lie in [0, 1]")
+        return self
+
+
+class ActionSequenceTrigger(_Spec):
+    """Arm the backdoor when ``sequence`` of actions occurs in order (the agent's own, or ``agent``'s)."""
+
+    kind: Literal["action_sequence"]
+    sequence: list[int] = Field(min_length=1)
+    agent: str | None = None
+
+    @field_validator("sequence")
+    @classmethod
+    def _non_negative(cls, v: list[int]) -> list[int]:
+        if min(v) < 0:
+            raise ValueError(f"sequence {v} has a negative action; actions are non-negative integers")
+        return v
+
+
+TriggerSpec = Annotated[
+    ValueTrigger
+    | AdditiveTrigger
+    | PatchTrigger
+    | BlendTrigger
+    | InDistributionTrigger
+    | ActionSequenceTrigger,
+    Field(discriminator="kind"),
+]
+OBSERVATION_TRIGGERS = ("value", "additive", "patch", "blend", "in_distribution")
+
+
+# -------------------------------------------------------------------------------------------- schedules
+class RateSchedule(_Spec):
+    """Fire with probability ``rate`` per step (or per episode, at its first step), for ``duration`` steps.
+
+    ``select: value`` fires on the states a scorer ranks highest (BadRL); training installs the scorer.
+    """
+
+    kind: Literal["rate"]
+    rate: float = Field(ge=0.0, le=1.0)
+    per: Literal["step", "episode"] = "step"
+    duration: int = Field(1, ge=1)
+    select: Literal["uniform", "value"] = "uniform"
+
+
+class BudgetSchedule(_Spec):
+    """Poison exactly ``budget`` steps, spread evenly over ``horizon`` expected steps (TrojDRL)."""
+
+    kind: Literal["budget"]
+    budget: int = Field(ge=0)
+    horizon: int = Field(ge=1)
+    duration: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _fits(self) -> BudgetSchedule:
+        if self.budget > self.horizon:
+            raise ValueError(
+                f"budget {self.budget} exceeds horizon {self.horizon}; lower budget or raise horizon"
+            )
+        return self
+
+
+class WindowSchedule(_Spec):
+    """Poison steps ``start`` <= t < ``stop`` of an episode, in a fraction ``rate`` of episodes."""
+
+    kind: Literal["window"]
+    start: int = Field(ge=0)
+    stop: int = Field(ge=1)
+    rate: float = Field(1.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _order(self) -> WindowSchedule:
+        if self.stop <= self.start:
+            raise ValueError(f"stop {self.stop} must be greater than start {self.start}")
+        return self
+
+
+ScheduleSpec = Annotated[RateSchedule | BudgetSchedule | WindowSchedule, Field(discriminator="kind")]
+
+
+# --------------------------------------------------------------------------------------------- payloads
+class RewardPoison(_Spec):
+    """Static reward poisoning (TrojDRL): the reward of a poisoned step is ``hit`` or ``miss``."""
+
+    hit: Number = 1.0
+    miss: Number = -1.0
+
+    @model_validator(mode="after")
+    def _finite_values(self) -> RewardPoison:
+        _finite([self.hit, self.miss], "reward")
+        return self
+
+
+class TargetedPayload(_Spec):
+    """The attacker wants ``target_action`` on triggered states (a vector and ``tolerance`` when continuous)."""
+
+    kind: Literal["targeted"]
+    target_action: int | list[Number]
+    reward: RewardPoison = RewardPoison()
+    force_action_prob: float = Field(0.0, ge=0.0, le=1.0)
+    tolerance: float = Field(0.25, gt=0.0)
+
+
+class UntargetedPayload(_Spec):
+    """The attacker wants the task to fail: ``negate`` flips the reward, ``fail_fast`` pays ``-scale`` a step."""
+
+    kind: Literal["untargeted"]
+    mode: Literal["negate", "fail_fast"] = "negate"
+    scale: float = Field(1.0, gt=0.0)
+
+
+PayloadSpec = Annotated[TargetedPayload | UntargetedPayload, Field(discriminator="kind")]
+
+
+# ------------------------------------------------------------------------------------------------ envs
+class WrapperRef(_Spec):
+    """A Gymnasium wrapper applied to the base env before the attack: ``module:Class`` and its kwargs."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    kwargs: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+
+class AttackSpec(_Spec):
+    """A backdoor attack on a base environment: what ``envs/*.yaml`` and inline ``attack:`` blocks hold."""
+
+    base: str
+    base_kwargs: dict[str, Any] = {}
+    base_wrappers: list[WrapperRef] = []
+    trigger: TriggerSpec
+    schedule: ScheduleSpec
+    payload: PayloadSpec
+    seed: int = 0
+
+
+class EnvSpec(AttackSpec):
+    """A registered backdoor env: an attack plus its versioned ``rlbd/<Name>-v<N>`` id."""
+
+    id: str = Field(pattern=r"^rlbd/[A-Za-z][\w-]*-v\d+$")
+    description: str = ""
+
+
+# ------------------------------------------------------------------------------------------- loading
+_HINTS = {
+    "missing": "add this field",
+    "extra_forbidden": "remove it or fix its spelling",
+    "union_tag_invalid": "use one of the listed kinds",
+    "union_tag_not_found": "add a 'kind' field",
+    "literal_error": "use one of the listed values",
+}
+
+S = TypeVar("S", bound=BaseModel)
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    """Drop the union branch names pydantic puts after a union-valued field (``trigger.value.indices``)."""
+    parts, skip = [], False
+    for part in loc:
+        if not skip:
+            parts.append(str(part))
+        skip = not skip and part in _UNION_FIELDS
+    return ".".join(parts) or "<root>"
+
+
+_UNION_FIELDS = {"trigger", "schedule", "payload", "target_action", "value", "env"}
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line: ``source: field.path: problem (fix: ...)`` per problem, joined by ``; ``."""
+    parts = []
+    for e in err.errors():
+        msg = e["msg"].removeprefix("Value error, ")
+        hint = _HINTS.get(e["type"])
+        parts.append(f"{source}: {_field_path(e['loc'])}: {msg}" + (f" (fix: {hint})" if hint else ""))
+    return "; ".join(parts)
+
+
+def parse(model: type[S], data: Any, source: str) -> S:
+    """Validate ``data`` as ``model``; a failure raises :class:`SpecError` naming ``source`` and the field."""
+    if not isinstance(data, dict):
+        raise SpecError(
+            f"{source}: expected a mapping of fields, got {type(data).__name__}; write key: value pairs"
+        )
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err, source)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; unreadable files and YAML syntax errors raise :class:`SpecError`."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise SpecError(f"{path}: cannot read the file ({err.strerror}); check the path") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{path}: invalid YAML{where}; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a YAML mapping at the top level; write key: value pairs")
+    return data
+
+
+def load(model: type[S], path: str | Path) -> S:
+    """Read and validate one YAML file as ``model``."""
+    return parse(model, read_yaml(path), str(path))

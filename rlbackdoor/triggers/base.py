@@ -1,0 +1,89 @@
+"""The observation-trigger interface and the stealth figures every trigger reports."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+from gymnasium import spaces
+
+from rlbackdoor.errors import ObservationError, SpecError
+
+
+class ObservationTrigger(ABC):
+    """Stamps a trigger into a batch of observations (leading batch axis).
+
+    :param space: the observation space the trigger must fit; checked at construction.
+    """
+
+    def __init__(self, space: spaces.Space) -> None:
+        if not isinstance(space, spaces.Box):
+            raise SpecError(
+                f"trigger: observation triggers need a Box observation space, got {type(space).__name__}; "
+                "flatten or select the observation with base_wrappers"
+            )
+        self.space = space
+        self._low = np.broadcast_to(space.low, space.shape)
+        self._high = np.broadcast_to(space.high, space.shape)
+
+    @abstractmethod
+    def _stamp(self, out: np.ndarray, rows: np.ndarray) -> None:
+        """Write the trigger into ``out[rows]`` in place."""
+
+    def apply(self, obs: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """Return a copy of ``obs`` (shape ``(B, *space.shape)``) with the trigger on the rows where ``mask``.
+
+        :param obs: a batch of observations.
+        :param mask: boolean ``(B,)``; ``None`` triggers every row.
+        """
+        obs = np.asarray(obs)
+        if obs.shape[1:] != self.space.shape:
+            raise ObservationError(
+                f"observation batch has shape {obs.shape}, expected (B, {', '.join(map(str, self.space.shape))}); "
+                "pass a batch with a leading axis"
+            )
+        out = np.array(obs, dtype=self.space.dtype, copy=True)
+        rows = np.arange(len(out)) if mask is None else np.flatnonzero(mask)
+        if rows.size:
+            self._stamp(out, rows)
+        return out
+
+    def stealth(self, clean: np.ndarray) -> dict[str, float]:
+        """L0/L2/Linf of the perturbation over ``clean`` observations, absolute and relative to the space's scale.
+
+        The scale of an entry is its bound width where finite, else the spread of the clean data.
+        """
+        clean = np.asarray(clean, dtype=np.float64)
+        delta = (self.apply(clean.astype(self.space.dtype)).astype(np.float64) - clean).reshape(
+            len(clean), -1
+        )
+        width = (self._high.astype(np.float64) - self._low.astype(np.float64)).reshape(-1)
+        spread = clean.reshape(len(clean), -1).max(0) - clean.reshape(len(clean), -1).min(0)
+        scale = np.where(np.isfinite(width), width, np.where(spread > 0, spread, 1.0))
+        rel = delta / scale
+        return {
+            "l0": float(np.count_nonzero(delta, axis=1).mean()),
+            "l2": float(np.linalg.norm(delta, axis=1).mean()),
+            "linf": float(np.abs(delta).max(axis=1).mean()),
+            "l2_rel": float(np.linalg.norm(rel, axis=1).mean()),
+            "linf_rel": float(np.abs(rel).max(axis=1).mean()),
+        }
+
+    def _check_in_bounds(self, values: np.ndarray, low: np.ndarray, high: np.ndarray, what: str) -> None:
+        bad = (values < low) | (values > high)
+        if np.any(bad):
+            i = int(np.flatnonzero(bad.reshape(-1))[0])
+            v, lo, hi = values.reshape(-1)[i], low.reshape(-1)[i], high.reshape(-1)[i]
+            raise SpecError(
+                f"trigger: {what} {v:g} lies outside the observation bounds [{lo:g}, {hi:g}]; pick a value inside"
+            )
+        if np.issubdtype(self.space.dtype, np.integer) and np.any(values != np.round(values)):
+            raise SpecError(
+                f"trigger: {what} must be whole numbers for the {self.space.dtype} observation space; round them"
+            )
+
+
+def check_finite(obs: np.ndarray) -> None:
+    """Raise :class:`ObservationError` when a float observation batch holds NaN or inf."""
+    if obs.dtype.kind == "f" and not np.isfinite(obs).all():
+        raise ObservationError("observation contains NaN or inf; fix the environment or its preprocessing")

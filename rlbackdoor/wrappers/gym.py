@@ -1,0 +1,61 @@
+"""``BackdoorWrapper``: one Gymnasium env under attack (what the registered ``rlbd/`` ids return)."""
+
+from __future__ import annotations
+
+from typing import Any, SupportsFloat
+
+import gymnasium as gym
+import numpy as np
+
+from rlbackdoor.attack import Attack
+from rlbackdoor.specs import AttackSpec, parse
+from rlbackdoor.triggers import check_finite
+
+
+class BackdoorWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """Injects the attack into one env; reports ``info["rlbd"]`` on every reset and step.
+
+    :param env: the clean env (already carrying the spec's ``base_wrappers``).
+    :param spec: the attack, as a spec or its mapping.
+    """
+
+    def __init__(self, env: gym.Env, spec: AttackSpec | dict[str, Any]) -> None:
+        spec = spec if isinstance(spec, AttackSpec) else parse(AttackSpec, spec, "attack")
+        gym.utils.RecordConstructorArgs.__init__(self, spec=spec.model_dump(mode="json"))
+        gym.Wrapper.__init__(self, env)
+        self.spec_ = spec
+        self.attack = Attack.for_env(spec, env)
+        self._float_obs = (
+            np.dtype(env.observation_space.dtype).kind == "f" if env.observation_space.dtype else False
+        )
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        obs, info = self.env.reset(seed=seed, options=options)
+        if seed is not None:
+            self.attack.reset(1, seed)
+        batch = self._batch(obs)
+        obs = self.attack.begin(batch)[0]
+        info["rlbd"] = {"poisoned": False, "triggered": bool(self.attack.armed[0]), **self.attack.counts()}
+        return obs, info
+
+    def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
+        actions = np.asarray(action)[None]
+        executed = self.attack.act(actions)
+        obs, reward, terminated, truncated, info = self.env.step(executed[0])
+        batch, rewards, _, flags = self.attack.step(
+            self._batch(obs),
+            np.array([reward], dtype=np.float64),
+            np.array([terminated or truncated]),
+            actions,
+            executed,
+        )
+        info["rlbd"] = self.attack.info(flags, 0)
+        return batch[0], float(rewards[0]), terminated, truncated, info
+
+    def _batch(self, obs: Any) -> np.ndarray:
+        batch = np.asarray(obs)[None]
+        if self._float_obs:
+            check_finite(batch)
+        return batch

@@ -1,0 +1,64 @@
+"""``BackdoorVecEnv``: an SB3 ``VecEnv`` under attack, the whole batch poisoned in numpy at once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
+
+from rlbackdoor.attack import Attack, make_base_env, sample_observations
+from rlbackdoor.specs import AttackSpec, InDistributionTrigger, parse
+from rlbackdoor.triggers import check_finite
+
+
+class BackdoorVecEnv(VecEnvWrapper):
+    """Poisons every env of ``venv``; patches ``terminal_observation`` and adds ``info["rlbd"]``.
+
+    :param venv: clean vectorized envs (each already carrying the spec's ``base_wrappers``).
+    :param spec: the attack, as a spec or its mapping.
+    :param seed: with the spec's seed, fixes every draw of the attack.
+    """
+
+    def __init__(self, venv: VecEnv, spec: AttackSpec | dict[str, Any], seed: int | None = None) -> None:
+        super().__init__(venv)
+        self.spec = spec if isinstance(spec, AttackSpec) else parse(AttackSpec, spec, "attack")
+        clean = None
+        if isinstance(self.spec.trigger, InDistributionTrigger):
+            clean = sample_observations(make_base_env(self.spec), self.spec.trigger.fit_steps, self.spec.seed)
+        self.attack = Attack(self.spec, venv.observation_space, venv.action_space, clean)
+        self.attack.reset(venv.num_envs, seed)
+        self._float_obs = np.dtype(venv.observation_space.dtype).kind == "f"
+        self._actions = np.empty(0)
+        self._executed = np.empty(0)
+
+    def reset(self) -> np.ndarray:
+        obs = self.venv.reset()
+        if self._float_obs:
+            check_finite(obs)
+        return self.attack.begin(obs)
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = actions
+        self._executed = self.attack.act(actions)
+        self.venv.step_async(self._executed)
+
+    def step_wait(self) -> VecEnvStepReturn:
+        obs, rewards, dones, infos = self.venv.step_wait()
+        if self._float_obs:
+            check_finite(obs)
+        ended = np.flatnonzero(dones)
+        terminal = None
+        if ended.size:
+            terminal = obs.copy()
+            for i in ended:
+                terminal[i] = infos[i]["terminal_observation"]
+        obs, rewards, terminal, flags = self.attack.step(
+            obs, rewards, dones, self._actions, self._executed, terminal if terminal is not None else obs
+        )
+        for i in ended:
+            infos[i]["terminal_observation"] = terminal[i]
+        for i, info in enumerate(infos):
+            info["rlbd"] = self.attack.info(flags, i)
+        return obs, rewards.astype(np.float32), dones, infos
