@@ -47,9 +47,7 @@ def make_base_env(spec: AttackSpec, **make_kwargs: Any) -> gym.Env:
         try:
             wrapper = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError):
-            raise SpecError(
-                f"base_wrappers: cannot import '{ref.name}'; give an importable module:Class"
-            ) from None
+            raise SpecError(f"base_wrappers: cannot import '{ref.name}'; give an importable module:Class") from None
         try:
             env = wrapper(env, **ref.kwargs)
         except TypeError as err:

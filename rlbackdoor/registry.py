@@ -54,9 +54,7 @@ def make_env(spec: dict[str, Any] | AttackSpec, render_mode: str | None = None) 
     return BackdoorWrapper(base, spec)
 
 
-def make_factory_env(
-    env_id: str | None = None, render_mode: str | None = None, **attack: Any
-) -> BackdoorWrapper:
+def make_factory_env(env_id: str | None = None, render_mode: str | None = None, **attack: Any) -> BackdoorWrapper:
     """Entry point of ``rlbd/Backdoor-v0``: ``env_id`` and the attack fields (trigger, schedule, payload, ...)."""
     if env_id is None:
         raise SpecError(f"{FACTORY_ID} needs env_id=<a Gymnasium id>; pass it to gymnasium.make")

@@ -105,9 +105,7 @@ class InDistributionTrigger(_Spec):
     kind: Literal["in_distribution"]
     indices: list[int] = Field(min_length=1)
     quantiles: list[float] = Field(min_length=1)
-    fit_steps: int = Field(
-        2000, ge=100, description="random-policy steps of the base env used to fit the values"
-    )
+    fit_steps: int = Field(2000, ge=100, description="random-policy steps of the base env used to fit the values")
 
     @model_validator(mode="after")
     def _check(self) -> InDistributionTrigger:
@@ -134,12 +132,7 @@ class ActionSequenceTrigger(_Spec):
 
 
 TriggerSpec = Annotated[
-    ValueTrigger
-    | AdditiveTrigger
-    | PatchTrigger
-    | BlendTrigger
-    | InDistributionTrigger
-    | ActionSequenceTrigger,
+    ValueTrigger | AdditiveTrigger | PatchTrigger | BlendTrigger | InDistributionTrigger | ActionSequenceTrigger,
     Field(discriminator="kind"),
 ]
 OBSERVATION_TRIGGERS = ("value", "additive", "patch", "blend", "in_distribution")
@@ -170,9 +163,7 @@ class BudgetSchedule(_Spec):
     @model_validator(mode="after")
     def _fits(self) -> BudgetSchedule:
         if self.budget > self.horizon:
-            raise ValueError(
-                f"budget {self.budget} exceeds horizon {self.horizon}; lower budget or raise horizon"
-            )
+            raise ValueError(f"budget {self.budget} exceeds horizon {self.horizon}; lower budget or raise horizon")
         return self
 
 
@@ -298,9 +289,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 def parse(model: type[S], data: Any, source: str) -> S:
     """Validate ``data`` as ``model``; a failure raises :class:`SpecError` naming ``source`` and the field."""
     if not isinstance(data, dict):
-        raise SpecError(
-            f"{source}: expected a mapping of fields, got {type(data).__name__}; write key: value pairs"
-        )
+        raise SpecError(f"{source}: expected a mapping of fields, got {type(data).__name__}; write key: value pairs")
     try:
         return model.model_validate(data)
     except ValidationError as err:

@@ -48,9 +48,7 @@ class Targeted(Payload):
         self.tolerance = spec.tolerance
         if isinstance(action_space, spaces.Discrete):
             if not isinstance(spec.target_action, int):
-                raise SpecError(
-                    "payload.target_action: the action space is Discrete; give one integer action"
-                )
+                raise SpecError("payload.target_action: the action space is Discrete; give one integer action")
             lo, hi = int(action_space.start), int(action_space.start + action_space.n - 1)
             if not lo <= spec.target_action <= hi:
                 raise SpecError(
@@ -72,9 +70,7 @@ class Targeted(Payload):
             self.target = target.astype(action_space.dtype)
             self.discrete = False
         else:
-            raise SpecError(
-                f"payload: targeted attacks need a Discrete or Box action space, got {action_space}"
-            )
+            raise SpecError(f"payload: targeted attacks need a Discrete or Box action space, got {action_space}")
 
     def hits(self, actions: np.ndarray) -> np.ndarray:
         if self.discrete:

@@ -31,9 +31,7 @@ class Schedule(ABC):
         """Forget all state for a batch of ``n_envs``."""
 
     @abstractmethod
-    def fire(
-        self, t: np.ndarray, starts: np.ndarray, live: np.ndarray, u: np.ndarray, obs: np.ndarray
-    ) -> np.ndarray:
+    def fire(self, t: np.ndarray, starts: np.ndarray, live: np.ndarray, u: np.ndarray, obs: np.ndarray) -> np.ndarray:
         """Boolean mask of envs whose trigger starts on this decision."""
 
 
@@ -58,9 +56,7 @@ class RateScheduler(Schedule):
     def reset(self, n_envs: int) -> None:
         self._scores = np.empty(0)
 
-    def fire(
-        self, t: np.ndarray, starts: np.ndarray, live: np.ndarray, u: np.ndarray, obs: np.ndarray
-    ) -> np.ndarray:
+    def fire(self, t: np.ndarray, starts: np.ndarray, live: np.ndarray, u: np.ndarray, obs: np.ndarray) -> np.ndarray:
         eligible = live if self.per == "step" else live & starts
         if self.select == "value" and self.scorer is not None and self.per == "step":
             scores = np.asarray(self.scorer(obs), dtype=np.float64).reshape(len(live))
@@ -83,9 +79,7 @@ class BudgetScheduler(Schedule):
     def reset(self, n_envs: int) -> None:
         self._seen = 0
 
-    def fire(
-        self, t: np.ndarray, starts: np.ndarray, live: np.ndarray, u: np.ndarray, obs: np.ndarray
-    ) -> np.ndarray:
+    def fire(self, t: np.ndarray, starts: np.ndarray, live: np.ndarray, u: np.ndarray, obs: np.ndarray) -> np.ndarray:
         index = self._seen + np.cumsum(live) - 1
         self._seen += int(live.sum())
         return live & (index % self.interval == 0) & (index // self.interval < self.firings)
@@ -101,9 +95,7 @@ class WindowScheduler(Schedule):
     def reset(self, n_envs: int) -> None:
         self._chosen = np.zeros(n_envs, dtype=bool)
 
-    def fire(
-        self, t: np.ndarray, starts: np.ndarray, live: np.ndarray, u: np.ndarray, obs: np.ndarray
-    ) -> np.ndarray:
+    def fire(self, t: np.ndarray, starts: np.ndarray, live: np.ndarray, u: np.ndarray, obs: np.ndarray) -> np.ndarray:
         self._chosen = np.where(starts, u < self.rate, self._chosen)
         return live & self._chosen & (t == self.start)
 

@@ -54,9 +54,7 @@ class ObservationTrigger(ABC):
         The scale of an entry is its bound width where finite, else the spread of the clean data.
         """
         clean = np.asarray(clean, dtype=np.float64)
-        delta = (self.apply(clean.astype(self.space.dtype)).astype(np.float64) - clean).reshape(
-            len(clean), -1
-        )
+        delta = (self.apply(clean.astype(self.space.dtype)).astype(np.float64) - clean).reshape(len(clean), -1)
         width = (self._high.astype(np.float64) - self._low.astype(np.float64)).reshape(-1)
         spread = clean.reshape(len(clean), -1).max(0) - clean.reshape(len(clean), -1).min(0)
         scale = np.where(np.isfinite(width), width, np.where(spread > 0, spread, 1.0))

@@ -15,9 +15,7 @@ def image_layout(shape: tuple[int, ...], layout: str = "auto") -> str:
     if len(shape) == 2:
         return "hw"
     if len(shape) != 3:
-        raise SpecError(
-            f"trigger: patch and blend triggers need an image (H, W[, C]) observation, got shape {shape}"
-        )
+        raise SpecError(f"trigger: patch and blend triggers need an image (H, W[, C]) observation, got shape {shape}")
     if layout != "auto":
         return layout
     return "chw" if shape[0] < shape[2] else "hwc"
@@ -42,9 +40,7 @@ class PatchObsTrigger(ObservationTrigger):
         self.pattern = np.moveaxis(hwc, -1, 0) if self.layout == "chw" else hwc
         if self.layout == "hw":
             self.pattern = self.pattern[..., 0]
-        self._check_in_bounds(
-            self.pattern, self._low[self.region], self._high[self.region], "trigger pattern value"
-        )
+        self._check_in_bounds(self.pattern, self._low[self.region], self._high[self.region], "trigger pattern value")
         self.alpha = 1.0
 
     def _hwc(self, shape: tuple[int, ...]) -> tuple[int, int, int]:

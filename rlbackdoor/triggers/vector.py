@@ -44,9 +44,7 @@ class AdditiveObsTrigger(_IndexTrigger):
         super().__init__(spec.indices, space)
         self.values = np.asarray(spec.values, dtype=np.float64)
         if np.issubdtype(space.dtype, np.integer) and np.any(self.values != np.round(self.values)):
-            raise SpecError(
-                f"trigger.values must be whole numbers for the {space.dtype} observation space; round them"
-            )
+            raise SpecError(f"trigger.values must be whole numbers for the {space.dtype} observation space; round them")
 
     def _stamp(self, out: np.ndarray, rows: np.ndarray) -> None:
         flat = out.reshape(len(out), -1)
@@ -61,9 +59,7 @@ class InDistributionObsTrigger(ValueObsTrigger):
         _IndexTrigger.__init__(self, spec.indices, space)
         clean = np.asarray(clean, dtype=np.float64).reshape(len(clean), -1)
         if len(clean) < 2:
-            raise SpecError(
-                "trigger: in_distribution needs clean observations to fit its values; raise fit_steps"
-            )
+            raise SpecError("trigger: in_distribution needs clean observations to fit its values; raise fit_steps")
         values = np.quantile(clean[:, self.indices], spec.quantiles, axis=0).diagonal()
         if np.issubdtype(space.dtype, np.integer):
             values = np.round(values)

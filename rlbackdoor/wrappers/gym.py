@@ -25,13 +25,9 @@ class BackdoorWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
         gym.Wrapper.__init__(self, env)
         self.spec_ = spec
         self.attack = Attack.for_env(spec, env)
-        self._float_obs = (
-            np.dtype(env.observation_space.dtype).kind == "f" if env.observation_space.dtype else False
-        )
+        self._float_obs = np.dtype(env.observation_space.dtype).kind == "f" if env.observation_space.dtype else False
 
-    def reset(
-        self, *, seed: int | None = None, options: dict[str, Any] | None = None
-    ) -> tuple[Any, dict[str, Any]]:
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
         obs, info = self.env.reset(seed=seed, options=options)
         if seed is not None:
             self.attack.reset(1, seed)

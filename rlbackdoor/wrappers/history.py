@@ -27,9 +27,7 @@ class ActionHistory(gym.Wrapper, gym.utils.RecordConstructorArgs):
         gym.Wrapper.__init__(self, env)
         obs_space, act_space = env.observation_space, env.action_space
         if not (isinstance(obs_space, spaces.Box) and len(obs_space.shape) == 1):
-            raise SpecError(
-                "base_wrappers: ActionHistory needs a 1-D Box observation; flatten the observation first"
-            )
+            raise SpecError("base_wrappers: ActionHistory needs a 1-D Box observation; flatten the observation first")
         if not isinstance(act_space, spaces.Discrete):
             raise SpecError("base_wrappers: ActionHistory needs a Discrete action space")
         self.n_actions, self.length = int(act_space.n), length
