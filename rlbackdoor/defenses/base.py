@@ -87,7 +87,7 @@ class SanitizeObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArg
     """Run-time sanitization as an env wrapper: the agent sees ``sanitizer.transform(obs)``."""
 
     def __init__(self, env: gym.Env, sanitizer: Sanitizer) -> None:
-        gym.utils.RecordConstructorArgs.__init__(self)
+        gym.utils.RecordConstructorArgs.__init__(self, sanitizer=sanitizer)
         gym.ObservationWrapper.__init__(self, env)
         self.sanitizer = sanitizer
 
