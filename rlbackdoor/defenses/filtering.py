@@ -1,0 +1,201 @@
+"""Training-time trajectory sanitization: flag suspected poisoned transitions, then repair or drop them.
+
+The defender controls the training pipeline but not the environment. A :class:`TransitionFilter`
+is fitted on a small clean set (observations and rewards of clean episodes of the base env) and
+flags a transition when
+
+- its observation lies off the clean data (a :class:`Sanitizer`'s score above ``margin`` times the
+  ``1 - fpr`` quantile of held-out clean scores, from 2-fold cross-fitting), or
+- its reward lies outside the range of clean rewards (aimed at static and dynamic reward poisoning).
+
+Flagged transitions are repaired (observation sanitized, reward clipped into the clean range) or
+dropped. :class:`FilterVecEnv` applies the filter on-line between a (possibly poisoned) VecEnv and
+the learner and scores its flags against the ground-truth ``info["rlbd"]`` flags.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
+
+from rlbackdoor.defenses.base import Access, Sanitizer
+from rlbackdoor.errors import SpecError
+from rlbackdoor.trajectories import Trajectories
+
+
+@dataclass
+class FilterReport:
+    """How the flags compare with the ground truth."""
+
+    n: int
+    flagged: int
+    poisoned: int
+    true_positives: int
+
+    @property
+    def precision(self) -> float:
+        return self.true_positives / self.flagged if self.flagged else float("nan")
+
+    @property
+    def recall(self) -> float:
+        return self.true_positives / self.poisoned if self.poisoned else float("nan")
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        """Counts, precision and recall under ``prefix`` keys."""
+        return {
+            f"{prefix}n": self.n,
+            f"{prefix}flagged": self.flagged,
+            f"{prefix}poisoned": self.poisoned,
+            f"{prefix}precision": self.precision,
+            f"{prefix}recall": self.recall,
+        }
+
+    @classmethod
+    def of(cls, flags: np.ndarray, truth: np.ndarray) -> FilterReport:
+        flags, truth = np.asarray(flags, bool), np.asarray(truth, bool)
+        return cls(len(flags), int(flags.sum()), int(truth.sum()), int((flags & truth).sum()))
+
+    def __add__(self, other: FilterReport) -> FilterReport:
+        return FilterReport(
+            self.n + other.n,
+            self.flagged + other.flagged,
+            self.poisoned + other.poisoned,
+            self.true_positives + other.true_positives,
+        )
+
+
+class TransitionFilter:
+    """Flags transitions whose observation or reward is off the clean data.
+
+    :param sanitizer: scores and repairs observations (``subspace`` for rank-deficient observations,
+        ``support`` for low-dimensional ones); ``None`` checks rewards only.
+    :param fpr: share of clean observations allowed above the score threshold.
+    :param margin: the threshold is the held-out clean ``1 - fpr`` score quantile times this.
+    :param rewards: check rewards against the clean range.
+    """
+
+    access = (Access.CLEAN_TRAJECTORIES,)
+
+    def __init__(
+        self, sanitizer: Sanitizer | None, fpr: float = 0.001, margin: float = 1.5, rewards: bool = True
+    ) -> None:
+        self.sanitizer, self.fpr, self.margin, self.check_rewards = sanitizer, fpr, margin, rewards
+        self.threshold = np.inf
+        self.reward_low, self.reward_high = -np.inf, np.inf
+        self.fitted = False
+
+    def fit(self, clean: Trajectories) -> TransitionFilter:
+        """Fit the observation score threshold and the clean reward range."""
+        if len(clean) == 0:
+            raise SpecError("filter: no clean transitions to fit on; collect clean episodes first")
+        if self.sanitizer is not None:
+            scores = self._held_out_scores(clean.observations)
+            self.threshold = float(np.quantile(scores, 1.0 - self.fpr) * self.margin + 1e-9)
+            self.sanitizer.fit(clean.observations)
+        if self.check_rewards:
+            self.reward_low, self.reward_high = float(clean.rewards.min()), float(clean.rewards.max())
+        self.fitted = True
+        return self
+
+    def _held_out_scores(self, obs: np.ndarray) -> np.ndarray:
+        """Scores of clean observations under a sanitizer fitted on the other half (2-fold cross-fitting)."""
+        half = len(obs) // 2
+        folds = (obs[:half], obs[half:])
+        scores = []
+        for fit_on, score_on in (folds, folds[::-1]):
+            scores.append(copy.deepcopy(self.sanitizer).fit(fit_on).score(score_on))
+        return np.concatenate(scores)
+
+    def flag_observations(self, obs: np.ndarray) -> np.ndarray:
+        """Boolean mask of observations off the clean data."""
+        self._require_fit()
+        if self.sanitizer is None:
+            return np.zeros(len(obs), dtype=bool)
+        return self.sanitizer.score(obs) > self.threshold
+
+    def flag_rewards(self, rewards: np.ndarray) -> np.ndarray:
+        """Boolean mask of rewards outside the clean range."""
+        self._require_fit()
+        rewards = np.asarray(rewards, dtype=np.float64)
+        return (rewards < self.reward_low - 1e-6) | (rewards > self.reward_high + 1e-6)
+
+    def repair_observations(self, obs: np.ndarray, flags: np.ndarray) -> np.ndarray:
+        """Observations with the flagged rows sanitized."""
+        if self.sanitizer is None or not flags.any():
+            return obs
+        out = np.array(obs, copy=True)
+        out[flags] = self.sanitizer.transform(obs[flags])
+        return out
+
+    def repair_rewards(self, rewards: np.ndarray) -> np.ndarray:
+        """Rewards clipped into the clean range."""
+        return np.clip(rewards, self.reward_low, self.reward_high).astype(np.asarray(rewards).dtype)
+
+    def filter(self, data: Trajectories, mode: str = "drop") -> tuple[Trajectories, FilterReport]:
+        """Drop or repair the flagged transitions of a dataset; report against its ``poisoned`` flags."""
+        if mode not in ("drop", "repair"):
+            raise SpecError(f"filter: mode '{mode}' is unknown; use drop or repair")
+        flags = self.flag_observations(data.observations) | self.flag_rewards(data.rewards)
+        report = FilterReport.of(flags, data.poisoned)
+        if mode == "drop":
+            return data.select(~flags), report
+        repaired = Trajectories(
+            self.repair_observations(data.observations, flags),
+            data.actions,
+            self.repair_rewards(data.rewards),
+            data.dones,
+            data.poisoned,
+            data.triggered,
+            data.env,
+            data.meta,
+        )
+        return repaired, report
+
+    def _require_fit(self) -> None:
+        if not self.fitted:
+            raise SpecError("filter: not fitted; call fit(clean_trajectories) first")
+
+
+class FilterVecEnv(VecEnvWrapper):
+    """On-line filter between a VecEnv and the learner: flagged observations are sanitized before the
+    agent sees them and out-of-range rewards are clipped. Keeps running reports against ``info["rlbd"]``.
+
+    :param venv: the (possibly poisoned) training envs.
+    :param filt: a fitted :class:`TransitionFilter`.
+    """
+
+    def __init__(self, venv: VecEnv, filt: TransitionFilter) -> None:
+        super().__init__(venv)
+        self.filter = filt
+        self.observation_report = FilterReport(0, 0, 0, 0)
+        self.reward_report = FilterReport(0, 0, 0, 0)
+
+    def reset(self) -> np.ndarray:
+        obs = self.venv.reset()
+        return self.filter.repair_observations(obs, self.filter.flag_observations(obs))
+
+    def step_wait(self) -> VecEnvStepReturn:
+        obs, rewards, dones, infos = self.venv.step_wait()
+        flags = self.filter.flag_observations(obs)
+        truth = np.array([info.get("rlbd", {}).get("triggered", False) for info in infos])
+        self.observation_report += FilterReport.of(flags, truth)
+        obs = self.filter.repair_observations(obs, flags)
+        reward_flags = self.filter.flag_rewards(rewards)
+        poisoned = np.array([info.get("rlbd", {}).get("poisoned", False) for info in infos])
+        self.reward_report += FilterReport.of(reward_flags, poisoned)
+        for i in np.flatnonzero(dones):
+            terminal = infos[i].get("terminal_observation")
+            if terminal is not None:
+                infos[i]["terminal_observation"] = self.filter.repair_observations(
+                    terminal[None], self.filter.flag_observations(terminal[None])
+                )[0]
+        return obs, self.filter.repair_rewards(rewards), dones, infos
+
+    def stats(self) -> dict[str, Any]:
+        """Running flag counts with precision and recall (observations vs triggered, rewards vs poisoned)."""
+        return {**self.observation_report.as_dict("obs_"), **self.reward_report.as_dict("reward_")}

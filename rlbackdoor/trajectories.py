@@ -1,0 +1,110 @@
+"""Trajectory datasets: flat arrays of transitions with the attack's ground-truth flags, saved as ``.npz``.
+
+One file holds ``observations``, ``actions``, ``rewards``, ``dones`` (episode ends), ``poisoned`` and
+``triggered`` (from ``info["rlbd"]``; all false where unknown) and, as metadata, the ``env`` id and
+the observation shape. Files are written atomically and read without unpickling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from rlbackdoor.errors import ArtifactError
+
+FIELDS = ("observations", "actions", "rewards", "dones", "poisoned", "triggered")
+
+
+@dataclass
+class Trajectories:
+    """Transitions ``(o_t, a_t, r_t, done_t)`` of one env, with ``triggered_t`` (o_t carries the trigger)
+    and ``poisoned_t`` (r_t / a_t are the attacker's)."""
+
+    observations: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    dones: np.ndarray
+    poisoned: np.ndarray
+    triggered: np.ndarray
+    env: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+    def select(self, keep: np.ndarray) -> Trajectories:
+        """The transitions where ``keep`` is true (episode ends are kept where a dropped step ended one)."""
+        dones = self.dones.copy()
+        ends = np.flatnonzero(dones & ~keep)
+        for i in ends:
+            kept_before = np.flatnonzero(keep[:i])
+            if kept_before.size:
+                dones[kept_before[-1]] = True
+        return Trajectories(
+            *(np.asarray(getattr(self, f) if f != "dones" else dones)[keep] for f in FIELDS), self.env, self.meta
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically to ``path`` (``.npz``)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {f: np.asarray(getattr(self, f)) for f in FIELDS}
+        meta = json.dumps({"env": self.env, **self.meta})
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez_compressed(fh, meta=np.array(meta), **arrays)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Trajectories:
+        """Read a file written by :meth:`save` (no pickles are loaded)."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {f: data[f] for f in FIELDS}
+                meta = json.loads(str(data["meta"]))
+        except (OSError, ValueError, KeyError) as err:
+            raise ArtifactError(f"{path}: not a trajectory file ({err}); write it with Trajectories.save") from None
+        return cls(**arrays, env=meta.pop("env", ""), meta=meta)
+
+
+def collect(env: gym.Env, policy: Any, steps: int, seed: int, env_id: str = "") -> Trajectories:
+    """Roll ``policy`` (SB3-style ``predict``; ``None`` for uniform random actions) in ``env`` for ``steps`` steps."""
+    env.action_space.seed(seed)
+    obs, info = env.reset(seed=seed)
+    triggered_now = bool(info.get("rlbd", {}).get("triggered", False))
+    rows: dict[str, list[Any]] = {f: [] for f in FIELDS}
+    for _ in range(steps):
+        if policy is None:
+            action = env.action_space.sample()
+        else:
+            action, _ = policy.predict(obs, deterministic=False)
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        flags = info.get("rlbd", {})
+        for f, v in zip(
+            FIELDS,
+            (obs, action, reward, terminated or truncated, flags.get("poisoned", False), triggered_now),
+            strict=True,
+        ):
+            rows[f].append(v)
+        triggered_now = bool(flags.get("triggered", False))
+        obs = next_obs
+        if terminated or truncated:
+            obs, info = env.reset()
+            triggered_now = bool(info.get("rlbd", {}).get("triggered", False))
+    arrays = {f: np.asarray(v) for f, v in rows.items()}
+    arrays["rewards"] = arrays["rewards"].astype(np.float64)
+    for f in ("dones", "poisoned", "triggered"):
+        arrays[f] = arrays[f].astype(bool)
+    return Trajectories(**arrays, env=env_id)
