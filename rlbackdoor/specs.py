@@ -12,11 +12,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from rlbackdoor.errors import SpecError
 
-Number = float
+Number = FiniteFloat
 
 
 class _Spec(BaseModel):
@@ -40,14 +49,13 @@ class _IndexedTrigger(_Spec):
     indices: list[int] = Field(min_length=1)
     values: list[Number] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _lengths(self) -> _IndexedTrigger:
-        if len(self.indices) != len(self.values):
-            raise ValueError(
-                f"indices has {len(self.indices)} entries but values has {len(self.values)}; give one value per index"
-            )
-        _finite(self.values, "values")
-        return self
+    @field_validator("values")
+    @classmethod
+    def _lengths(cls, v: list[float], info: ValidationInfo) -> list[float]:
+        indices = info.data.get("indices")
+        if indices is not None and len(indices) != len(v):
+            raise ValueError(f"indices has {len(indices)} entries but values has {len(v)}; give one value per index")
+        return v
 
 
 class ValueTrigger(_IndexedTrigger):
@@ -80,15 +88,29 @@ class PatchTrigger(_Spec):
     def _pair(cls, v: Any) -> Any:
         return (v, v) if isinstance(v, int) else v
 
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 1:
+            raise ValueError(f"size {v} must be at least 1x1")
+        return v
+
+    @field_validator("position")
+    @classmethod
+    def _position(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 0:
+            raise ValueError(f"position {v} must be non-negative (row, col)")
+        return v
+
+    @field_validator("pattern")
+    @classmethod
+    def _finite_pattern(cls, v: list[Any] | None) -> list[Any] | None:
+        return _finite(v, "pattern")
+
     @model_validator(mode="after")
     def _content(self) -> PatchTrigger:
-        if min(self.size) < 1:
-            raise ValueError(f"size {self.size} must be at least 1x1")
-        if min(self.position) < 0:
-            raise ValueError(f"position {self.position} must be non-negative (row, col)")
         if (self.value is None) == (self.pattern is None):
             raise ValueError("give exactly one of value (a constant) or pattern (a nested list)")
-        _finite(self.value if self.value is not None else self.pattern, "value/pattern")
         return self
 
 
@@ -107,13 +129,17 @@ class InDistributionTrigger(_Spec):
     quantiles: list[float] = Field(min_length=1)
     fit_steps: int = Field(2000, ge=100, description="random-policy steps of the base env used to fit the values")
 
-    @model_validator(mode="after")
-    def _check(self) -> InDistributionTrigger:
-        if len(self.indices) != len(self.quantiles):
-            raise ValueError("give one quantile per index")
-        if not all(0.0 <= q <= 1.0 for q in self.quantiles):
-            raise ValueError(f"quantiles {self.quantiles} must lie in [0, 1]")
-        return self
+    @field_validator("quantiles")
+    @classmethod
+    def _check(cls, v: list[float], info: ValidationInfo) -> list[float]:
+        indices = info.data.get("indices")
+        if indices is not None and len(indices) != len(v):
+            raise ValueError(
+                f"indices has {len(indices)} entries but quantiles has {len(v)}; give one quantile per index"
+            )
+        if not all(0.0 <= q <= 1.0 for q in v):
+            raise ValueError(f"quantiles {v} must lie in [0, 1]")
+        return v
 
 
 class ActionSequenceTrigger(_Spec):
@@ -160,11 +186,13 @@ class BudgetSchedule(_Spec):
     horizon: int = Field(ge=1)
     duration: int = Field(1, ge=1)
 
-    @model_validator(mode="after")
-    def _fits(self) -> BudgetSchedule:
-        if self.budget > self.horizon:
-            raise ValueError(f"budget {self.budget} exceeds horizon {self.horizon}; lower budget or raise horizon")
-        return self
+    @field_validator("horizon")
+    @classmethod
+    def _fits(cls, v: int, info: ValidationInfo) -> int:
+        budget = info.data.get("budget")
+        if budget is not None and budget > v:
+            raise ValueError(f"budget {budget} exceeds horizon {v}; lower budget or raise horizon")
+        return v
 
 
 class WindowSchedule(_Spec):
@@ -175,11 +203,13 @@ class WindowSchedule(_Spec):
     stop: int = Field(ge=1)
     rate: float = Field(1.0, ge=0.0, le=1.0)
 
-    @model_validator(mode="after")
-    def _order(self) -> WindowSchedule:
-        if self.stop <= self.start:
-            raise ValueError(f"stop {self.stop} must be greater than start {self.start}")
-        return self
+    @field_validator("stop")
+    @classmethod
+    def _order(cls, v: int, info: ValidationInfo) -> int:
+        start = info.data.get("start")
+        if start is not None and v <= start:
+            raise ValueError(f"stop {v} must be greater than start {start}")
+        return v
 
 
 ScheduleSpec = Annotated[RateSchedule | BudgetSchedule | WindowSchedule, Field(discriminator="kind")]
@@ -191,11 +221,6 @@ class RewardPoison(_Spec):
 
     hit: Number = 1.0
     miss: Number = -1.0
-
-    @model_validator(mode="after")
-    def _finite_values(self) -> RewardPoison:
-        _finite([self.hit, self.miss], "reward")
-        return self
 
 
 class TargetedPayload(_Spec):
@@ -300,9 +325,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; unreadable files and YAML syntax errors raise :class:`SpecError`."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise SpecError(f"{path}: cannot read the file ({err.strerror}); check the path") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: is not UTF-8 text; save the spec as a UTF-8 YAML file") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
