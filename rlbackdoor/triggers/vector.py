@@ -57,9 +57,10 @@ class InDistributionObsTrigger(ValueObsTrigger):
 
     def __init__(self, spec: InDistributionTrigger, space: spaces.Space, clean: np.ndarray) -> None:
         _IndexTrigger.__init__(self, spec.indices, space)
-        clean = np.asarray(clean, dtype=np.float64).reshape(len(clean), -1)
+        clean = np.asarray(clean, dtype=np.float64)
         if len(clean) < 2:
             raise SpecError("trigger: in_distribution needs clean observations to fit its values; raise fit_steps")
+        clean = clean.reshape(len(clean), -1)
         values = np.quantile(clean[:, self.indices], spec.quantiles, axis=0).diagonal()
         if np.issubdtype(space.dtype, np.integer):
             values = np.round(values)
