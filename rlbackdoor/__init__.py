@@ -20,6 +20,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "BackdoorVecEnv": "rlbackdoor.wrappers.vec",
+    "load_policy": "rlbackdoor.training.artifacts",
+    "train": "rlbackdoor.training.loop",
 }
 
 __all__ = [
@@ -34,8 +36,10 @@ __all__ = [
     "SpecError",
     "env_specs",
     "get_env_spec",
+    "load_policy",
     "make_base_env",
     "make_env",
+    "train",
 ]
 
 

@@ -7,7 +7,9 @@ checked when the attack is built against that environment, in :mod:`rlbackdoor.a
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -344,3 +346,153 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load(model: type[S], path: str | Path) -> S:
     """Read and validate one YAML file as ``model``."""
     return parse(model, read_yaml(path), str(path))
+
+
+# ------------------------------------------------------------------------------------------ experiments
+class ExperimentSpec(_Spec):
+    """One training run: what ``configs/experiments/*.yaml`` holds and ``rlbd train`` reads.
+
+    .. code-block:: yaml
+
+        name: cartpole_outer          # run name: W&B group, default run dir runs/<name>/<timestamp>
+        env: CartPole-v1              # a Gymnasium id, or a registered rlbd/<Name>-v0 (its attack)
+        attack:                       # inline attack on env (base defaults to env); omit for rlbd/ ids
+          trigger: {kind: value, indices: [3], values: [2.5]}
+          schedule: {kind: rate, rate: 0.001}     # outer loop: the budget, a fraction of collected steps
+          payload: {kind: targeted, target_action: 0, reward: {hit: 1.0, miss: -1.0}}
+        poisoning: outer              # inner (TrojDRL: poisoned env) | outer (SleeperNets: poisoned buffer) | null
+        outer_reward: dynamic         # outer loop: dynamic (return-to-go relative) | static (payload hit/miss)
+        algo: ppo                     # ppo | a2c | dqn
+        timesteps: 100000
+        n_envs: 8
+        seed: 0
+        hyperparams: {n_steps: 32}    # override agents/<algo>.yaml's preset for env, key by key
+        eval_every: 0                 # steps between eval/asr, eval/ctp logs during training (0: never)
+
+    A clean run has no attack and ``poisoning: null``. ``schedule: {kind: rate, select: value}`` picks
+    the states with the largest value gap for the target action (BadRL) in either loop.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
+    env: str = Field(min_length=1)
+    attack: AttackSpec | None = None
+    poisoning: Literal["inner", "outer"] | None = None
+    outer_reward: Literal["dynamic", "static"] = "dynamic"
+    algo: Literal["ppo", "a2c", "dqn"]
+    timesteps: int = Field(ge=1)
+    n_envs: int = Field(1, ge=1)
+    seed: int = Field(0, ge=0)
+    hyperparams: dict[str, Any] = {}
+    eval_every: int = Field(0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _attack_base(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("attack"), dict) and "base" not in data["attack"]:
+            data = {**data, "attack": {"base": data.get("env"), **data["attack"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentSpec:
+        registered = self.env.removeprefix("rlbackdoor:").startswith("rlbd/")
+        if self.attack is not None and registered:
+            raise ValueError(
+                f"env {self.env} is a registered backdoor env and carries its own attack; "
+                "remove the attack block, or set env to a base Gymnasium id for an inline attack"
+            )
+        if self.attack is not None and self.attack.base != self.env:
+            raise ValueError(
+                f"attack.base {self.attack.base} disagrees with env {self.env}; drop attack.base or make them equal"
+            )
+        attacked = registered or self.attack is not None
+        if attacked and self.poisoning is None:
+            raise ValueError("the run has an attack but no poisoning; set poisoning: inner or outer")
+        if not attacked and self.poisoning is not None:
+            raise ValueError(
+                f"poisoning: {self.poisoning} needs an attack; add an attack block or use a registered rlbd/ env"
+            )
+        return self
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of ``data`` with ``a.b=value`` overrides set (values parsed as YAML; ``--a.b=value`` also accepted).
+
+    :param data: the config mapping.
+    :param overrides: ``key.path=value`` strings.
+    """
+    out = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.removeprefix("--").partition("=")
+        parts = key.split(".")
+        if not sep or not all(parts):
+            raise SpecError(f"override '{item}': expected key.path=value; write e.g. --set hyperparams.n_steps=64")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise SpecError(f"override '{item}': the value is not valid YAML; quote it") from None
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise SpecError(f"override '{item}': '{part}' is not a mapping; override '{part}' itself")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentSpec:
+    """Read an experiment config, apply ``key.path=value`` overrides, validate.
+
+    :param path: the YAML file.
+    :param overrides: see :func:`apply_overrides`.
+    """
+    return parse(ExperimentSpec, apply_overrides(read_yaml(path), overrides), str(path))
+
+
+# ------------------------------------------------------------------------------------------ multi-agent
+class PolicyRef(WrapperRef):
+    """A fixed policy embedded for one agent: ``module:Class`` (an :class:`rlbackdoor.multiagent.policies.AgentPolicy`) and kwargs."""
+
+
+class AdapterSpec(_Spec):
+    """The single-agent view of a multi-agent env: ``agent`` learns, every other agent plays its ``policies`` entry."""
+
+    agent: str = Field(min_length=1)
+    policies: dict[str, PolicyRef]
+
+
+class MultiAgentAttackSpec(_Spec):
+    """A backdoor attack on a PettingZoo ``ParallelEnv``.
+
+    ``base`` is a module with a ``parallel_env(**base_kwargs)`` function (``pettingzoo.classic.rps_v2``,
+    ``mpe2.simple_spread_v3``); ``base_wrappers`` are parallel-env wrappers. Observation triggers are
+    stamped into the ``victims``' observations; an ``action_sequence`` trigger arms when
+    ``trigger.agent`` (the trigger agent) plays the sequence. The payload poisons the victims' rewards only.
+    """
+
+    base: str = Field(pattern=r"^[A-Za-z_][\w.]*$")
+    base_kwargs: dict[str, Any] = {}
+    base_wrappers: list[WrapperRef] = []
+    victims: list[str] = Field(min_length=1)
+    trigger: TriggerSpec
+    schedule: ScheduleSpec
+    payload: PayloadSpec
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _agents(self) -> MultiAgentAttackSpec:
+        if len(set(self.victims)) != len(self.victims):
+            raise ValueError(f"victims {self.victims} lists an agent twice; name each victim once")
+        if isinstance(self.trigger, ActionSequenceTrigger) and self.trigger.agent is None:
+            raise ValueError("trigger.agent is missing; name the agent whose actions play the sequence")
+        return self
+
+
+class MultiAgentEnvSpec(MultiAgentAttackSpec):
+    """A registered multi-agent backdoor env (``envs/multiagent/*.yaml``): an attack, its id and its single-agent view."""
+
+    id: str = Field(pattern=r"^rlbd/[A-Za-z][\w-]*-v\d+$")
+    description: str = ""
+    adapter: AdapterSpec | None = None

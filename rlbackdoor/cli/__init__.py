@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from rlbackdoor.cli import envs
+from rlbackdoor.cli import envs, train
 from rlbackdoor.errors import RlbdError
 
 app = typer.Typer(
@@ -20,6 +20,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(envs.app, name="envs")
+app.command("train", context_settings=train.CONTEXT)(train.train)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,58 @@
+"""``rlbd train CONFIG.yaml``: train one experiment (clean, inner- or outer-loop poisoned) into a run directory.
+
+Overrides come as ``--set a.b=value`` (repeatable) or as ``--a.b=value``, the form ``wandb agent``
+passes, so a W&B sweep can run ``rlbd train CONFIG.yaml ${args}``. Values are parsed as YAML.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from rlbackdoor.errors import SpecError
+from rlbackdoor.specs import load_experiment
+
+CONTEXT = {"ignore_unknown_options": True, "allow_extra_args": True}
+
+
+class WandbMode(str, Enum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+def sweep_overrides(args: list[str]) -> list[str]:
+    """The ``--a.b=value`` arguments left over by the option parser, as ``a.b=value`` overrides."""
+    bad = [a for a in args if not (a.startswith("--") and "=" in a)]
+    if bad:
+        raise SpecError(f"unexpected argument '{bad[0]}'; write overrides as --set key.path=value or --key.path=value")
+    return [a.removeprefix("--") for a in args]
+
+
+def train(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="experiment YAML (see configs/experiments/)"),
+    set_: list[str] = typer.Option([], "--set", help="override key.path=value (repeatable)"),
+    out: Path | None = typer.Option(None, help="run directory [default: runs/<name>/<timestamp>]"),
+    resume: Path | None = typer.Option(None, help="continue this interrupted run directory"),
+    wandb_mode: WandbMode | None = typer.Option(None, help="W&B mode [default: WANDB_MODE, else online iff logged in]"),
+    wandb_project: str = typer.Option("rlbackdoor", help="W&B project"),
+    checkpoint_every: int = typer.Option(10_000, min=0, help="steps between checkpoints (0: none)"),
+    progress: bool = typer.Option(True, help="show a progress bar on stderr"),
+) -> None:
+    """Train an agent as CONFIG describes; print the run directory."""
+    from rlbackdoor.training.loop import train as run
+
+    spec = load_experiment(config, [*set_, *sweep_overrides(ctx.args)])
+    run_dir = run(
+        spec,
+        out,
+        resume=resume,
+        wandb_mode=wandb_mode.value if wandb_mode else None,
+        wandb_project=wandb_project,
+        checkpoint_every=checkpoint_every,
+        progress=progress,
+    )
+    typer.echo(str(run_dir))

@@ -1,0 +1,62 @@
+"""The training env of a run: clean base envs in a ``DummyVecEnv`` + ``VecMonitor``, under ``BackdoorVecEnv`` for inner loop.
+
+The monitor sits below the attack, so episode returns in logs and on the progress bar are clean returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import gymnasium as gym
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor
+
+from rlbackdoor.attack import make_base_env
+from rlbackdoor.errors import SpecError
+from rlbackdoor.registry import get_env_spec
+from rlbackdoor.specs import AttackSpec, ExperimentSpec
+from rlbackdoor.wrappers.vec import BackdoorVecEnv
+
+
+def run_attack(spec: ExperimentSpec) -> AttackSpec | None:
+    """The attack of a run: the inline block, or a registered env's (as a plain :class:`AttackSpec`)."""
+    if spec.attack is not None:
+        return spec.attack
+    if spec.env.removeprefix("rlbackdoor:").startswith("rlbd/"):
+        registered = get_env_spec(spec.env)
+        return AttackSpec.model_validate(registered.model_dump(include=set(AttackSpec.model_fields)))
+    return None
+
+
+def preset_keys(spec: ExperimentSpec, attack: AttackSpec | None) -> list[str]:
+    """Env keys to look up in ``agents/<algo>.yaml``: the run's env id, then its base id."""
+    return [spec.env.removeprefix("rlbackdoor:")] + ([attack.base] if attack is not None else [])
+
+
+def _make_plain(env_id: str) -> gym.Env:
+    try:
+        return gym.make(env_id)
+    except gym.error.Error as err:
+        raise SpecError(
+            f"env: cannot make '{env_id}' ({err}); use a registered Gymnasium id (module:Id imports its package)"
+        ) from None
+
+
+def env_factory(spec: ExperimentSpec, attack: AttackSpec | None) -> Callable[[], gym.Env]:
+    """A maker of one clean env of the run: the attack's base env (with its base wrappers), or ``env`` itself."""
+    return partial(make_base_env, attack) if attack is not None else partial(_make_plain, spec.env)
+
+
+def make_train_env(spec: ExperimentSpec, attack: AttackSpec | None, seed: int) -> tuple[VecEnv, BackdoorVecEnv | None]:
+    """The training VecEnv and, for inner-loop poisoning, the ``BackdoorVecEnv`` in it.
+
+    :param spec: the run.
+    :param attack: the run's attack (see :func:`run_attack`).
+    :param seed: seeds the attack's draws (with the attack's own seed); SB3 seeds the envs.
+    """
+    factory = env_factory(spec, attack)
+    venv: VecEnv = VecMonitor(DummyVecEnv([factory] * spec.n_envs))
+    if spec.poisoning != "inner" or attack is None:
+        return venv, None
+    backdoor = BackdoorVecEnv(venv, attack, seed=seed)
+    return backdoor, backdoor

@@ -1,0 +1,169 @@
+"""``train``: one experiment from spec to run directory — env, model, poisoning, callbacks, W&B, checkpoints, artifacts."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+
+from rlbackdoor import tracking
+from rlbackdoor.errors import ArtifactError
+from rlbackdoor.specs import ExperimentSpec
+from rlbackdoor.training import presets
+from rlbackdoor.training.artifacts import CARD, describe_policy, versions, write_artifacts
+from rlbackdoor.training.callbacks import PoisonCounter, PoisonRateLog, ProgressBar, TrackerOutput, poison_rate
+from rlbackdoor.training.checkpoints import FOLDER, Checkpointer, counts_of, latest_checkpoint, restore
+from rlbackdoor.training.envs import make_train_env, preset_keys, run_attack
+from rlbackdoor.training.outer import OuterLoopPoisoning
+from rlbackdoor.training.selection import InnerValueSelection, uses_value_selection
+
+LOG_EVERY = 1000
+"""Steps between SB3 logger dumps (``train/...`` rows in W&B), rounded to whole rollouts."""
+
+
+def default_run_dir(name: str, root: Path = Path("runs")) -> Path:
+    """``runs/<name>/<timestamp>``, with a numeric suffix when that directory exists."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate, n = root / name / stamp, 1
+    while candidate.exists():
+        candidate, n = root / name / f"{stamp}-{n}", n + 1
+    return candidate
+
+
+def _log_interval(model: BaseAlgorithm) -> int:
+    if isinstance(model, OnPolicyAlgorithm):
+        return max(1, LOG_EVERY // (model.n_steps * model.n_envs))
+    return 4  # episodes, SB3's default for off-policy algorithms
+
+
+def _train_summary(model: BaseAlgorithm, counter: PoisonCounter | None, seconds: float) -> dict[str, Any]:
+    returns = [float(info["r"]) for info in model.ep_info_buffer or []]
+    lengths = [float(info["l"]) for info in model.ep_info_buffer or []]
+    return {
+        "steps": int(model.num_timesteps),
+        "seconds": round(seconds, 3),
+        "steps_per_s": round(model.num_timesteps / max(seconds, 1e-9), 1),
+        "poison_rate": poison_rate(counter),
+        "poison_counts": counts_of(counter),
+        "ep_return_mean": float(np.mean(returns)) if returns else None,
+        "ep_length_mean": float(np.mean(lengths)) if lengths else None,
+    }
+
+
+def train(
+    spec: ExperimentSpec,
+    out: Path | None = None,
+    *,
+    resume: Path | None = None,
+    wandb_mode: str | None = None,
+    wandb_project: str = "rlbackdoor",
+    checkpoint_every: int = 10_000,
+    progress: bool = False,
+    callbacks: Sequence[BaseCallback] = (),
+) -> Path:
+    """Train the agent an experiment describes; return its run directory (``model.zip``, ``policy.safetensors``, ``card.json``).
+
+    Everything is checked (env, attack, hyperparameters, that the policy can be rebuilt safely)
+    before the run directory is created. A killed run leaves its last checkpoint; ``resume`` it to
+    train the remaining steps.
+
+    :param spec: the experiment.
+    :param out: the run directory (must be empty or absent); default ``runs/<name>/<timestamp>``.
+    :param resume: an interrupted run directory of the same experiment to continue (``out`` is ignored).
+    :param wandb_mode: ``online``, ``offline`` or ``disabled``; ``None``: see :mod:`rlbackdoor.tracking`.
+    :param wandb_project: the W&B project.
+    :param checkpoint_every: steps between checkpoints (0: none).
+    :param progress: show a progress bar on stderr.
+    :param callbacks: more SB3 callbacks, called after the project's own.
+    """
+    torch.set_num_threads(1)
+    config = spec.model_dump(mode="json")
+    state: dict[str, Any] = {}
+    folder: Path | None = None
+    if resume is not None:
+        run_dir = Path(resume)
+        folder, state = latest_checkpoint(run_dir, config)
+    else:
+        run_dir = Path(out) if out is not None else default_run_dir(spec.name)
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise ArtifactError(f"{run_dir}: already exists and is not empty; choose another --out, or --resume it")
+    start = int(state.get("model", {}).get("num_timesteps", 0))
+    # a resumed run draws new env and attack randomness: replaying step 0's draws would repeat episodes
+    seed = spec.seed if start == 0 else int(np.random.SeedSequence([spec.seed, start]).generate_state(1)[0])
+
+    attack = run_attack(spec)
+    hyperparams = presets.resolve(spec.algo, preset_keys(spec, attack), spec.hyperparams)
+    venv, backdoor = make_train_env(spec, attack, seed)
+    model = presets.build_model(spec.algo, venv, hyperparams, seed)
+    policy = describe_policy(model.policy)
+    own: list[BaseCallback] = []
+    counter: PoisonCounter | None = backdoor.attack if backdoor is not None else None
+    if spec.poisoning == "outer" and attack is not None:
+        poisoner = OuterLoopPoisoning(attack, spec.outer_reward, seed)
+        poisoner.init_callback(model)  # checks the attack against the model before anything is written
+        own.append(poisoner)
+        counter = poisoner
+    if backdoor is not None and attack is not None and uses_value_selection(attack, venv.action_space):
+        own.append(InnerValueSelection(backdoor))
+    if folder is not None:
+        restore(model, folder, state, counter)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    seconds0, t0 = float(state.get("seconds", 0.0)), 0.0
+    resumed_at = [*state.get("resumed_at", []), start] if start else []
+
+    def checkpoint_state() -> dict[str, Any]:
+        seconds = seconds0 + time.monotonic() - t0
+        return {"config": config, "poison": counts_of(counter), "seconds": seconds, "resumed_at": resumed_at}
+
+    resolved = {**config, "attack": attack.model_dump(mode="json") if attack else None, "hyperparams": hyperparams}
+    with tracking.wandb_run(
+        "train", f"{spec.name}-{run_dir.name}", resolved, mode=wandb_mode, project=wandb_project, group=spec.name
+    ) as tracker:
+        model.set_logger(Logger(folder=None, output_formats=[TrackerOutput(tracker)]))
+        own.append(Checkpointer(run_dir, checkpoint_every, checkpoint_state))
+        if counter is not None:
+            own.append(PoisonRateLog(counter))
+        if progress:
+            own.append(ProgressBar(spec.timesteps, counter))
+        t0 = time.monotonic()
+        model.learn(
+            total_timesteps=max(0, spec.timesteps - start),
+            callback=CallbackList([*own, *callbacks]),
+            log_interval=_log_interval(model),
+            reset_num_timesteps=start == 0,
+        )
+        summary = _train_summary(model, counter, seconds0 + time.monotonic() - t0)
+        card = {
+            "name": spec.name,
+            "algo": spec.algo,
+            "env": spec.env,
+            "attack": resolved["attack"],
+            "poisoning": spec.poisoning,
+            "outer_reward": spec.outer_reward if spec.poisoning == "outer" else None,
+            "seed": spec.seed,
+            "timesteps": spec.timesteps,
+            "n_envs": spec.n_envs,
+            "hyperparams": hyperparams,
+            "policy": policy,
+            "versions": versions(),
+            "train": {**summary, "resumed_at": resumed_at},
+            "metrics": {},
+            "config": config,
+        }
+        write_artifacts(model, run_dir, card)
+        tracker.summary(tracking.prefixed("train", {k: v for k, v in summary.items() if isinstance(v, (int, float))}))
+        tracker.log_artifact(run_dir / CARD, name=f"{spec.name}-card", type="card")
+    venv.close()
+    shutil.rmtree(run_dir / FOLDER, ignore_errors=True)
+    return run_dir

@@ -1,0 +1,128 @@
+"""SB3 hyperparameter presets (``agents/<algo>.yaml``, rl-zoo3 style) and building the SB3 model from them.
+
+A preset file maps env ids to hyperparameters, with a ``default`` entry under every env. The env key
+is the run's registered ``rlbd/`` id when the file has it, else the base Gymnasium id. Values stay
+JSON in the card; :func:`to_sb3` turns the two non-JSON forms into objects: ``lin_<x>`` strings into
+linear schedules from ``x`` to 0, and class names in ``policy_kwargs`` (see :data:`CLASSES`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from stable_baselines3 import A2C, DQN, PPO
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.sb2_compat.rmsprop_tf_like import RMSpropTFLike
+from stable_baselines3.common.torch_layers import CombinedExtractor, FlattenExtractor, NatureCNN
+from stable_baselines3.common.utils import LinearSchedule
+from stable_baselines3.common.vec_env import VecEnv
+
+from rlbackdoor.errors import SpecError
+from rlbackdoor.registry import data_dir
+from rlbackdoor.specs import read_yaml
+
+ALGOS: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "a2c": A2C, "dqn": DQN}
+
+CLASSES: dict[str, type] = {
+    "relu": torch.nn.ReLU,
+    "tanh": torch.nn.Tanh,
+    "elu": torch.nn.ELU,
+    "leaky_relu": torch.nn.LeakyReLU,
+    "gelu": torch.nn.GELU,
+    "silu": torch.nn.SiLU,
+    "sigmoid": torch.nn.Sigmoid,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+    "sgd": torch.optim.SGD,
+    "rmsprop_tf_like": RMSpropTFLike,
+    "flatten": FlattenExtractor,
+    "nature_cnn": NatureCNN,
+    "combined": CombinedExtractor,
+}
+"""The classes ``policy_kwargs`` may name (and the card records): a closed list, so loading never imports by name."""
+
+CLASS_KEYS = ("activation_fn", "optimizer_class", "features_extractor_class")
+
+
+def preset(algo: str, env_ids: list[str]) -> dict[str, Any]:
+    """The preset of ``algo`` for the first of ``env_ids`` the preset file lists, over its ``default`` entry.
+
+    :param algo: ``ppo``, ``a2c`` or ``dqn``.
+    :param env_ids: candidate keys, most specific first (registered id, then base id).
+    """
+    path = data_dir("agents") / f"{algo}.yaml"
+    table = read_yaml(path)
+    out = dict(table.get("default") or {})
+    for env_id in env_ids:
+        if env_id in table:
+            out.update(table[env_id] or {})
+            break
+    return out
+
+
+def resolve(algo: str, env_ids: list[str], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The run's hyperparameters (JSON values): the preset with the experiment's ``hyperparams`` on top, key by key.
+
+    A ``null`` override removes the preset's key (SB3's default applies).
+    """
+    merged = {**preset(algo, env_ids), **overrides}
+    return {key: value for key, value in merged.items() if value is not None}
+
+
+def class_name(cls: type) -> str:
+    """The short name :data:`CLASSES` gives ``cls``; classes outside the list raise :class:`SpecError`."""
+    for name, known in CLASSES.items():
+        if known is cls:
+            return name
+    raise SpecError(
+        f"policy class {cls.__module__}.{cls.__qualname__} is not in the allow-list; use one of {', '.join(CLASSES)}"
+    )
+
+
+def _to_class(key: str, value: Any) -> Any:
+    if isinstance(value, str):
+        if value not in CLASSES:
+            raise SpecError(f"hyperparams: policy_kwargs.{key} '{value}' is unknown; use one of {', '.join(CLASSES)}")
+        return CLASSES[value]
+    return value
+
+
+def _schedule(key: str, value: Any) -> Any:
+    if isinstance(value, str) and value.startswith("lin_"):
+        try:
+            start = float(value.removeprefix("lin_"))
+        except ValueError:
+            raise SpecError(f"hyperparams: {key} '{value}' is not lin_<number>; write e.g. lin_0.001") from None
+        return LinearSchedule(start, 0.0, 1.0)
+    return value
+
+
+def to_sb3(hyperparams: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The SB3 policy name and constructor kwargs a hyperparameter mapping describes."""
+    kwargs = {key: _schedule(key, value) for key, value in hyperparams.items() if key != "policy"}
+    policy_kwargs = kwargs.get("policy_kwargs")
+    if policy_kwargs is not None:
+        if not isinstance(policy_kwargs, dict):
+            raise SpecError("hyperparams: policy_kwargs must be a mapping; write policy_kwargs: {net_arch: [64, 64]}")
+        kwargs["policy_kwargs"] = {k: _to_class(k, v) if k in CLASS_KEYS else v for k, v in policy_kwargs.items()}
+    return str(hyperparams.get("policy", "MlpPolicy")), kwargs
+
+
+def build_model(algo: str, env: VecEnv, hyperparams: dict[str, Any], seed: int) -> BaseAlgorithm:
+    """The SB3 model for ``env``; hyperparameters SB3 rejects raise :class:`SpecError`.
+
+    :param algo: ``ppo``, ``a2c`` or ``dqn``.
+    :param env: the training env.
+    :param hyperparams: resolved hyperparameters (see :func:`resolve`).
+    :param seed: seeds torch, numpy, the action space and the envs.
+    """
+    policy, kwargs = to_sb3(hyperparams)
+    try:
+        return ALGOS[algo](policy, env, seed=seed, device="cpu", verbose=0, **kwargs)
+    except (TypeError, ValueError, AssertionError, KeyError) as err:
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise SpecError(
+            f"hyperparams: SB3 {algo.upper()} rejects the run ({detail}); fix that hyperparameter or pick another algo"
+        ) from None
