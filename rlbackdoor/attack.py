@@ -147,7 +147,8 @@ class Attack:
     def _decide(self, obs: np.ndarray, starts: np.ndarray, live: np.ndarray) -> np.ndarray:
         """Choose which ``live`` envs' next observation is triggered; stamp it; return the observations."""
         u = self._uniform()[:, 0]
-        fire = self.schedule.fire(self.t, starts, live, u, obs) & (self.left == 0) & (self.inject < 0)
+        free = live & (self.left == 0) & (self.inject < 0)  # no trigger running: a firing here is never lost
+        fire = self.schedule.fire(self.t, starts, free, u, obs)
         if self.sequence is not None:
             self.inject[fire] = 0
         else:

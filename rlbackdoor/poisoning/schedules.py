@@ -2,7 +2,7 @@
 
 A schedule is asked once per decision (each observation an agent is about to act on). It sees
 each env's step within its episode ``t``, which envs start an episode, which envs may fire
-(``live``) and one uniform draw per env. Once fired, the trigger stays on for ``duration`` steps.
+(``live``: in an episode, with no trigger running) and one uniform draw per env. Once fired, the trigger stays on for ``duration`` steps.
 """
 
 from __future__ import annotations
@@ -67,13 +67,17 @@ class RateScheduler(Schedule):
 
 
 class BudgetScheduler(Schedule):
-    """Fire on every ``horizon // firings``-th decision until ``budget`` poisoned steps are spent (TrojDRL)."""
+    """Fire on every ``interval``-th free decision until ``budget`` poisoned steps are spent (TrojDRL).
+
+    Of ``horizon`` decisions, ``budget - firings`` continue a running trigger; the other, free ones are
+    split evenly between the firings, so a single env spends the whole budget within ``horizon`` steps.
+    """
 
     def __init__(self, spec: BudgetSchedule) -> None:
         self.duration = spec.duration
         self.max_poisoned = spec.budget
         self.firings = -(-spec.budget // spec.duration)
-        self.interval = max(1, spec.horizon // max(1, self.firings))
+        self.interval = max(1, (spec.horizon - spec.budget + self.firings) // max(1, self.firings))
         self._seen = 0
 
     def reset(self, n_envs: int) -> None:

@@ -1,0 +1,407 @@
+"""BackdoorWrapper and BackdoorVecEnv on real envs: determinism, schedules, payloads, triggers, errors."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from rlbackdoor import BackdoorVecEnv, BackdoorWrapper, ObservationError, make_base_env, make_env
+from rlbackdoor.specs import AttackSpec, parse
+
+MARK = 100.0  # stamped into CartPole's cart velocity (an unbounded entry): never seen in clean play
+CARTPOLE_TRIGGER = {"kind": "value", "indices": [1], "values": [MARK]}
+PENDULUM_TRIGGER = {"kind": "value", "indices": [2], "values": [7.5]}
+
+
+def attack(schedule: dict[str, Any], payload: dict[str, Any] | None = None, **fields: Any) -> AttackSpec:
+    """A CartPole attack (unless ``fields`` say otherwise) with the mark trigger."""
+    data = {
+        "base": "CartPole-v1",
+        "trigger": CARTPOLE_TRIGGER,
+        "schedule": schedule,
+        "payload": payload or {"kind": "targeted", "target_action": 0, "reward": {"hit": 2.5, "miss": -0.75}},
+        **fields,
+    }
+    return parse(AttackSpec, data, "test")
+
+
+def pendulum(schedule: dict[str, Any], episode: int = 12) -> AttackSpec:
+    """Pendulum episodes never terminate, so they last exactly ``episode`` steps."""
+    return attack(
+        schedule,
+        {"kind": "untargeted"},
+        base="Pendulum-v1",
+        base_kwargs={"max_episode_steps": episode},
+        trigger=PENDULUM_TRIGGER,
+    )
+
+
+@dataclass
+class Rollout:
+    """Per step: the observation acted on, the action, what came back; ``t`` and ``episode`` of each step."""
+
+    obs: list[np.ndarray] = field(default_factory=list)
+    actions: list[Any] = field(default_factory=list)
+    next_obs: list[np.ndarray] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    dones: list[bool] = field(default_factory=list)
+    infos: list[dict[str, Any]] = field(default_factory=list)
+    t: list[int] = field(default_factory=list)
+    episode: list[int] = field(default_factory=list)
+    states: list[np.ndarray] = field(default_factory=list)
+
+    def flag(self, key: str) -> np.ndarray:
+        return np.array([info[key] for info in self.infos])
+
+    def per_episode(self, key: str) -> list[np.ndarray]:
+        flags, episodes = self.flag(key), np.array(self.episode)
+        return [flags[episodes == e] for e in range(episodes.max() + 1)]
+
+
+def run_single(spec: AttackSpec, actions: Any, seed: int = 0) -> Rollout:
+    """Step a ``BackdoorWrapper`` through ``actions`` (resetting after each episode)."""
+    env = make_env(spec)
+    out = Rollout()
+    obs, _ = env.reset(seed=seed)
+    t = episode = 0
+    for action in actions:
+        out.states.append(np.array(env.unwrapped.state, dtype=np.float64))
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        for name, value in (("obs", obs), ("actions", action), ("next_obs", next_obs), ("rewards", reward)):
+            getattr(out, name).append(value)
+        out.dones.append(terminated or truncated)
+        out.infos.append(info["rlbd"])
+        out.t.append(t)
+        out.episode.append(episode)
+        t += 1
+        if terminated or truncated:
+            next_obs, _ = env.reset()
+            t, episode = 0, episode + 1
+        obs = next_obs
+    return out
+
+
+def make_vec(spec: AttackSpec, n: int, seed: int = 0) -> BackdoorVecEnv:
+    venv = BackdoorVecEnv(DummyVecEnv([partial(make_base_env, spec)] * n), spec, seed=seed)
+    venv.seed(seed)
+    return venv
+
+
+def run_vec(spec: AttackSpec, actions: np.ndarray, seed: int = 0) -> dict[str, Any]:
+    """Step a ``BackdoorVecEnv`` of ``actions.shape[1]`` envs; returns stacked arrays and the info dicts."""
+    venv = make_vec(spec, actions.shape[1], seed)
+    obs = [venv.reset()]
+    rewards, dones, infos = [], [], []
+    for a in actions:
+        o, r, d, i = venv.step(a)
+        obs.append(o)
+        rewards.append(r)
+        dones.append(d)
+        infos.append(i)
+    flags = {k: np.array([[i["rlbd"][k] for i in row] for row in infos]) for k in ("poisoned", "triggered", "hit")}
+    return {"obs": np.array(obs), "rewards": np.array(rewards), "dones": np.array(dones), "infos": infos, **flags}
+
+
+def random_actions(n: int, seed: int = 1, *shape: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 2, (n, *shape))
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    return bool(np.array_equal(a, b))
+
+
+# ---------------------------------------------------------------------------------------- determinism
+DETERMINISM = {
+    "kind": "rate",
+    "rate": 0.2,
+    "duration": 3,
+}
+
+
+def test_single_env_same_seed_same_trajectory() -> None:
+    spec = attack(DETERMINISM, {"kind": "targeted", "target_action": 0, "force_action_prob": 0.5})
+    actions = random_actions(300).tolist()
+    first, again, other = run_single(spec, actions, 7), run_single(spec, actions, 7), run_single(spec, actions, 8)
+    for name in ("obs", "next_obs", "rewards", "dones", "infos"):
+        assert _equal(getattr(first, name), getattr(again, name)), name
+    assert first.flag("poisoned").sum() > 20
+    assert not np.array_equal(first.flag("poisoned"), other.flag("poisoned"))
+
+
+def test_vec_env_same_seed_same_trajectory() -> None:
+    spec = attack(DETERMINISM, {"kind": "targeted", "target_action": 0, "force_action_prob": 0.5})
+    actions = random_actions(80, 1, 4)
+    first, again, other = run_vec(spec, actions, 3), run_vec(spec, actions, 3), run_vec(spec, actions, 4)
+    for name in ("obs", "rewards", "dones", "infos"):
+        assert _equal(first[name], again[name]), name
+    assert first["poisoned"].sum() > 20
+    assert not np.array_equal(first["poisoned"], other["poisoned"])
+
+
+# ------------------------------------------------------------------------------------------ schedules
+def _within_binomial(successes: int, trials: int, p: float, sigmas: float = 4.0) -> bool:
+    return abs(successes - trials * p) <= sigmas * np.sqrt(trials * p * (1 - p))
+
+
+@pytest.mark.parametrize("rate", [0.03, 0.3])
+def test_rate_schedule_poisons_the_spec_fraction_of_steps(rate: float) -> None:
+    spec = attack({"kind": "rate", "rate": rate})
+    single = run_single(spec, random_actions(3000))
+    assert _within_binomial(int(single.flag("poisoned").sum()), 3000, rate)
+    assert single.infos[-1]["n_poisoned"] == single.flag("poisoned").sum()
+    vec = run_vec(spec, random_actions(400, 1, 8))
+    assert _within_binomial(int(vec["poisoned"].sum()), 3200, rate)
+    assert vec["infos"][-1][0]["rlbd"]["n_poisoned"] == vec["poisoned"].sum()
+
+
+@pytest.mark.parametrize(
+    ("spec", "budget", "horizon"),
+    [
+        (attack({"kind": "budget", "budget": 7, "horizon": 200}), 7, 200),
+        (pendulum({"kind": "budget", "budget": 12, "horizon": 100, "duration": 4}, episode=200), 12, 100),
+        (pendulum({"kind": "budget", "budget": 10, "horizon": 10, "duration": 4}, episode=200), 10, 10),
+        (pendulum({"kind": "budget", "budget": 9, "horizon": 30, "duration": 2}, episode=200), 9, 30),
+    ],
+    ids=["cartpole-d1", "pendulum-d4", "budget=horizon", "pendulum-d2"],
+)
+def test_budget_schedule_single_env_spends_exactly_the_budget_within_the_horizon(
+    spec: AttackSpec, budget: int, horizon: int
+) -> None:
+    actions = [np.zeros(1, np.float32)] * (2 * horizon) if spec.base == "Pendulum-v1" else random_actions(2 * horizon)
+    poisoned = run_single(spec, actions).flag("poisoned")
+    assert poisoned[:horizon].sum() == budget
+    assert poisoned.sum() == budget
+
+
+@pytest.mark.parametrize(("budget", "horizon", "n_envs"), [(7, 200, 4), (30, 240, 8)])
+def test_budget_schedule_vec_env_spends_exactly_the_budget_within_the_horizon(
+    budget: int, horizon: int, n_envs: int
+) -> None:
+    spec = attack({"kind": "budget", "budget": budget, "horizon": horizon})
+    poisoned = run_vec(spec, random_actions(2 * horizon // n_envs, 1, n_envs))["poisoned"]
+    assert poisoned[: horizon // n_envs].sum() == budget
+    assert poisoned.sum() == budget
+
+
+def test_window_schedule_poisons_exactly_the_window_of_chosen_episodes() -> None:
+    spec = pendulum({"kind": "window", "start": 3, "stop": 7, "rate": 0.5}, episode=12)
+    run = run_single(spec, [np.zeros(1, np.float32)] * 12 * 40)
+    chosen = 0
+    for flags in run.per_episode("poisoned"):
+        assert len(flags) == 12
+        if flags.any():
+            chosen += 1
+            np.testing.assert_array_equal(np.flatnonzero(flags), [3, 4, 5, 6])
+    assert _within_binomial(chosen, 40, 0.5)
+    stamped = np.array([o[2] == 7.5 for o in run.obs])
+    np.testing.assert_array_equal(stamped, run.flag("poisoned"))
+
+
+def test_per_episode_rate_fires_at_the_first_step_for_duration_steps() -> None:
+    spec = pendulum({"kind": "rate", "rate": 0.3, "per": "episode", "duration": 3}, episode=10)
+    run = run_single(spec, [np.zeros(1, np.float32)] * 10 * 80)
+    episodes = run.per_episode("poisoned")
+    chosen = [flags for flags in episodes if flags.any()]
+    assert all(np.array_equal(np.flatnonzero(flags), [0, 1, 2]) for flags in chosen)
+    assert _within_binomial(len(chosen), len(episodes), 0.3)
+
+
+def _runs(flags: np.ndarray, episodes: np.ndarray) -> list[tuple[int, bool]]:
+    """(length, ends the episode) of every run of consecutive True flags within an episode."""
+    runs, length = [], 0
+    for i, flag in enumerate(flags):
+        length = length + 1 if flag else 0
+        last_of_episode = i + 1 == len(flags) or episodes[i + 1] != episodes[i]
+        if length and (last_of_episode or not flags[i + 1]):
+            runs.append((length, last_of_episode))
+            length = 0 if last_of_episode else length
+    return runs
+
+
+def test_duration_keeps_the_trigger_on_for_whole_multiples_of_duration() -> None:
+    spec = attack({"kind": "rate", "rate": 0.1, "duration": 4})
+    run = run_single(spec, random_actions(2000))
+    runs = _runs(run.flag("poisoned"), np.array(run.episode))
+    assert len(runs) > 50
+    assert all(length % 4 == 0 for length, cut in runs if not cut)
+    assert sum(length % 4 != 0 for length, _ in runs) > 0  # some runs were cut by the episode's end
+
+
+# ------------------------------------------------------------------------------------------- payloads
+def test_targeted_reward_poisoning_pays_hit_or_miss_on_poisoned_steps_only() -> None:
+    spec = attack({"kind": "rate", "rate": 0.3})
+    run = run_single(spec, random_actions(600))
+    poisoned, hits = run.flag("poisoned"), run.flag("hit")
+    rewards, clean = np.array(run.rewards), run.flag("clean_reward")
+    actions = np.array(run.actions)
+    np.testing.assert_array_equal(hits, poisoned & (actions == 0))
+    np.testing.assert_array_equal(rewards[poisoned & hits], 2.5)
+    np.testing.assert_array_equal(rewards[poisoned & ~hits], -0.75)
+    np.testing.assert_array_equal(rewards[~poisoned], clean[~poisoned])
+    np.testing.assert_array_equal(clean, 1.0)
+    assert (poisoned & hits).any() and (poisoned & ~hits).any()
+    assert run.infos[-1]["n_hits"] == hits.sum()
+    assert all(info["target"] == 0 for info in run.infos)
+
+
+@pytest.mark.parametrize(
+    ("mode", "scale", "expected"), [("negate", 2.0, lambda r: -2.0 * r), ("fail_fast", 3.0, lambda r: -3.0)]
+)
+def test_untargeted_reward_poisoning(mode: str, scale: float, expected: Any) -> None:
+    spec = attack({"kind": "rate", "rate": 0.3}, {"kind": "untargeted", "mode": mode, "scale": scale})
+    vec = run_vec(spec, random_actions(150, 1, 4))
+    clean = np.array([[i["rlbd"]["clean_reward"] for i in row] for row in vec["infos"]])
+    poisoned = vec["poisoned"]
+    assert poisoned.sum() > 20
+    np.testing.assert_allclose(vec["rewards"][poisoned], expected(clean[poisoned]))
+    np.testing.assert_array_equal(vec["rewards"][~poisoned], clean[~poisoned])
+    assert not vec["hit"].any()
+    assert vec["infos"][0][0]["rlbd"]["target"] is None
+
+
+@pytest.mark.parametrize("force", [0.0, 1.0])
+def test_force_action_prob_executes_the_target_on_poisoned_steps(force: float) -> None:
+    spec = attack({"kind": "rate", "rate": 0.3}, {"kind": "targeted", "target_action": 0, "force_action_prob": force})
+    run = run_single(spec, [1] * 500)  # the agent always pushes right; the target pushes left
+    states = np.array(run.states)
+    after = np.array([s for s, d in zip(states[1:], run.dones[:-1], strict=True) if not d])
+    before = states[:-1][~np.array(run.dones[:-1])]
+    pushed_left = after[:, 1] < before[:, 1]  # the cart's velocity falls
+    poisoned = run.flag("poisoned")[:-1][~np.array(run.dones[:-1])]
+    assert poisoned.sum() > 30
+    np.testing.assert_array_equal(pushed_left, poisoned if force == 1.0 else np.zeros_like(poisoned))
+    assert not run.flag("hit").any()  # rewards judge the agent's own action, not the forced one
+
+
+# ------------------------------------------------------------------------------------------- triggers
+def test_triggered_observations_carry_the_trigger_in_the_vec_env() -> None:
+    spec = attack({"kind": "rate", "rate": 0.3, "duration": 5})
+    n = 4
+    vec = run_vec(spec, random_actions(300, 2, n))
+    stamped = vec["obs"][..., 1] == MARK
+    np.testing.assert_array_equal(stamped[1:], vec["triggered"])
+    streak = (stamped[0]).astype(int)  # consecutive triggered observations in the current episode
+    checked = [0, 0]
+    for step in range(len(vec["dones"])):
+        for i in np.flatnonzero(vec["dones"][step]):
+            running = bool(streak[i] % 5)
+            terminal = vec["infos"][step][i]["terminal_observation"]
+            assert (terminal[1] == MARK) == running
+            checked[running] += 1
+        streak = np.where(stamped[step + 1], np.where(vec["dones"][step], 0, streak) + 1, 0)
+    assert min(checked) > 3  # both cases occurred
+
+
+def test_final_observation_of_a_single_env_carries_a_running_trigger() -> None:
+    spec = attack({"kind": "rate", "rate": 0.3, "duration": 5})
+    run = run_single(spec, random_actions(1500, 2))
+    stamped = np.array([o[1] == MARK for o in run.obs])
+    np.testing.assert_array_equal(stamped, run.flag("poisoned"))
+    checked = [0, 0]
+    for flags, end in zip(run.per_episode("poisoned"), np.flatnonzero(run.dones), strict=False):
+        streak = len(flags) - np.flatnonzero(~flags).max() - 1 if (~flags).any() else len(flags)
+        running = bool(streak % 5)
+        assert (run.next_obs[end][1] == MARK) == running
+        checked[running] += 1
+    assert min(checked) > 3
+
+
+def _executed(obs: np.ndarray) -> np.ndarray:
+    """The last 6 executed actions, from the ActionHistory part of an observation (-1 before the first)."""
+    onehot = np.asarray(obs[4:]).reshape(6, 2)
+    return np.where(onehot.any(1), onehot.argmax(1), -1)
+
+
+ACTSEQ = {"kind": "action_sequence", "sequence": [0, 0, 0, 1, 1, 1]}
+HISTORY = [{"name": "rlbackdoor.wrappers.history:ActionHistory", "kwargs": {"length": 6}}]
+
+
+def test_action_sequence_trigger_is_injected_and_arms_after_the_sequence() -> None:
+    spec = attack({"kind": "rate", "rate": 0.1, "duration": 10}, trigger=ACTSEQ, base_wrappers=HISTORY)
+    run = run_single(spec, [1] * 1500)  # the agent never plays the sequence itself: every 0 executed is injected
+    executed = np.array([_executed(o)[-1] for o in run.next_obs])
+    triggered, episodes = run.flag("triggered"), np.array(run.episode)
+    armings = 0
+    for e in range(episodes.max()):  # complete episodes
+        steps = np.flatnonzero(episodes == e)
+        stream = "".join(map(str, executed[steps]))
+        for block in re.finditer("0+", stream):
+            if block.end() + 3 >= len(stream):  # the episode ended during the injection or as it completed
+                continue
+            assert block.group() == "000" and stream[block.end() : block.end() + 3] == "111"
+            armed_at = steps[block.end() + 2]  # the observation after the sequence's last action
+            assert triggered[armed_at] and not triggered[armed_at - 1]
+            np.testing.assert_array_equal(_executed(run.next_obs[armed_at]), ACTSEQ["sequence"])
+            armings += 1
+        assert (triggered[steps] & ~np.r_[False, triggered[steps][:-1]]).sum() == stream[:-1].count("000111")
+    assert armings > 10
+    runs = _runs(run.flag("poisoned"), episodes)
+    assert all(length == 10 for length, cut in runs if not cut)
+
+
+def test_action_sequence_played_by_the_agent_arms_the_backdoor() -> None:
+    spec = attack({"kind": "rate", "rate": 0.0, "duration": 4}, trigger=ACTSEQ, base_wrappers=HISTORY)
+    run = run_single(spec, [0, 0, 0, 1, 1, 1, 0, 1, 0, 1, 0, 1])
+    np.testing.assert_array_equal(run.flag("triggered"), [0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(run.flag("poisoned"), [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(run.flag("hit"), [0, 0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0])
+
+
+# --------------------------------------------------------------------------------------------- errors
+class NaNAfter(gym.ObservationWrapper):
+    """Returns NaN observations from the ``after``-th observation on."""
+
+    def __init__(self, env: gym.Env, after: int) -> None:
+        super().__init__(env)
+        self.after, self.seen = after, 0
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        self.seen += 1
+        return observation * np.nan if self.seen > self.after else observation
+
+
+@pytest.mark.parametrize("after", [0, 3])
+def test_nan_observation_raises_observation_error(after: int) -> None:
+    spec = attack({"kind": "rate", "rate": 0.5})
+    env = BackdoorWrapper(NaNAfter(gym.make("CartPole-v1"), after), spec)
+    with pytest.raises(ObservationError, match="NaN or inf; fix the environment"):
+        env.reset(seed=0)
+        for _ in range(after):
+            env.step(1)
+    venv = BackdoorVecEnv(DummyVecEnv([lambda: NaNAfter(gym.make("CartPole-v1"), after)]), spec)
+    with pytest.raises(ObservationError, match="NaN or inf"):
+        venv.reset()
+        for _ in range(after):
+            venv.step(np.ones(1, dtype=int))
+
+
+# ------------------------------------------------------------------------------ single vs vectorized
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        ({"kind": "window", "start": 2, "stop": 5}, lambda n: max(0, min(n, 5) - 2)),
+        ({"kind": "rate", "rate": 1.0, "per": "episode", "duration": 3}, lambda n: min(n, 3)),
+    ],
+    ids=["window", "per-episode"],
+)
+def test_single_and_vec_wrappers_poison_the_same_steps_of_each_episode(schedule: dict[str, Any], expected: Any) -> None:
+    spec = attack(schedule)
+    actions = random_actions(400, 5)
+    single = run_single(spec, actions.tolist(), seed=11)
+    vec = run_vec(spec, actions[:, None], seed=11)
+    episodes = np.array(single.episode)
+    np.testing.assert_array_equal(vec["poisoned"][:, 0], single.flag("poisoned"))
+    np.testing.assert_array_equal(vec["dones"][:, 0], single.dones)
+    for e, flags in enumerate(single.per_episode("poisoned")[:-1]):
+        assert flags.sum() == expected(int((episodes == e).sum()))
