@@ -20,6 +20,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "BackdoorVecEnv": "rlbackdoor.wrappers.vec",
+    "list_parallel_envs": "rlbackdoor.multiagent",
+    "make_parallel": "rlbackdoor.multiagent",
     "load_policy": "rlbackdoor.training.artifacts",
     "train": "rlbackdoor.training.loop",
 }
@@ -36,9 +38,11 @@ __all__ = [
     "SpecError",
     "env_specs",
     "get_env_spec",
+    "list_parallel_envs",
     "load_policy",
     "make_base_env",
     "make_env",
+    "make_parallel",
     "train",
 ]
 

@@ -77,3 +77,6 @@ def register_all() -> None:
                 entry_point="rlbackdoor.registry:make_env",
                 kwargs={"spec": spec.model_dump(mode="json")},
             )
+    from rlbackdoor.multiagent.registry import register_adapters
+
+    register_adapters()

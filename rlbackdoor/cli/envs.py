@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from rlbackdoor.attack import Attack, make_base_env, sample_observations
+from rlbackdoor.multiagent import parallel_env_specs
 from rlbackdoor.registry import FACTORY_ID, env_specs, get_env_spec
 
 app = typer.Typer(help="Registered backdoor environments.", no_args_is_help=True)
@@ -17,10 +18,14 @@ console = Console()
 
 @app.command("list")
 def list_envs() -> None:
-    """Print every registered id with its base env, trigger, schedule and payload."""
+    """Print every registered id with its base env, trigger, schedule and payload; multi-agent ids are marked."""
     table = Table(Column("id", no_wrap=True), Column("base", no_wrap=True), "trigger", "schedule", "payload")
     for env_id, spec in env_specs().items():
         table.add_row(env_id, spec.base, spec.trigger.kind, spec.schedule.kind, spec.payload.kind)
+    for env_id, ma_spec in parallel_env_specs().items():
+        table.add_row(
+            env_id, f"{ma_spec.base} (multi-agent)", ma_spec.trigger.kind, ma_spec.schedule.kind, ma_spec.payload.kind
+        )
     table.add_row(FACTORY_ID, "env_id=...", "kwargs", "kwargs", "kwargs")
     console.print(table)
 

@@ -1,0 +1,122 @@
+"""Fixed policies embedded for the other agents of a multi-agent env (opponents, teammates, trigger agents)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+from gymnasium import spaces
+
+from rlbackdoor.errors import SpecError
+
+
+class AgentPolicy(ABC):
+    """A fixed policy for one agent: reset at each episode, then one action per observation.
+
+    :param observation_space: the agent's observation space.
+    :param action_space: the agent's action space.
+    """
+
+    def __init__(self, observation_space: spaces.Space, action_space: spaces.Space) -> None:
+        self.observation_space = observation_space
+        self.action_space = action_space
+        self.rng = np.random.default_rng()
+
+    def reset(self, seed: int | None = None) -> None:
+        """Start an episode; reseed the policy's draws when ``seed`` is given."""
+        if seed is not None:
+            self.rng = np.random.default_rng(seed)
+
+    @abstractmethod
+    def act(self, obs: Any) -> Any:
+        """The action for ``obs``."""
+
+
+def _discrete(action_space: spaces.Space, policy: str) -> spaces.Discrete:
+    if not isinstance(action_space, spaces.Discrete):
+        raise SpecError(
+            f"adapter.policies: {policy} needs a Discrete action space, got {action_space}; pick another policy"
+        )
+    return action_space
+
+
+class RandomPolicy(AgentPolicy):
+    """Uniformly random actions (Discrete or Box)."""
+
+    def act(self, obs: Any) -> Any:
+        space = self.action_space
+        if isinstance(space, spaces.Discrete):
+            return np.int64(space.start + self.rng.integers(space.n))
+        if isinstance(space, spaces.Box):
+            return self.rng.uniform(space.low, space.high).astype(space.dtype)
+        raise SpecError(f"adapter.policies: RandomPolicy cannot sample {space}; use a Discrete or Box action space")
+
+
+class CyclePolicy(AgentPolicy):
+    """Play ``cycle`` in order, restarting each episode; with probability ``noise`` a random action instead.
+
+    :param cycle: the actions to repeat.
+    :param noise: probability of a uniformly random action.
+    """
+
+    def __init__(
+        self, observation_space: spaces.Space, action_space: spaces.Space, cycle: list[int], noise: float = 0.0
+    ) -> None:
+        super().__init__(observation_space, action_space)
+        space = _discrete(action_space, "CyclePolicy")
+        if not cycle or any(not space.contains(np.int64(a)) for a in cycle):
+            raise SpecError(f"adapter.policies: cycle {cycle} must be non-empty actions of {space}; fix cycle")
+        if not 0.0 <= noise <= 1.0:
+            raise SpecError(f"adapter.policies: noise {noise} must lie in [0, 1]")
+        self.cycle = np.asarray(cycle, dtype=np.int64)
+        self.noise = noise
+        self.t = 0
+
+    def reset(self, seed: int | None = None) -> None:
+        super().reset(seed)
+        self.t = 0
+
+    def act(self, obs: Any) -> Any:
+        action = self.cycle[self.t % len(self.cycle)]
+        self.t += 1
+        if self.noise > 0 and self.rng.random() < self.noise:
+            action = np.int64(self.action_space.start + self.rng.integers(self.action_space.n))
+        return action
+
+
+class SeekLandmark(AgentPolicy):
+    """MPE ``simple_spread`` with discrete actions: move toward landmark ``landmark`` (a greedy teammate).
+
+    The observation holds the agent's velocity and position, then each landmark's position relative to the
+    agent; the actions are no-op, left, right, down, up. The policy steers along the axis with the larger
+    remaining distance from where its current velocity carries it (``LEAD`` times the velocity ahead), and
+    idles within ``tolerance``.
+
+    :param landmark: index of the landmark to cover.
+    :param tolerance: distance at which the agent idles.
+    """
+
+    LEAD = 0.25
+
+    def __init__(
+        self, observation_space: spaces.Space, action_space: spaces.Space, landmark: int, tolerance: float = 0.05
+    ) -> None:
+        super().__init__(observation_space, action_space)
+        space = _discrete(action_space, "SeekLandmark")
+        size = int(np.prod(observation_space.shape or (0,)))
+        if int(space.n) != 5 or not 0 <= 4 + 2 * landmark + 1 < size:
+            raise SpecError(
+                f"adapter.policies: SeekLandmark(landmark={landmark}) needs simple_spread's 5 discrete actions and a "
+                f"landmark inside the {size}-entry observation; check landmark and continuous_actions=False"
+            )
+        self.index = 4 + 2 * landmark
+        self.tolerance = tolerance
+
+    def act(self, obs: Any) -> Any:
+        obs = np.asarray(obs, dtype=np.float64).reshape(-1)
+        gap = obs[self.index : self.index + 2] - self.LEAD * obs[0:2]
+        axis = int(np.argmax(np.abs(gap)))
+        if abs(gap[axis]) < self.tolerance:
+            return np.int64(0)
+        return np.int64((2 if gap[axis] > 0 else 1) if axis == 0 else (4 if gap[axis] > 0 else 3))

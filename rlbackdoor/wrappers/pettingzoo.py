@@ -1,0 +1,65 @@
+"""``BackdoorParallelEnv``: a PettingZoo ``ParallelEnv`` under a multi-agent attack."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pettingzoo import ParallelEnv
+from pettingzoo.utils import BaseParallelWrapper
+
+from rlbackdoor.multiagent.attack import MultiAgentAttack, sample_parallel_observations
+from rlbackdoor.specs import InDistributionTrigger, MultiAgentAttackSpec, parse
+
+
+class BackdoorParallelEnv(BaseParallelWrapper):
+    """Injects the attack into a parallel env; every agent's info carries ``info[agent]["rlbd"]``.
+
+    Victims see the observation trigger and get the poisoned rewards; the trigger agent's actions are
+    watched for the sequence (and, when the schedule fires, replaced by it). Other agents are untouched.
+
+    :param env: the clean parallel env (already carrying the spec's ``base_wrappers``).
+    :param spec: the attack, as a spec or its mapping.
+    """
+
+    def __init__(self, env: ParallelEnv, spec: MultiAgentAttackSpec | dict[str, Any]) -> None:
+        super().__init__(env)
+        self.attack_spec = (
+            spec if isinstance(spec, MultiAgentAttackSpec) else parse(MultiAgentAttackSpec, spec, "attack")
+        )
+        clean = None
+        if isinstance(self.attack_spec.trigger, InDistributionTrigger):
+            clean = sample_parallel_observations(env, self.attack_spec.trigger.fit_steps, self.attack_spec.seed)
+        agents = env.possible_agents
+        self.attack = MultiAgentAttack(
+            self.attack_spec,
+            {agent: env.observation_space(agent) for agent in agents},
+            {agent: env.action_space(agent) for agent in agents},
+            clean,
+        )
+
+    def reset(
+        self, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        obs, infos = self.env.reset(seed=seed, options=options)
+        if seed is not None:
+            self.attack.reset(seed)
+        obs = self.attack.begin(obs)
+        triggered = bool(self.attack.armed[0])
+        counts = self.attack.counts()
+        infos = {
+            agent: {
+                **info,
+                "rlbd": {"victim": agent in self.attack.payloads, "poisoned": False, "triggered": triggered, **counts},
+            }
+            for agent, info in infos.items()
+        }
+        return obs, infos
+
+    def step(
+        self, actions: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, float], dict[str, bool], dict[str, bool], dict[str, dict[str, Any]]]:
+        executed = self.attack.act(actions)
+        obs, rewards, terminations, truncations, infos = self.env.step(executed)
+        obs, rewards, flags = self.attack.step(obs, rewards, not self.env.agents, actions, executed)
+        infos = {agent: {**info, "rlbd": self.attack.info(flags, agent)} for agent, info in infos.items()}
+        return obs, rewards, terminations, truncations, infos
