@@ -23,7 +23,6 @@ from rlbackdoor.specs import ActionSequenceTrigger, MultiAgentAttackSpec
 from rlbackdoor.triggers import ActionSequence, ObservationTrigger, build_trigger
 
 T = TypeVar("T")
-_ONE = np.ones(1, dtype=bool)
 
 
 def sample_parallel_observations(env: ParallelEnv, n: int, seed: int) -> dict[str, np.ndarray]:
@@ -139,8 +138,8 @@ class MultiAgentAttack:
         """Decide whether the next observations are triggered; stamp the victims' observations."""
         first = obs.get(self.victims[0])
         state = np.asarray(first)[None] if first is not None else np.empty((1, 0))
-        fire = self.schedule.fire(self.t, np.array([start]), _ONE, self.rng.random(1), state)
-        fire &= (self.left == 0) & (self.inject < 0)
+        free = (self.left == 0) & (self.inject < 0)  # no trigger running: a firing here is never lost
+        fire = self.schedule.fire(self.t, np.array([start]), free, self.rng.random(1), state)
         if fire[0]:
             if self.sequence is not None:
                 self.inject = 0
