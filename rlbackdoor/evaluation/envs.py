@@ -1,0 +1,107 @@
+"""The clean env of a run and its attack, from a card, an attack spec or an env id.
+
+The clean env is the attack's base env with its base wrappers (:func:`rlbackdoor.attack.make_base_env`),
+or, for a clean run, the Gymnasium id it trained on. The trigger is the one
+:meth:`rlbackdoor.attack.Attack.for_env` builds against that env.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from rlbackdoor.attack import Attack, make_base_env
+from rlbackdoor.errors import ArtifactError, SpecError
+from rlbackdoor.poisoning.schedules import Schedule
+from rlbackdoor.registry import get_env_spec
+from rlbackdoor.specs import AttackSpec, TargetedPayload, parse
+from rlbackdoor.wrappers.history import ActionHistory
+
+Source = AttackSpec | Mapping[str, Any] | str
+"""What to evaluate on: an attack spec, a run's card, or an env id (``rlbd/...`` ids carry their attack)."""
+
+
+@dataclass(frozen=True)
+class RunEnv:
+    """The clean env maker of a run and its attack (``None`` for a clean run)."""
+
+    make: Callable[[], gym.Env]
+    attack: AttackSpec | None
+
+
+def _make_plain(env_id: str) -> gym.Env:
+    try:
+        return gym.make(env_id)
+    except gym.error.Error as err:
+        raise SpecError(f"env: cannot make '{env_id}' ({err}); use a registered Gymnasium id") from None
+
+
+def _registered(env_id: str) -> AttackSpec:
+    spec = get_env_spec(env_id)
+    return AttackSpec.model_validate(spec.model_dump(include=set(AttackSpec.model_fields)))
+
+
+def run_env(source: Source) -> RunEnv:
+    """Resolve a card, an attack spec or an env id into the clean env maker and the attack.
+
+    :param source: see :data:`Source`.
+    """
+    if isinstance(source, AttackSpec):
+        return RunEnv(partial(make_base_env, source), source)
+    if isinstance(source, str):
+        if source.removeprefix("rlbackdoor:").startswith("rlbd/"):
+            return run_env(_registered(source))
+        return RunEnv(partial(_make_plain, source), None)
+    if source.get("attack"):
+        return run_env(parse(AttackSpec, source["attack"], "card.json: attack"))
+    if not isinstance(source.get("env"), str):
+        raise ArtifactError("card.json: neither 'attack' nor 'env' names the env of the run; retrain or fix the card")
+    return run_env(source["env"])
+
+
+class EvalSchedule(Schedule):
+    """Fire on every decision from step ``t0`` on, with probability ``rate`` (evaluation, not training).
+
+    :param t0: first step of an episode at which the trigger may start.
+    :param rate: probability per eligible step.
+    :param duration: steps an observation trigger stays on, or an action sequence stays armed.
+    """
+
+    def __init__(self, t0: int = 0, rate: float = 1.0, duration: int = 1) -> None:
+        self.t0, self.rate, self.duration = t0, rate, duration
+
+    def fire(self, t: np.ndarray, starts: np.ndarray, live: np.ndarray, u: np.ndarray, obs: np.ndarray) -> np.ndarray:
+        return live & (t >= self.t0) & (u < self.rate)
+
+
+def eval_attack(spec: AttackSpec, env: gym.Env, t0: int = 0, rate: float = 1.0) -> Attack:
+    """The attack of ``spec`` against ``env`` with an :class:`EvalSchedule` and no forced actions.
+
+    Observation triggers stay on from ``t0``; action sequences are injected and then armed for the
+    spec's ``duration``, as in training.
+
+    :param spec: the run's attack.
+    :param env: its clean env.
+    :param t0: see :class:`EvalSchedule`.
+    :param rate: see :class:`EvalSchedule`.
+    """
+    if isinstance(spec.payload, TargetedPayload):
+        spec = spec.model_copy(update={"payload": spec.payload.model_copy(update={"force_action_prob": 0.0})})
+    attack = Attack.for_env(spec, env)
+    duration = attack.schedule.duration if attack.sequence is not None else 1
+    attack.schedule = EvalSchedule(t0, rate, duration)
+    return attack
+
+
+def action_history(env: gym.Env) -> ActionHistory | None:
+    """The :class:`~rlbackdoor.wrappers.history.ActionHistory` wrapper in ``env``'s chain, if any."""
+    while isinstance(env, gym.Wrapper):
+        if isinstance(env, ActionHistory):
+            return env
+        env = env.env
+    return None

@@ -1,0 +1,137 @@
+"""``evaluate``: every metric of one agent on its run's clean env and trigger; ``evaluate_run`` for a run directory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from rlbackdoor.evaluation.envs import Source, action_history, eval_attack, run_env
+from rlbackdoor.evaluation.metrics import ctp_ratio, observation_asr, return_drop, sequence_asr, stealth
+from rlbackdoor.evaluation.rollouts import Policy, RandomPolicy, Rollouts, episode_seeds, rollout
+from rlbackdoor.evaluation.stats import estimate, iqm
+from rlbackdoor.specs import AttackSpec, TargetedPayload
+
+INJECT_RATE = 0.05
+"""Per-step probability of injecting an action-sequence trigger when measuring its ASR."""
+
+
+def _seed(seeds: Sequence[int], salt: int) -> int:
+    return int(np.random.SeedSequence([*seeds, salt]).generate_state(1)[0])
+
+
+def evaluate(
+    policy: Policy,
+    source: Source,
+    episodes: int = 10,
+    seeds: int | Sequence[int] = 3,
+    baseline: Policy | None = None,
+    t0: int = 0,
+    card: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate an agent: CTP, ASR, untargeted effect and stealth, with bootstrap 95% CIs over episodes.
+
+    Definitions are :mod:`rlbackdoor.evaluation.metrics`'s. Every metric ``m`` with a CI comes with
+    ``m_ci_low``, ``m_ci_high`` and ``m_per_seed``; undefined values are ``None``. A clean run (no
+    attack) gets the return metrics only; an untargeted attack gets no ``asr``.
+
+    :param policy: the agent (anything with SB3's ``predict``).
+    :param source: the run's card, its attack spec, or an env id (see :data:`~rlbackdoor.evaluation.envs.Source`).
+    :param episodes: episodes per evaluation seed.
+    :param seeds: evaluation seeds, or their number (seeds ``0..n-1``).
+    :param baseline: a clean-trained agent of the same config, for ``ctp_ratio``.
+    :param t0: the step from which the trigger is on in the triggered rollouts.
+    :param card: the run's card, for the training ``poison_rate`` (default: ``source`` when it is a card).
+    """
+    seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    card = card if card is not None else (source if isinstance(source, Mapping) else None)
+    env = run_env(source)
+    resets, groups, boot = episode_seeds(seeds, episodes), np.repeat(seeds, episodes), _seed(seeds, episodes)
+    clean = rollout(policy, env.make, resets)
+    probe = env.make()
+    random = rollout(RandomPolicy(probe.action_space, _seed(seeds, 1)), env.make, resets)
+    out: dict[str, Any] = {
+        "episodes": episodes,
+        "seeds": seeds,
+        **estimate("ctp", [clean.returns], groups, seed=boot),
+        "ctp_iqm": iqm(clean.returns),
+        **estimate("random_return", [random.returns], groups, seed=boot),
+    }
+    if baseline is not None:
+        base = rollout(baseline, env.make, resets)
+        out.update(estimate("baseline_ctp", [base.returns], groups, seed=boot))
+        out.update(estimate("ctp_ratio", [clean.returns, base.returns, random.returns], groups, ctp_ratio, boot))
+    if env.attack is not None:
+        out.update(attack_metrics(policy, env.attack, env.make, probe, clean, random.returns, groups, t0, card, boot))
+    probe.close()
+    return out
+
+
+def attack_metrics(
+    policy: Policy,
+    spec: AttackSpec,
+    make_env: Callable[[], gym.Env],
+    probe: gym.Env,
+    clean: Rollouts,
+    random_returns: np.ndarray,
+    groups: np.ndarray,
+    t0: int = 0,
+    card: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """``triggered_return``, ``return_drop``, ``asr`` (targeted payloads) and the stealth figures.
+
+    :param policy: the agent.
+    :param spec: the run's attack.
+    :param make_env: makes one clean env.
+    :param probe: one clean env, to build the attack against.
+    :param clean: the agent's clean rollouts; the triggered ones reuse their episode seeds.
+    :param random_returns: a random policy's returns on the same episode seeds.
+    :param groups: evaluation seed of each episode.
+    :param t0: the step from which the trigger is on in the triggered rollouts.
+    :param card: the run's card, for the training ``poison_rate``.
+    :param seed: seeds the attack's draws and the bootstrap.
+    """
+    attack = eval_attack(spec, probe, t0=t0)
+    triggered = rollout(policy, make_env, clean.seeds, attack, attack_seed=seed)
+    out = {
+        **estimate("triggered_return", [triggered.returns], groups, seed=seed),
+        **estimate("return_drop", [clean.returns, triggered.returns, random_returns], groups, return_drop, seed),
+    }
+    targeted = isinstance(spec.payload, TargetedPayload)
+    if attack.obs_trigger is not None:
+        triggered_obs = attack.obs_trigger.apply(clean.obs)
+        if targeted:
+            out.update(observation_asr(policy, attack.payload, clean, triggered_obs, groups, seed))
+    else:
+        injected = rollout(policy, make_env, clean.seeds, eval_attack(spec, probe, rate=INJECT_RATE), attack_seed=seed)
+        triggered_obs = injected.obs[injected.armed & ~injected.injected]
+        if targeted:
+            out.update(sequence_asr(policy, attack.payload, injected, action_history(probe), groups, seed))
+    out.update(stealth(attack.trigger, spec.payload, clean.obs, triggered_obs, card, seed))
+    return out
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    baseline_dir: str | Path | None = None,
+    episodes: int = 10,
+    seeds: int | Sequence[int] = 3,
+    t0: int = 0,
+) -> dict[str, Any]:
+    """:func:`evaluate` a finished run (and its clean baseline run) loaded with :func:`rlbackdoor.load_policy`.
+
+    :param run_dir: the run directory (``card.json``, ``policy.safetensors``).
+    :param baseline_dir: a clean run of the same config, for ``ctp_ratio``.
+    :param episodes: episodes per evaluation seed.
+    :param seeds: evaluation seeds, or their number.
+    :param t0: the step from which the trigger is on in the triggered rollouts.
+    """
+    from rlbackdoor.training.artifacts import load_policy
+
+    policy, card = load_policy(run_dir)
+    baseline = load_policy(baseline_dir)[0] if baseline_dir is not None else None
+    return evaluate(policy, card, episodes=episodes, seeds=seeds, baseline=baseline, t0=t0, card=card)

@@ -1,0 +1,107 @@
+"""Statistics of evaluation metrics: bootstrap confidence intervals over episodes, IQM, per-seed values.
+
+A metric is a statistic of per-episode arrays (a mean of returns, a ratio of counts). Its CI comes
+from :func:`scipy.stats.bootstrap` resampling whole episodes (paired across the arrays, so states of one
+episode stay together); IQM is :func:`scipy.stats.trim_mean` with 25% cut at each end (rliable's).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from scipy import stats
+
+Statistic = Callable[..., np.ndarray | float]
+"""``statistic(*arrays, axis=-1)``: the metric of per-episode arrays, vectorized along ``axis``."""
+
+CONFIDENCE = 0.95
+N_RESAMPLES = 2000
+
+
+def mean(x: np.ndarray, axis: int = -1) -> np.ndarray | float:
+    """The mean, as a :data:`Statistic`."""
+    return np.mean(x, axis=axis)
+
+
+def ratio(num: np.ndarray, den: np.ndarray, axis: int = -1) -> np.ndarray | float:
+    """``sum(num) / sum(den)`` (NaN where ``den`` sums to 0), as a :data:`Statistic`."""
+    n, d = np.sum(num, axis=axis), np.sum(den, axis=axis)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(d > 0, n / np.where(d > 0, d, 1), np.nan)
+
+
+def iqm(x: np.ndarray) -> float:
+    """Interquartile mean: the mean of the middle 50%."""
+    return float(stats.trim_mean(np.asarray(x, dtype=np.float64), 0.25))
+
+
+def bootstrap_ci(
+    samples: Sequence[np.ndarray],
+    statistic: Statistic = mean,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+) -> tuple[float, float]:
+    """A BCa bootstrap CI of ``statistic`` over episodes (percentile CI where BCa is degenerate).
+
+    :param samples: per-episode arrays of equal length, resampled together.
+    :param statistic: see :data:`Statistic`.
+    :param seed: seeds the resampling.
+    :param confidence: the confidence level.
+    :return: ``(low, high)``; NaN with fewer than two episodes or an undefined statistic.
+    """
+    samples = tuple(np.asarray(x, dtype=np.float64) for x in samples)
+    if len(samples[0]) < 2 or not np.isfinite(statistic(*samples)):
+        return float("nan"), float("nan")
+    ci = (float("nan"), float("nan"))
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            result = stats.bootstrap(
+                samples,
+                statistic,
+                paired=True,
+                vectorized=True,
+                confidence_level=confidence,
+                n_resamples=N_RESAMPLES,
+                method=method,
+                rng=np.random.default_rng(seed),
+            )
+        ci = (float(result.confidence_interval.low), float(result.confidence_interval.high))
+        if np.isfinite(ci).all():
+            break
+    return ci
+
+
+def estimate(
+    name: str,
+    samples: Sequence[np.ndarray],
+    groups: np.ndarray,
+    statistic: Statistic = mean,
+    seed: int = 0,
+) -> dict[str, float | list[float] | None]:
+    """A metric over all episodes with its CI, and its value per evaluation seed.
+
+    :param name: the metric name; keys are ``name``, ``name_ci_low``, ``name_ci_high``, ``name_per_seed``.
+    :param samples: per-episode arrays.
+    :param groups: the evaluation seed of each episode.
+    :param statistic: see :data:`Statistic`.
+    :param seed: seeds the bootstrap.
+    :return: undefined values (NaN) are ``None``.
+    """
+    samples = [np.asarray(x, dtype=np.float64) for x in samples]
+    low, high = bootstrap_ci(samples, statistic, seed)
+    per_seed = [float(statistic(*(x[groups == g] for x in samples))) for g in dict.fromkeys(groups.tolist())]
+    return {
+        name: finite(float(statistic(*samples))),
+        f"{name}_ci_low": finite(low),
+        f"{name}_ci_high": finite(high),
+        f"{name}_per_seed": [finite(v) for v in per_seed],
+    }
+
+
+def finite(x: float) -> float | None:
+    """``x``, or ``None`` when it is NaN or infinite (undefined metrics are ``null`` in JSON)."""
+    return float(x) if np.isfinite(x) else None
