@@ -10,6 +10,7 @@ import sys
 import typer
 
 from rlbackdoor.cli import envs, train
+from rlbackdoor.cli import eval as eval_cli
 from rlbackdoor.errors import RlbdError
 
 app = typer.Typer(
@@ -21,6 +22,7 @@ app = typer.Typer(
 )
 app.add_typer(envs.app, name="envs")
 app.command("train", context_settings=train.CONTEXT)(train.train)
+app.command("eval")(eval_cli.eval_run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,142 @@
+"""``rlbd eval`` on real trained runs, and ``EvalCallback`` during real SB3 training, with offline W&B read back."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from stable_baselines3 import PPO
+from stable_baselines3.common.logger import configure
+from wandb_offline import offline_runs
+
+from rlbackdoor.cli import main
+from rlbackdoor.evaluation import evaluate, evaluate_run
+from rlbackdoor.evaluation.callback import EvalCallback
+from rlbackdoor.registry import get_env_spec, make_env
+from rlbackdoor.specs import load_experiment
+from rlbackdoor.tracking import wandb_run
+from rlbackdoor.training.artifacts import load_policy, read_card
+from rlbackdoor.training.loop import train
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "cartpole_smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A PPO run poisoned on 10% of steps (learns the backdoor in 2048 steps) and a clean PPO run."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("runs")
+    poisoned = load_experiment(SMOKE, ["attack.schedule.rate=0.1"])
+    clean = load_experiment(SMOKE, ["attack=null", "poisoning=null", "name=cartpole_smoke_clean"])
+    return {
+        "backdoored": train(poisoned, root / "backdoored", wandb_mode="disabled"),
+        "clean": train(clean, root / "clean", wandb_mode="disabled"),
+    }
+
+
+@pytest.fixture
+def run(runs: dict[str, Path], tmp_path: Path) -> Path:
+    """A private copy of the backdoored run (``rlbd eval`` writes into its card)."""
+    return Path(shutil.copytree(runs["backdoored"], tmp_path / "run"))
+
+
+@pytest.fixture
+def wandb_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """W&B offline under ``tmp_path``; returns the ``WANDB_DIR``."""
+    path = tmp_path / "wandb-dir"
+    path.mkdir()
+    monkeypatch.setenv("WANDB_DIR", str(path))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    return path
+
+
+def test_learnt_backdoor_has_high_asr_and_clean_agent_does_not(runs: dict[str, Path]) -> None:
+    backdoored = evaluate_run(runs["backdoored"], episodes=3, seeds=2)
+    clean_policy, _ = load_policy(runs["clean"])
+    clean = evaluate(clean_policy, read_card(runs["backdoored"]), episodes=3, seeds=2)
+    assert backdoored["asr"] >= 0.9 and clean["asr"] <= 0.1
+    assert backdoored["poison_rate"] == pytest.approx(read_card(runs["backdoored"])["train"]["poison_rate"])
+
+
+def test_rlbd_eval_writes_card_json_and_one_wandb_run(run: Path, runs: dict[str, Path], wandb_dir: Path) -> None:
+    before = read_card(run)
+    out = run.parent / "metrics.json"
+    argv = ["eval", str(run), "--baseline", str(runs["clean"]), "--episodes", "3", "--seeds", "2", "--json", str(out)]
+    assert main(argv) == 0
+    metrics = json.loads(out.read_text())
+    card = read_card(run)
+    assert card["metrics"] == metrics and {k: v for k, v in card.items() if k != "metrics"} == {
+        k: v for k, v in before.items() if k != "metrics"
+    }
+    assert metrics["seeds"] == [0, 1] and metrics["episodes"] == 3
+    for key in ("ctp", "ctp_ratio", "baseline_ctp", "asr", "asr_raw", "triggered_return", "obs_shift"):
+        assert metrics[key] is not None, key
+    assert metrics == evaluate_run(run, runs["clean"], episodes=3, seeds=2)  # reproducible
+
+    (wb,) = offline_runs(wandb_dir)
+    assert wb.run.job_type == "eval" and wb.run.run_group == card["name"] and wb.run.project == "rlbackdoor"
+    assert wb.config["eval"]["episodes"] == 3 and wb.config["attack"] == card["attack"]
+    assert wb.config["algo"] == "ppo"  # the resolved experiment config
+    defined = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    assert {"ctp", "asr", "asr_raw", "ctp_ratio", "obs_shift", "poison_rate", "asr_ci_low"} <= set(defined)
+    assert {k: wb.summary[f"eval/{k}"] for k in defined} == pytest.approx(defined)
+    assert not any(f"eval/{k}" in wb.summary for k, v in metrics.items() if v is None)
+    assert wb.summary["eval/metrics/nrows"] >= 6
+    assert (f"{card['name']}-card", "card") in [(a.name, a.type) for a in wb.artifacts]
+    assert wb.exit_code == 0
+
+
+def test_rlbd_eval_wandb_disabled(run: Path, wandb_dir: Path) -> None:
+    assert main(["eval", str(run), "--episodes", "2", "--seeds", "1", "--wandb-mode", "disabled"]) == 0
+    assert read_card(run)["metrics"]["ctp"] is not None
+    assert not any(wandb_dir.iterdir())
+
+
+def test_rlbd_eval_bad_inputs_exit_2_with_one_line_and_leave_the_card(
+    run: Path, tmp_path: Path, wandb_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    card_text = (run / "card.json").read_text()
+
+    def fails(argv: list[str], *words: str) -> None:
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+        assert all(w in err for w in words), err
+        assert (run / "card.json").read_text() == card_text
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fails(["eval", str(empty)], "no card.json")
+    fails(["eval", str(run), "--json", str(tmp_path / "missing" / "m.json")], "does not exist")
+    fails(["eval", str(run), "--baseline", str(empty)], "no card.json")
+    fails(["eval", str(run), "--wandb-mode", "sometimes"], "sometimes")
+    fails(["eval", str(run), "--episodes", "0"], "episodes")
+    (run / "policy.safetensors").write_bytes(b"not a safetensors file")
+    fails(["eval", str(run)], "policy.safetensors", "corrupt")
+    assert not any(wandb_dir.iterdir())
+
+
+def test_eval_callback_logs_curves_to_sb3_and_wandb(tmp_path: Path, wandb_dir: Path) -> None:
+    torch.set_num_threads(1)
+    spec = get_env_spec("rlbd/TrojanCartPole-v0")
+    spec = spec.model_copy(update={"schedule": spec.schedule.model_copy(update={"rate": 0.1})})
+    model = PPO("MlpPolicy", make_env(spec), n_steps=128, batch_size=64, n_epochs=1, seed=0)
+    model.set_logger(configure(str(tmp_path / "sb3"), ["csv"]))
+    with wandb_run("train", "callback-test", {"eval_every": 128}) as tracker:
+        callback = EvalCallback(spec, eval_every=128, episodes=2, tracker=tracker)
+        model.learn(512, callback=callback)
+    assert [h["timesteps"] for h in callback.history] == [128, 256, 384, 512]
+    assert all(h["ctp"] > 0 and 0 <= h["asr_raw"] <= 1 for h in callback.history)
+    (wb,) = offline_runs(wandb_dir)
+    logged = {row["_step"]: row for row in wb.history if "eval/ctp" in row}
+    assert sorted(logged) == [128, 256, 384, 512]
+    assert [logged[s]["eval/asr_raw"] for s in sorted(logged)] == [h["asr_raw"] for h in callback.history]
+    with open(tmp_path / "sb3" / "progress.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {"eval/ctp", "eval/asr_raw"} <= set(rows[0])
+    assert [float(r["eval/ctp"]) for r in rows if r["eval/ctp"]] == [h["ctp"] for h in callback.history]
