@@ -82,8 +82,10 @@ class EvalSchedule(Schedule):
 def eval_attack(spec: AttackSpec, env: gym.Env, t0: int = 0, rate: float = 1.0) -> Attack:
     """The attack of ``spec`` against ``env`` with an :class:`EvalSchedule` and no forced actions.
 
-    Observation triggers stay on from ``t0``; action sequences are injected and then armed for the
-    spec's ``duration``, as in training.
+    Observation triggers are stamped into every observation from ``t0`` on (``rate`` 1). An action
+    sequence is injected (the executed actions replaced, the agent's own still recorded), then armed
+    for the spec's ``duration`` as in training, then injected again (``rate`` 1) or after a random
+    wait (``rate`` < 1).
 
     :param spec: the run's attack.
     :param env: its clean env.
