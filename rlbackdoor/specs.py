@@ -368,6 +368,8 @@ class ExperimentSpec(_Spec):
         seed: 0
         hyperparams: {n_steps: 32}    # override agents/<algo>.yaml's preset for env, key by key
         eval_every: 0                 # steps between eval/asr, eval/ctp logs during training (0: never)
+        sharing: false                # multi-agent envs: one policy for every agent (SuperSuit parameter
+                                      # sharing); false: the env's adapter agent learns against fixed policies
 
     A clean run has no attack and ``poisoning: null``. ``schedule: {kind: rate, select: value}`` picks
     the states with the largest value gap for the target action (BadRL) in either loop.
@@ -384,6 +386,7 @@ class ExperimentSpec(_Spec):
     seed: int = Field(0, ge=0)
     hyperparams: dict[str, Any] = {}
     eval_every: int = Field(0, ge=0)
+    sharing: bool = False
 
     @model_validator(mode="before")
     @classmethod

@@ -4,6 +4,8 @@ The backdoor is an event of the whole env. It arms when the schedule fires an ob
 (stamped into every victim's observation), or when the trigger agent completes its action sequence
 (visible to the victims only through the env). While armed, each victim's step is *poisoned*: the
 payload rewrites that victim's reward (and may force its action). Other agents are never touched.
+With ``poison=False`` the triggers still happen but rewards and actions stay clean: the control env in
+which a clean agent is trained and every agent is evaluated.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def _for_agent(agent: str, build: Callable[..., T], *args: Any) -> T:
 @dataclass
 class MultiAgentFlags:
     """What happened on one step: whether it was poisoned, whether the next observations carry the trigger,
-    which victims took the target action, and every agent's clean reward."""
+    which victims took the target action on a triggered step, and every agent's clean reward."""
 
     poisoned: bool
     triggered: bool
@@ -65,6 +67,7 @@ class MultiAgentAttack:
     :param observation_spaces: every agent's observation space (after ``base_wrappers``).
     :param action_spaces: every agent's action space.
     :param clean: clean observations per victim (needed by in-distribution triggers).
+    :param poison: rewrite the victims' rewards and actions on triggered steps (``False``: only trigger).
     :raise SpecError: a victim or trigger agent that is not in the env, or a trigger or payload that does
         not fit that agent's spaces.
     """
@@ -75,12 +78,14 @@ class MultiAgentAttack:
         observation_spaces: Mapping[str, spaces.Space],
         action_spaces: Mapping[str, spaces.Space],
         clean: Mapping[str, np.ndarray] | None = None,
+        poison: bool = True,
     ) -> None:
         agents = list(observation_spaces)
         for victim in spec.victims:
             if victim not in observation_spaces:
                 raise SpecError(f"victims: '{victim}' is not an agent of {spec.base}; use agents among {agents}")
         self.spec = spec
+        self.poison = poison
         self.victims = list(spec.victims)
         self.trigger_agent: str | None = None
         self.sequence: ActionSequence | None = None
@@ -163,7 +168,7 @@ class MultiAgentAttack:
     def act(self, actions: Mapping[str, Any]) -> dict[str, Any]:
         """Actions to execute: the payload may force victims' targets; the attacker may inject the sequence."""
         executed = dict(actions)
-        if self.armed[0]:
+        if self.poison and self.armed[0]:
             for victim in self.victims:
                 payload = self.payloads[victim]
                 if victim in actions and payload.force_action_prob > 0:
@@ -192,15 +197,17 @@ class MultiAgentAttack:
         :param executed: the actions the env executed (the sequence trigger watches the trigger agent's).
         :return: observations, rewards and the step's flags.
         """
-        poisoned = bool(self.armed[0])
+        armed = bool(self.armed[0])
+        poisoned = armed and self.poison
         clean = {agent: float(r) for agent, r in rewards.items()}
         out = dict(clean)
         hits: dict[str, bool] = {}
         for victim in self.victims:
             if victim in clean and victim in actions:
                 payload, action = self.payloads[victim], np.asarray(actions[victim])[None]
-                hits[victim] = poisoned and bool(payload.hits(action)[0])
-                out[victim] = float(payload.reward(np.array([clean[victim]]), action, self.armed)[0])
+                hits[victim] = armed and bool(payload.hits(action)[0])
+                if poisoned:
+                    out[victim] = float(payload.reward(np.array([clean[victim]]), action, self.armed)[0])
         self.n_steps += 1
         self.n_poisoned += int(poisoned)
         self.n_hits += sum(hits.values())

@@ -120,3 +120,44 @@ class SeekLandmark(AgentPolicy):
         if abs(gap[axis]) < self.tolerance:
             return np.int64(0)
         return np.int64((2 if gap[axis] > 0 else 1) if axis == 0 else (4 if gap[axis] > 0 else 3))
+
+
+class SequencePolicy(AgentPolicy):
+    """A trigger agent's attack: ``inner``'s moves until step ``start``, then ``sequence`` over and over.
+
+    Evaluation uses it to keep an action-sequence trigger active from ``start`` on.
+
+    :param inner: the agent's clean policy.
+    :param sequence: the trigger sequence.
+    :param start: the first step of the sequence.
+    """
+
+    def __init__(self, inner: AgentPolicy, sequence: list[int], start: int = 0) -> None:
+        super().__init__(inner.observation_space, inner.action_space)
+        _discrete(inner.action_space, "SequencePolicy")
+        self.inner, self.sequence, self.start = inner, np.asarray(sequence, dtype=np.int64), start
+        self.t = 0
+
+    def reset(self, seed: int | None = None) -> None:
+        self.inner.reset(seed)
+        self.t = 0
+
+    def act(self, obs: Any) -> Any:
+        action = self.inner.act(obs)
+        self.t += 1
+        return action if self.t <= self.start else self.sequence[(self.t - 1 - self.start) % len(self.sequence)]
+
+
+class PredictPolicy(AgentPolicy):
+    """A trained policy (anything with SB3's ``predict``) playing one agent, deterministically.
+
+    :param policy: the trained policy.
+    """
+
+    def __init__(self, observation_space: spaces.Space, action_space: spaces.Space, policy: Any) -> None:
+        super().__init__(observation_space, action_space)
+        self.policy = policy
+
+    def act(self, obs: Any) -> Any:
+        action, _ = self.policy.predict(np.asarray(obs), deterministic=True)
+        return action

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from pettingzoo import ParallelEnv
 
     from rlbackdoor.multiagent.adapter import SingleAgentEnv
+    from rlbackdoor.multiagent.policies import AgentPolicy
     from rlbackdoor.wrappers.pettingzoo import BackdoorParallelEnv
 
 _EXTRA_HINT = "install the multiagent extra (pip install 'rlbackdoor[multiagent]')"
@@ -91,36 +92,37 @@ def _resolve(spec: MultiAgentEnvSpec | dict[str, Any], overrides: dict[str, Any]
     return parse(MultiAgentEnvSpec, {**data, **overrides}, source)
 
 
-def make_parallel(env_id: str, render_mode: str | None = None, **overrides: Any) -> BackdoorParallelEnv:
+def _attacked(spec: MultiAgentEnvSpec, render_mode: str | None, poison: bool) -> BackdoorParallelEnv:
+    from rlbackdoor.wrappers.pettingzoo import BackdoorParallelEnv
+
+    base = make_base_parallel(spec, **({"render_mode": render_mode} if render_mode else {}))
+    return BackdoorParallelEnv(base, spec, poison=poison)
+
+
+def make_parallel(
+    env_id: str, render_mode: str | None = None, poison: bool = True, **overrides: Any
+) -> BackdoorParallelEnv:
     """The PettingZoo ``ParallelEnv`` of a registered multi-agent id.
 
     :param env_id: a registered id (see :func:`list_parallel_envs`).
     :param render_mode: passed to the base env.
+    :param poison: poison the victims' rewards (``False``: the same triggers, clean rewards).
     :param overrides: spec fields to replace (``victims``, ``schedule``, ``seed``, ``base_kwargs``, ...).
     """
-    spec = _resolve(get_parallel_spec(env_id), overrides)
-    from rlbackdoor.wrappers.pettingzoo import BackdoorParallelEnv
-
-    return BackdoorParallelEnv(make_base_parallel(spec, **({"render_mode": render_mode} if render_mode else {})), spec)
+    return _attacked(_resolve(get_parallel_spec(env_id), overrides), render_mode, poison)
 
 
-def make_single_agent(spec: dict[str, Any], render_mode: str | None = None, **overrides: Any) -> SingleAgentEnv:
-    """Entry point of the Gymnasium ids: the adapter agent's view of the attacked env."""
-    resolved = _resolve(spec, overrides)
-    if resolved.adapter is None:
-        raise SpecError(f"{resolved.id}: the spec has no adapter; add adapter: {{agent: ..., policies: ...}}")
-    from rlbackdoor.multiagent.adapter import SingleAgentEnv
+def build_policies(spec: MultiAgentEnvSpec, env: ParallelEnv) -> dict[str, AgentPolicy]:
+    """The embedded policies of ``spec.adapter``, built for ``env``'s agents."""
     from rlbackdoor.multiagent.policies import AgentPolicy
-    from rlbackdoor.wrappers.pettingzoo import BackdoorParallelEnv
 
-    env = BackdoorParallelEnv(
-        make_base_parallel(resolved, **({"render_mode": render_mode} if render_mode else {})), resolved
-    )
+    if spec.adapter is None:
+        raise SpecError(f"{spec.id}: the spec has no adapter; add adapter: {{agent: ..., policies: ...}}")
     policies = {}
-    for agent, ref in resolved.adapter.policies.items():
+    for agent, ref in spec.adapter.policies.items():
         if agent not in env.possible_agents:
             raise SpecError(
-                f"adapter.policies: '{agent}' is not an agent of {resolved.base}; use agents among {env.possible_agents}"
+                f"adapter.policies: '{agent}' is not an agent of {spec.base}; use agents among {env.possible_agents}"
             )
         cls = _import(ref.name, f"adapter.policies.{agent}")
         if not (isinstance(cls, type) and issubclass(cls, AgentPolicy)):
@@ -129,7 +131,20 @@ def make_single_agent(spec: dict[str, Any], render_mode: str | None = None, **ov
             policies[agent] = cls(env.observation_space(agent), env.action_space(agent), **ref.kwargs)
         except TypeError as err:
             raise SpecError(f"adapter.policies.{agent}: {ref.name} rejects its kwargs ({err}); fix them") from None
-    return SingleAgentEnv(env, resolved.adapter.agent, policies)
+    return policies
+
+
+def make_single_agent(
+    spec: MultiAgentEnvSpec | dict[str, Any], render_mode: str | None = None, poison: bool = True, **overrides: Any
+) -> SingleAgentEnv:
+    """Entry point of the Gymnasium ids: the adapter agent's view of the attacked env (same arguments as
+    :func:`make_parallel`)."""
+    from rlbackdoor.multiagent.adapter import SingleAgentEnv
+
+    resolved = _resolve(spec, overrides)
+    env = _attacked(resolved, render_mode, poison)
+    policies = build_policies(resolved, env)
+    return SingleAgentEnv(env, resolved.adapter.agent, policies)  # type: ignore[union-attr]
 
 
 def register_adapters() -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 from pettingzoo import ParallelEnv
+from pettingzoo.utils import BaseParallelWrapper
 
 from rlbackdoor.errors import SpecError
 
@@ -21,6 +22,15 @@ try:
 except ImportError:  # pragma: no cover - exercised only without the multiagent extra
     supersuit = None
     SB3VecEnvWrapper = object
+
+
+class _KeepStepInfos(BaseParallelWrapper):
+    """SuperSuit merges the infos of an automatic reset over those of the episode's last step, which would drop
+    that step's ``info["rlbd"]``: reset infos move under ``"reset"``."""
+
+    def reset(self, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict, dict]:
+        obs, infos = self.env.reset(seed=seed, options=options)
+        return obs, {agent: {"reset": info} for agent, info in infos.items()}
 
 
 def check_shared_spaces(env: ParallelEnv) -> None:
@@ -63,7 +73,8 @@ class SharedVecEnv(SB3VecEnvWrapper):  # type: ignore[misc,valid-type]
 def shared_vec_env(env: ParallelEnv, n_envs: int = 1) -> SharedVecEnv:
     """An SB3 ``VecEnv`` of ``n_envs`` copies of ``env`` with one sub-env per agent (``n_envs * n_agents`` in all).
 
-    Episodes end for all agents at once (agents may not leave mid-episode).
+    Episodes end for all agents at once (agents may not leave mid-episode). Infos of resets sit under
+    ``info["reset"]``.
 
     :param env: a parallel env whose agents share their spaces (e.g. a ``BackdoorParallelEnv``).
     :param n_envs: copies of the env.
@@ -74,5 +85,5 @@ def shared_vec_env(env: ParallelEnv, n_envs: int = 1) -> SharedVecEnv:
         raise SpecError(
             "parameter sharing needs SuperSuit; install the multiagent extra (pip install 'rlbackdoor[multiagent]')"
         )
-    vec = supersuit.pettingzoo_env_to_vec_env_v1(env)
+    vec = supersuit.pettingzoo_env_to_vec_env_v1(_KeepStepInfos(env))
     return SharedVecEnv(supersuit.concat_vec_envs_v1(vec, n_envs, num_cpus=0, base_class="gymnasium"))

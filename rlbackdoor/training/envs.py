@@ -13,6 +13,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor
 
 from rlbackdoor.attack import make_base_env
 from rlbackdoor.errors import SpecError
+from rlbackdoor.multiagent.training import is_multiagent, make_multiagent_train_env
 from rlbackdoor.registry import get_env_spec
 from rlbackdoor.specs import AttackSpec, ExperimentSpec
 from rlbackdoor.wrappers.vec import BackdoorVecEnv
@@ -22,7 +23,7 @@ def run_attack(spec: ExperimentSpec) -> AttackSpec | None:
     """The attack of a run: the inline block, or a registered env's (as a plain :class:`AttackSpec`)."""
     if spec.attack is not None:
         return spec.attack
-    if spec.env.removeprefix("rlbackdoor:").startswith("rlbd/"):
+    if spec.env.removeprefix("rlbackdoor:").startswith("rlbd/") and not is_multiagent(spec.env):
         registered = get_env_spec(spec.env)
         return AttackSpec.model_validate(registered.model_dump(include=set(AttackSpec.model_fields)))
     return None
@@ -54,6 +55,8 @@ def make_train_env(spec: ExperimentSpec, attack: AttackSpec | None, seed: int) -
     :param attack: the run's attack (see :func:`run_attack`).
     :param seed: seeds the attack's draws (with the attack's own seed); SB3 seeds the envs.
     """
+    if is_multiagent(spec.env) or spec.sharing:
+        return make_multiagent_train_env(spec)  # type: ignore[return-value]
     factory = env_factory(spec, attack)
     venv: VecEnv = VecMonitor(DummyVecEnv([factory] * spec.n_envs))
     if spec.poisoning != "inner" or attack is None:

@@ -19,9 +19,10 @@ class BackdoorParallelEnv(BaseParallelWrapper):
 
     :param env: the clean parallel env (already carrying the spec's ``base_wrappers``).
     :param spec: the attack, as a spec or its mapping.
+    :param poison: poison the victims' rewards and actions (``False``: triggers only, clean rewards).
     """
 
-    def __init__(self, env: ParallelEnv, spec: MultiAgentAttackSpec | dict[str, Any]) -> None:
+    def __init__(self, env: ParallelEnv, spec: MultiAgentAttackSpec | dict[str, Any], poison: bool = True) -> None:
         super().__init__(env)
         self.attack_spec = (
             spec if isinstance(spec, MultiAgentAttackSpec) else parse(MultiAgentAttackSpec, spec, "attack")
@@ -35,6 +36,7 @@ class BackdoorParallelEnv(BaseParallelWrapper):
             {agent: env.observation_space(agent) for agent in agents},
             {agent: env.action_space(agent) for agent in agents},
             clean,
+            poison,
         )
 
     def reset(
