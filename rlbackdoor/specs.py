@@ -371,8 +371,11 @@ class ExperimentSpec(_Spec):
         sharing: false                # multi-agent envs: one policy for every agent (SuperSuit parameter
                                       # sharing); false: the env's adapter agent learns against fixed policies
 
-    A clean run has no attack and ``poisoning: null``. ``schedule: {kind: rate, select: value}`` picks
-    the states with the largest value gap for the target action (BadRL) in either loop.
+    ``poisoning: null`` trains a clean agent: on ``env``, or, when the config names an attack, on the
+    attack's clean base env (``base_kwargs`` and ``base_wrappers`` included), so that
+    ``--set poisoning=null`` gives the clean baseline of any attack config. ``schedule: {kind: rate,
+    select: value}`` picks the states with the largest value gap for the target action (BadRL) in
+    either loop.
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
@@ -407,10 +410,7 @@ class ExperimentSpec(_Spec):
             raise ValueError(
                 f"attack.base {self.attack.base} disagrees with env {self.env}; drop attack.base or make them equal"
             )
-        attacked = registered or self.attack is not None
-        if attacked and self.poisoning is None:
-            raise ValueError("the run has an attack but no poisoning; set poisoning: inner or outer")
-        if not attacked and self.poisoning is not None:
+        if not (registered or self.attack is not None) and self.poisoning is not None:
             raise ValueError(
                 f"poisoning: {self.poisoning} needs an attack; add an attack block or use a registered rlbd/ env"
             )

@@ -101,10 +101,15 @@ class PoisonRateLog(BaseCallback):
 
 
 class TrackerOutput(KVWriter):
-    """An SB3 logger output that sends every numeric value to a W&B tracker as ``train/<name>``.
+    """An SB3 logger output that sends the numeric training values to a W&B tracker as ``train/<name>``.
+
+    SB3's namespaces (``rollout/``, ``time/``, ``train/``) and ``rlbd/`` become ``train/``; other
+    stages (``eval/``) log to the tracker themselves and are skipped here.
 
     :param tracker: the run's tracker.
     """
+
+    NAMESPACES = ("rollout", "time", "train", "rlbd")
 
     def __init__(self, tracker: Tracker) -> None:
         self.tracker = tracker
@@ -113,7 +118,9 @@ class TrackerOutput(KVWriter):
         metrics = {
             f"train/{key.rpartition('/')[2]}": float(value)
             for key, value in key_values.items()
-            if isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+            if key.partition("/")[0] in self.NAMESPACES
+            and isinstance(value, (int, float, np.number))
+            and not isinstance(value, bool)
         }
         if metrics:
             self.tracker.log(metrics, step=step)

@@ -18,6 +18,7 @@ from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 
 from rlbackdoor import tracking
 from rlbackdoor.errors import ArtifactError
+from rlbackdoor.evaluation.callback import EvalCallback
 from rlbackdoor.specs import ExperimentSpec
 from rlbackdoor.training import presets
 from rlbackdoor.training.artifacts import CARD, describe_policy, versions, write_artifacts
@@ -126,7 +127,8 @@ def train(
         seconds = seconds0 + time.monotonic() - t0
         return {"config": config, "poison": counts_of(counter), "seconds": seconds, "resumed_at": resumed_at}
 
-    resolved = {**config, "attack": attack.model_dump(mode="json") if attack else None, "hyperparams": hyperparams}
+    attack_json = attack.model_dump(mode="json") if attack is not None and spec.poisoning else None
+    resolved = {**config, "attack": attack_json, "hyperparams": hyperparams}
     with tracking.wandb_run(
         "train", f"{spec.name}-{run_dir.name}", resolved, mode=wandb_mode, project=wandb_project, group=spec.name
     ) as tracker:
@@ -134,6 +136,10 @@ def train(
         own.append(Checkpointer(run_dir, checkpoint_every, checkpoint_state))
         if counter is not None:
             own.append(PoisonRateLog(counter))
+        evaluator = None
+        if spec.eval_every:
+            evaluator = EvalCallback(attack or spec.env, spec.eval_every, seed=spec.seed, tracker=tracker)
+            own.append(evaluator)
         if progress:
             own.append(ProgressBar(spec.timesteps, counter))
         t0 = time.monotonic()
@@ -157,12 +163,14 @@ def train(
             "hyperparams": hyperparams,
             "policy": policy,
             "versions": versions(),
-            "train": {**summary, "resumed_at": resumed_at},
+            "train": {**summary, "resumed_at": resumed_at, "eval": evaluator.history if evaluator else []},
             "metrics": {},
             "config": config,
         }
         write_artifacts(model, run_dir, card)
-        tracker.summary(tracking.prefixed("train", {k: v for k, v in summary.items() if isinstance(v, (int, float))}))
+        final = tracking.prefixed("train", {k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        tracker.log(final, step=model.num_timesteps)
+        tracker.summary(final)
         tracker.log_artifact(run_dir / CARD, name=f"{spec.name}-card", type="card")
     venv.close()
     shutil.rmtree(run_dir / FOLDER, ignore_errors=True)

@@ -54,21 +54,29 @@ def preset(algo: str, env_ids: list[str]) -> dict[str, Any]:
     """
     path = data_dir("agents") / f"{algo}.yaml"
     table = read_yaml(path)
-    out = dict(table.get("default") or {})
-    for env_id in env_ids:
-        if env_id in table:
-            out.update(table[env_id] or {})
-            break
+    entry = next((table[env_id] for env_id in env_ids if env_id in table), None)
+    return merge(table.get("default") or {}, entry or {})
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` on top, mappings merged key by key; a ``null`` override removes the key."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
     return out
 
 
 def resolve(algo: str, env_ids: list[str], overrides: dict[str, Any]) -> dict[str, Any]:
-    """The run's hyperparameters (JSON values): the preset with the experiment's ``hyperparams`` on top, key by key.
+    """The run's hyperparameters (JSON values): the preset with the experiment's ``hyperparams`` merged on top.
 
-    A ``null`` override removes the preset's key (SB3's default applies).
+    Mappings (``policy_kwargs``) merge key by key; a ``null`` override removes a preset key (SB3's default applies).
     """
-    merged = {**preset(algo, env_ids), **overrides}
-    return {key: value for key, value in merged.items() if value is not None}
+    return merge(preset(algo, env_ids), overrides)
 
 
 def class_name(cls: type) -> str:

@@ -1,0 +1,511 @@
+"""Poisoned SB3 training: experiment specs, presets, inner and outer loop, value-based selection, resume, ``rlbd train``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from stable_baselines3.common.callbacks import BaseCallback
+from wandb_offline import offline_runs
+
+from rlbackdoor.cli import main
+from rlbackdoor.errors import ArtifactError, SpecError
+from rlbackdoor.specs import ExperimentSpec, apply_overrides, load_experiment, parse
+from rlbackdoor.training import presets
+from rlbackdoor.training.artifacts import read_card
+from rlbackdoor.training.checkpoints import FOLDER
+from rlbackdoor.training.envs import make_train_env, run_attack
+from rlbackdoor.training.loop import train
+from rlbackdoor.training.outer import OuterLoopPoisoning
+from rlbackdoor.training.selection import InnerValueSelection, target_gap
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "experiments" / "cartpole_smoke.yaml"
+TRIGGER = {"kind": "value", "indices": [3], "values": [2.5]}
+PAYLOAD = {"kind": "targeted", "target_action": 0, "reward": {"hit": 1.0, "miss": -1.0}}
+TINY = {
+    "ppo": {"n_steps": 64, "batch_size": 128, "n_epochs": 2, "policy_kwargs": {"net_arch": [32, 32]}},
+    "a2c": {"n_steps": 16, "policy_kwargs": {"net_arch": [32, 32]}},
+    "dqn": {
+        "learning_starts": 256,
+        "train_freq": 64,
+        "gradient_steps": 8,
+        "buffer_size": 5000,
+        "policy_kwargs": {"net_arch": [32, 32]},
+    },
+}
+
+
+def experiment(**fields: Any) -> ExperimentSpec:
+    """A seconds-long CartPole experiment; ``fields`` override the defaults."""
+    data: dict[str, Any] = {
+        "name": "test",
+        "env": "CartPole-v1",
+        "attack": {"trigger": TRIGGER, "schedule": {"kind": "rate", "rate": 0.02}, "payload": PAYLOAD},
+        "poisoning": "inner",
+        "algo": "ppo",
+        "timesteps": 1024,
+        "n_envs": 2,
+        "seed": 0,
+    }
+    data.update(fields)
+    data.setdefault("hyperparams", TINY.get(data["algo"], {}))
+    return parse(ExperimentSpec, data, "test")
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+# ---------------------------------------------------------------------------------------- specs
+def test_shipped_experiment_configs_validate() -> None:
+    paths = sorted((ROOT / "configs" / "experiments").glob("*.yaml"))
+    assert len(paths) >= 5
+    for path in paths:
+        spec = load_experiment(path)
+        assert spec.name == path.stem
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"algo": "sac"}, "algo"),
+        ({"env": "rlbd/TrojanCartPole-v0"}, "registered backdoor env"),
+        (
+            {
+                "attack": {
+                    "base": "Acrobot-v1",
+                    "trigger": TRIGGER,
+                    "schedule": {"kind": "rate", "rate": 0.1},
+                    "payload": PAYLOAD,
+                }
+            },
+            "disagrees",
+        ),
+        ({"attack": None}, "needs an attack"),
+        ({"timesteps": 0}, "timesteps"),
+        ({"name": "a/b"}, "name"),
+    ],
+)
+def test_inconsistent_experiments_are_spec_errors(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        experiment(**fields)
+
+
+def test_attack_base_defaults_to_env_and_clean_run_keeps_registered_base() -> None:
+    assert experiment().attack.base == "CartPole-v1"
+    clean = experiment(env="rlbd/TrojanLavaGap-v0", attack=None, poisoning=None, algo="ppo")
+    attack = run_attack(clean)
+    assert attack is not None and attack.base_wrappers[0].name == "minigrid.wrappers:ImgObsWrapper"
+    venv, backdoor = make_train_env(clean, attack, seed=0)
+    assert backdoor is None and venv.observation_space.shape == (7, 7, 3)  # the clean base env, wrapped
+
+
+def test_overrides_set_nested_keys_parse_yaml_and_reject_malformed() -> None:
+    data = apply_overrides({"a": {"b": 1}}, ["a.b=2", "--a.c=[1, 2]", "d.e=null", "f=lin_0.1"])
+    assert data == {"a": {"b": 2, "c": [1, 2]}, "d": {"e": None}, "f": "lin_0.1"}
+    for bad in ("novalue", "a..b=1", "a.b.c=1"):
+        with pytest.raises(SpecError, match="override"):
+            apply_overrides({"a": {"b": 1}}, [bad])
+
+
+# -------------------------------------------------------------------------------------- presets
+def test_presets_resolve_registered_id_then_base_then_default() -> None:
+    lava = presets.resolve("ppo", ["rlbd/TrojanLavaGap-v0", "MiniGrid-LavaGapS5-v0"], {})
+    assert lava["policy_kwargs"]["normalize_images"] is False and lava["n_steps"] == 128
+    cart = presets.resolve("ppo", ["CartPole-v1"], {"n_steps": 16, "clip_range": None})
+    assert cart["n_steps"] == 16 and "clip_range" not in cart and cart["gamma"] == 0.98
+    lava = presets.resolve("ppo", ["MiniGrid-LavaGapS5-v0"], {"policy_kwargs": {"net_arch": [8]}})
+    assert lava["policy_kwargs"] == {"net_arch": [8], "normalize_images": False}  # mappings merge key by key
+    assert presets.resolve("dqn", ["Unknown-v0"], {}) == {"policy": "MlpPolicy"}
+
+
+def test_presets_convert_schedules_and_class_names_only_from_the_allow_list() -> None:
+    policy, kwargs = presets.to_sb3({"learning_rate": "lin_0.5", "policy_kwargs": {"activation_fn": "relu"}})
+    assert policy == "MlpPolicy" and kwargs["learning_rate"](0.5) == pytest.approx(0.25)
+    assert kwargs["policy_kwargs"]["activation_fn"] is torch.nn.ReLU
+    with pytest.raises(SpecError, match="unknown"):
+        presets.to_sb3({"policy_kwargs": {"activation_fn": "os.system"}})
+    with pytest.raises(SpecError, match="lin_"):
+        presets.to_sb3({"learning_rate": "lin_fast"})
+
+
+# ------------------------------------------------------------------------------- training runs
+@pytest.mark.parametrize("algo", ["ppo", "a2c", "dqn"])
+def test_inner_loop_training_writes_a_run_with_the_scheduled_poison_rate(algo: str, tmp_path: Path) -> None:
+    run = train(
+        experiment(
+            algo=algo, attack={"trigger": TRIGGER, "schedule": {"kind": "rate", "rate": 0.05}, "payload": PAYLOAD}
+        ),
+        tmp_path / "run",
+    )
+    card = read_card(run)
+    assert {p.name for p in run.iterdir()} == {"card.json", "model.zip", "policy.safetensors"}
+    assert card["algo"] == algo and card["poisoning"] == "inner" and card["attack"]["schedule"]["rate"] == 0.05
+    assert card["train"]["steps"] >= 1024 and card["train"]["poison_counts"]["n_steps"] == card["train"]["steps"]
+    assert 0.02 < card["train"]["poison_rate"] < 0.09  # Bernoulli(0.05) over ~1k steps
+    assert card["hyperparams"]["policy_kwargs"] == {"net_arch": [32, 32]}
+    assert card["versions"]["stable-baselines3"] and card["config"]["algo"] == algo
+
+
+def test_same_seed_same_run(tmp_path: Path) -> None:
+    cards = [read_card(train(experiment(), tmp_path / str(i))) for i in range(2)]
+    assert cards[0]["train"]["ep_return_mean"] == cards[1]["train"]["ep_return_mean"]
+    assert cards[0]["train"]["poison_counts"] == cards[1]["train"]["poison_counts"]
+    assert (tmp_path / "0" / "policy.safetensors").read_bytes() == (tmp_path / "1" / "policy.safetensors").read_bytes()
+
+
+def test_clean_run_has_no_attack_and_no_poison_rate(tmp_path: Path) -> None:
+    card = read_card(train(experiment(attack=None, poisoning=None), tmp_path / "run"))
+    assert card["attack"] is None and card["poisoning"] is None and card["train"]["poison_rate"] is None
+
+
+# ----------------------------------------------------------------------------------- outer loop
+class Snapshot(BaseCallback):
+    """Copies the agent's buffer at every rollout end (placed before and after the poisoner), with target gaps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[dict[str, np.ndarray]] = []
+
+    def _on_rollout_end(self) -> None:
+        if hasattr(self.model, "rollout_buffer"):
+            rb = self.model.rollout_buffer
+            names = ("observations", "rewards", "returns", "values", "actions", "episode_starts")
+        else:
+            rb = self.model.replay_buffer
+            names = ("observations", "rewards", "actions", "dones")
+        copy = {n: getattr(rb, n).copy() for n in names}
+        copy["gaps"] = target_gap(self.model.policy, copy["observations"].reshape(-1, 4), 0)
+        self.copies.append(copy)
+
+    def _on_step(self) -> bool:
+        return True
+
+
+class Recorder(BaseCallback):
+    """Records which rows the poisoner marked at every rollout end."""
+
+    def __init__(self, poisoner: OuterLoopPoisoning) -> None:
+        super().__init__()
+        self.poisoner = poisoner
+        self.rows: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def _on_rollout_end(self) -> None:
+        self.rows.append(self.poisoner.last_poisoned)
+
+    def _on_step(self) -> bool:
+        return True
+
+
+def run_outer(spec: ExperimentSpec) -> tuple[Any, OuterLoopPoisoning, Snapshot, Snapshot, Recorder]:
+    """Train ``spec`` directly with snapshot callbacks around the outer-loop poisoner."""
+    attack = run_attack(spec)
+    venv, _ = make_train_env(spec, attack, spec.seed)
+    model = presets.build_model(spec.algo, venv, presets.resolve(spec.algo, [spec.env], spec.hyperparams), spec.seed)
+    poisoner = OuterLoopPoisoning(attack, spec.outer_reward, spec.seed)
+    before, after, recorder = Snapshot(), Snapshot(), Recorder(poisoner)
+    model.learn(spec.timesteps, callback=[before, poisoner, after, recorder])
+    return model, poisoner, before, after, recorder
+
+
+def test_outer_loop_dynamic_rewrites_rollouts_as_sleepernets(tmp_path: Path) -> None:
+    hyper = {**TINY["ppo"], "gae_lambda": 1.0}  # lambda-returns are then plain returns-to-go
+    spec = experiment(
+        poisoning="outer",
+        attack={"trigger": TRIGGER, "schedule": {"kind": "rate", "rate": 0.03}, "payload": PAYLOAD},
+        hyperparams=hyper,
+        timesteps=2048,
+    )
+    model, poisoner, before, after, recorder = run_outer(spec)
+    assert poisoner.n_steps == 2048 and poisoner.n_poisoned == int(0.03 * 2048)
+    compensated = 0
+    for b, a, (t, e) in zip(before.copies, after.copies, recorder.rows, strict=True):
+        hit = b["actions"][t, e, 0] == 0
+        mask = np.zeros(b["rewards"].shape, dtype=bool)
+        mask[t, e] = True
+        # triggered observations exactly at the poisoned rows, everything else untouched
+        assert np.all(a["observations"][t, e, 3] == 2.5)
+        assert np.array_equal(a["observations"][~mask], b["observations"][~mask])
+        # a poisoned step's return-to-go is the payload's hit/miss reward, whatever follows ...
+        np.testing.assert_allclose(a["returns"][t, e], np.where(hit, 1.0, -1.0), atol=1e-3)
+        # ... and the compensation of the step before keeps every other return as it was
+        np.testing.assert_allclose(a["returns"][~mask], b["returns"][~mask], atol=1e-3)
+        # rewards change only on poisoned steps and the clean steps just before them
+        prev = (t > 0) & (b["episode_starts"][t, e] == 0)
+        allowed = mask.copy()
+        allowed[t[prev] - 1, e[prev]] = True
+        changed = a["rewards"] != b["rewards"]
+        assert not (changed & ~allowed).any()
+        compensated += int((changed & ~mask).sum())
+        # values are refreshed on the stamped observations
+        with torch.no_grad():
+            values = model.policy.predict_values(torch.as_tensor(a["observations"][t, e])).numpy().reshape(-1)
+        assert not np.allclose(values, b["values"][t, e])
+    assert compensated > 0 and sum(len(t) for t, _ in recorder.rows) == poisoner.n_poisoned
+
+
+def test_outer_loop_static_and_dqn_replay_poisoning() -> None:
+    spec = experiment(
+        algo="dqn",
+        poisoning="outer",
+        timesteps=1024,
+        attack={"trigger": TRIGGER, "schedule": {"kind": "budget", "budget": 12, "horizon": 600}, "payload": PAYLOAD},
+    )
+    _, poisoner, before, after, recorder = run_outer(spec)
+    assert poisoner.n_poisoned == 12  # rate 2% of steps, capped at the budget
+    for b, a, (p, e) in zip(before.copies, after.copies, recorder.rows, strict=True):
+        if len(p):
+            hit = b["actions"][p, e, 0] == 0
+            assert np.all(a["observations"][p, e, 3] == 2.5)
+            np.testing.assert_array_equal(a["rewards"][p, e], np.where(hit, 1.0, -1.0))
+            assert np.all(a["dones"][p, e] == 1.0)  # the TD target of a poisoned transition is exactly hit/miss
+    static = experiment(
+        poisoning="outer",
+        outer_reward="static",
+        timesteps=512,
+        attack={"trigger": TRIGGER, "schedule": {"kind": "rate", "rate": 0.05}, "payload": PAYLOAD},
+    )
+    _, poisoner, before, after, recorder = run_outer(static)
+    t, e = recorder.rows[-1]
+    b, a = before.copies[-1], after.copies[-1]
+    np.testing.assert_array_equal(a["rewards"][t, e], np.where(b["actions"][t, e, 0] == 0, 1.0, -1.0))
+    assert int((a["rewards"] != b["rewards"]).sum()) <= len(t)  # static: no compensation elsewhere
+
+
+def test_outer_loop_value_selection_poisons_the_largest_target_gaps() -> None:
+    schedule = {"kind": "rate", "rate": 0.03, "select": "value"}
+    spec = experiment(
+        poisoning="outer", timesteps=1024, attack={"trigger": TRIGGER, "schedule": schedule, "payload": PAYLOAD}
+    )
+    _, poisoner, before, _, recorder = run_outer(spec)
+    assert poisoner.n_poisoned == int(0.03 * 1024)
+    n_envs = spec.n_envs
+    for b, (t, e) in zip(before.copies, recorder.rows, strict=True):
+        chosen = np.sort(t * n_envs + e)
+        expected = np.sort(np.argsort(-b["gaps"], kind="stable")[: len(chosen)])
+        np.testing.assert_array_equal(chosen, expected)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {
+                "attack": {
+                    "trigger": {"kind": "action_sequence", "sequence": [0, 1]},
+                    "schedule": {"kind": "rate", "rate": 0.1},
+                    "payload": PAYLOAD,
+                }
+            },
+            "observation trigger",
+        ),
+        (
+            {"attack": {"trigger": TRIGGER, "schedule": {"kind": "window", "start": 0, "stop": 5}, "payload": PAYLOAD}},
+            "window",
+        ),
+        (
+            {
+                "attack": {
+                    "trigger": TRIGGER,
+                    "schedule": {"kind": "rate", "rate": 0.1},
+                    "payload": {"kind": "untargeted"},
+                }
+            },
+            "static",
+        ),
+        (
+            {
+                "algo": "dqn",
+                "hyperparams": {
+                    **TINY["dqn"],
+                    "optimize_memory_usage": True,
+                    "replay_buffer_kwargs": {"handle_timeout_termination": False},
+                },
+            },
+            "optimize_memory_usage",
+        ),
+    ],
+)
+def test_outer_loop_rejects_attacks_it_cannot_apply(fields: dict[str, Any], message: str, tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match=message):
+        train(experiment(poisoning="outer", **fields), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_inner_value_selection_installs_the_agent_scorer() -> None:
+    schedule = {"kind": "rate", "rate": 0.05, "select": "value"}
+    spec = experiment(attack={"trigger": TRIGGER, "schedule": schedule, "payload": PAYLOAD}, timesteps=512)
+    venv, backdoor = make_train_env(spec, run_attack(spec), spec.seed)
+    model = presets.build_model("ppo", venv, presets.resolve("ppo", ["CartPole-v1"], spec.hyperparams), 0)
+    model.learn(512, callback=InnerValueSelection(backdoor))
+    scorer = backdoor.attack.schedule.scorer
+    obs = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
+    np.testing.assert_array_equal(scorer(obs), target_gap(model.policy, obs, 0))
+    assert backdoor.attack.n_poisoned > 0
+
+
+# ---------------------------------------------------------------------------------------- resume
+class Crash(BaseCallback):
+    """Raises once training passes ``at`` steps: an interruption after a checkpoint."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps >= self.at:
+            raise KeyboardInterrupt
+        return True
+
+
+@pytest.mark.parametrize("algo", ["ppo", "dqn"])
+def test_resume_continues_from_the_checkpoint_to_the_same_total(algo: str, tmp_path: Path) -> None:
+    spec = experiment(algo=algo, timesteps=2048, poisoning="outer" if algo == "dqn" else "inner")
+    full = read_card(train(spec, tmp_path / "full", checkpoint_every=512))
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, run, checkpoint_every=512, callbacks=[Crash(1300)])
+    assert not (run / "card.json").exists()
+    (ckpt,) = (run / FOLDER).iterdir()
+    state = json.loads((ckpt / "state.json").read_text())
+    done = state["model"]["num_timesteps"]
+    assert 512 <= done < 1300 and state["poison"]["n_steps"] == done
+    card = read_card(train(spec, resume=run, checkpoint_every=512))
+    assert card["train"]["steps"] == full["train"]["steps"] and card["train"]["resumed_at"] == [done]
+    assert card["train"]["poison_counts"]["n_steps"] == card["train"]["steps"]
+    assert not (run / FOLDER).exists()
+    with pytest.raises(ArtifactError, match="already finished"):
+        train(spec, resume=run)
+
+
+def test_resume_refuses_foreign_runs_and_dirs_without_checkpoints(tmp_path: Path) -> None:
+    spec = experiment(timesteps=2048)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, run, checkpoint_every=512, callbacks=[Crash(1100)])
+    with pytest.raises(ArtifactError, match="different config"):
+        train(experiment(timesteps=2048, seed=1), resume=run)
+    with pytest.raises(ArtifactError, match="no checkpoint"):
+        train(spec, resume=tmp_path)
+    with pytest.raises(ArtifactError, match="not empty"):
+        train(spec, run)
+
+
+def test_cli_run_killed_with_sigkill_resumes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = [sys.executable, "-c", "from rlbackdoor.cli import entry; entry()", "train", str(SMOKE), "--out", str(run)]
+    args += ["--no-progress", "--checkpoint-every", "1024", "--set", "timesteps=20480"]
+    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"})
+    deadline = time.monotonic() + 120
+    while not list((run / FOLDER).glob("*/state.json")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "card.json").exists()
+    assert main(["train", str(SMOKE), "--set", "timesteps=20480", "--resume", str(run), "--no-progress"]) == 0
+    card = read_card(run)
+    assert card["train"]["steps"] == 20480 and 1024 <= card["train"]["resumed_at"][0] < 20480
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def test_cli_train_with_set_and_sweep_style_overrides(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    argv = [
+        "train",
+        str(SMOKE),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "timesteps=512",
+        "--hyperparams.n_steps=32",
+        "--seed=3",
+    ]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    card = read_card(out)
+    assert card["seed"] == 3 and card["hyperparams"]["n_steps"] == 32 and card["timesteps"] == 512
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--set", "algo=sac"], "algo"),
+        (["--set", "hyperparams.n_stepz=8"], "n_stepz"),
+        (["--set", "hyperparams.batch_size=1"], "batch_size"),
+        (["--set", "env=rlbd/TrojanCartPole-v0"], "registered backdoor env"),
+        (["--set", "attack.base=Acrobot-v1"], "disagrees"),
+        (["--set", "env=NoSuchEnv-v0", "--set", "poisoning=null", "--set", "attack=null"], "NoSuchEnv"),
+        (["--resume", "{tmp}"], "no checkpoint"),
+        (["stray"], "unexpected argument"),
+    ],
+)
+def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(["train", str(SMOKE), "--out", str(out), "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rlbd: error:") and "\n" not in err and message in err and "Traceback" not in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_missing_config_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- W&B
+@pytest.fixture
+def wandb_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No API key, W&B directories under ``tmp_path``; returns the ``WANDB_DIR``."""
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    for var, sub in (
+        ("WANDB_DIR", "w"),
+        ("WANDB_CACHE_DIR", "cache"),
+        ("WANDB_DATA_DIR", "data"),
+        ("WANDB_CONFIG_DIR", "config"),
+    ):
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    (tmp_path / "w").mkdir()
+    return tmp_path / "w"
+
+
+def test_wandb_offline_run_holds_resolved_config_train_metrics_and_card(wandb_dir: Path, tmp_path: Path) -> None:
+    run = train(
+        experiment(timesteps=2048, eval_every=1024), tmp_path / "run", wandb_mode="offline", wandb_project="proj"
+    )
+    (record,) = offline_runs(wandb_dir)
+    evals = read_card(run)["train"]["eval"]
+    assert [e["timesteps"] for e in evals] == [1024, 2048] and all("asr" in e and "ctp" in e for e in evals)
+    assert [row["eval/ctp"] for row in record.history if "eval/ctp" in row] == [e["ctp"] for e in evals]
+    assert record.run.project == "proj" and record.run.run_group == "test" and record.run.job_type == "train"
+    assert record.config["hyperparams"] == read_card(run)["hyperparams"]  # resolved: preset + overrides
+    assert record.config["attack"]["trigger"] == TRIGGER and record.config["attack"]["base"] == "CartPole-v1"
+    rows = [row for row in record.history if "train/poison_rate" in row]
+    assert rows and all(key.startswith(("train/", "eval/", "_")) for row in record.history for key in row)
+    assert (
+        record.summary["train/steps"] == 2048
+        and record.summary["train/poison_rate"] == read_card(run)["train"]["poison_rate"]
+    )
+    assert [a.name for a in record.artifacts] == ["test-card"] and record.exit_code == 0
+
+
+def test_wandb_failure_never_kills_training(wandb_dir: Path, tmp_path: Path) -> None:
+    with pytest.warns(RuntimeWarning, match="W&B init failed"):
+        run = train(experiment(), tmp_path / "run", wandb_mode="offline", wandb_project="bad/project#")
+    assert read_card(run)["train"]["steps"] == 1024
