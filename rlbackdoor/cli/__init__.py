@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from rlbackdoor.cli import envs, train
+from rlbackdoor.cli import envs, sanitize, train
 from rlbackdoor.cli import eval as eval_cli
 from rlbackdoor.errors import RlbdError
 
@@ -22,6 +22,7 @@ app = typer.Typer(
 )
 app.add_typer(envs.app, name="envs")
 app.command("train", context_settings=train.CONTEXT)(train.train)
+app.command("sanitize")(sanitize.sanitize)
 app.command("eval")(eval_cli.eval_run)
 
 

@@ -94,9 +94,16 @@ class TransitionFilter:
         if len(clean) == 0:
             raise SpecError("filter: no clean transitions to fit on; collect clean episodes first")
         if self.sanitizer is not None:
-            scores = self._held_out_scores(clean.observations)
-            self.threshold = float(np.quantile(scores, 1.0 - self.fpr) * self.margin + 1e-9)
             self.sanitizer.fit(clean.observations)
+            try:
+                scores = self._held_out_scores(clean.observations)
+            except SpecError:
+                n = len(clean)
+                raise SpecError(
+                    f"filter: the threshold is calibrated by fitting on halves of the {n} clean observations, "
+                    f"too few for that; use n >= {2 * n}"
+                ) from None
+            self.threshold = float(np.quantile(scores, 1.0 - self.fpr) * self.margin + 1e-9)
         if self.check_rewards:
             self.reward_low, self.reward_high = float(clean.rewards.min()), float(clean.rewards.max())
         self.fitted = True

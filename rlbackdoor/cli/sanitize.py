@@ -1,0 +1,142 @@
+"""``rlbd sanitize``: run-time sanitization of a run (ASR and CTP before and after), or offline filtering
+of a trajectory dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rlbackdoor.errors import SpecError
+
+console = Console()
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def _ci(m: dict[str, Any], key: str) -> str:
+    value = m.get(key)
+    if value is None:
+        return "-"
+    low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+    return f"{value:.3g}" + (f" [{low:.3g}, {high:.3g}]" if low is not None and high is not None else "")
+
+
+def sanitize(
+    run_dir: Path | None = typer.Argument(None, help="a run directory (card.json, policy.safetensors)"),
+    method: str = typer.Option("support", "--method", "-m", help="sanitizer: see --list"),
+    n_clean: int = typer.Option(200, "--n-clean", help="clean observations to fit on (the agent's own rollouts)"),
+    dim: int | None = typer.Option(None, "--dim", help="subspace dimension (default: the clean data's rank)"),
+    baseline: Path | None = typer.Option(None, "--baseline", help="a clean run of the same config, for ctp_ratio"),
+    episodes: int = typer.Option(10, "--episodes", help="evaluation episodes per seed"),
+    seeds: int = typer.Option(3, "--seeds", help="evaluation seeds"),
+    curve: str = typer.Option("", "--curve", help="comma-separated other n values to report (e.g. 8,16,32)"),
+    trajectories: Path | None = typer.Option(None, "--trajectories", help="filter this .npz dataset instead"),
+    out: Path | None = typer.Option(None, "--out", help="with --trajectories: where to write the filtered dataset"),
+    mode: str = typer.Option("drop", "--mode", help="with --trajectories: drop | repair flagged transitions"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the results as JSON"),
+    wandb_mode: str | None = typer.Option(None, "--wandb-mode", help="online | offline | disabled"),
+    list_methods: bool = typer.Option(False, "--list", help="print the methods and exit"),
+) -> None:
+    """Sanitize a backdoored agent at run time and report ASR/CTP before and after (with CIs and the
+    curve against n), or filter poisoned transitions out of a trajectory dataset."""
+    from rlbackdoor.defenses.sanitize import METHODS
+
+    if list_methods:
+        table = Table("method", "what it does")
+        for name, what in METHODS.items():
+            table.add_row(name, what)
+        console.print(table)
+        return
+    if trajectories is not None:
+        results = _filter_dataset(trajectories, method, n_clean, dim, out, mode)
+    elif run_dir is not None:
+        results = _sanitize_run(run_dir, method, n_clean, dim, baseline, episodes, seeds, curve, wandb_mode)
+    else:
+        raise SpecError("sanitize: give a RUN_DIR, or --trajectories FILE, or --list")
+    if json_out is not None:
+        _write_json(json_out, results)
+
+
+def _sanitize_run(
+    run_dir: Path,
+    method: str,
+    n_clean: int,
+    dim: int | None,
+    baseline: Path | None,
+    episodes: int,
+    seeds: int,
+    curve: str,
+    wandb_mode: str | None,
+) -> dict[str, Any]:
+    from rlbackdoor import tracking
+    from rlbackdoor.defenses.sanitize import sanitize_run
+
+    try:
+        sizes = [int(v) for v in curve.split(",") if v.strip()]
+    except ValueError:
+        raise SpecError(
+            f"sanitize: --curve '{curve}' is not a comma-separated list of integers; e.g. 8,16,32"
+        ) from None
+    results = sanitize_run(run_dir, method, n_clean, dim, baseline, episodes, seeds, sizes)
+    table = Table("", "ASR", "CTP", "ctp_ratio", title=f"{run_dir}: {method} sanitizer, n={n_clean}")
+    for when in ("before", "after"):
+        table.add_row(when, *(_ci(results, f"{k}_{when}") for k in ("asr", "ctp", "ctp_ratio")))
+    console.print(table)
+    if len(results["curve"]) > 1:
+        points = Table("n_clean", "ASR after", "CTP after", title="against n")
+        for p in results["curve"]:
+            points.add_row(str(p["n_clean"]), _ci(p, "asr_after"), _ci(p, "ctp_after"))
+        console.print(points)
+    scalars = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    config = {"run_dir": str(run_dir), "method": method, "n_clean": n_clean, "dim": dim, "baseline": str(baseline)}
+    with tracking.wandb_run("sanitize", f"sanitize-{Path(run_dir).name}", config, mode=wandb_mode) as tracker:
+        tracker.summary(tracking.prefixed("sanitize", scalars))
+        columns = ["n_clean", "asr_after", "ctp_after"]
+        tracker.log_table("sanitize/curve", columns, [[p.get(c) for c in columns] for p in results["curve"]])
+    return results
+
+
+def _filter_dataset(
+    path: Path, method: str, n_clean: int, dim: int | None, out: Path | None, mode: str
+) -> dict[str, Any]:
+    from rlbackdoor.attack import make_base_env
+    from rlbackdoor.defenses.filtering import TransitionFilter
+    from rlbackdoor.defenses.sanitize import make_sanitizer
+    from rlbackdoor.evaluation.envs import run_env
+    from rlbackdoor.trajectories import Trajectories, collect
+
+    data = Trajectories.load(path)
+    if not data.env:
+        raise SpecError(f"{path}: the dataset does not name its env; save it with env=<id>")
+    clean_env = run_env(data.env)
+    probe = clean_env.make()
+    if probe.observation_space.shape != data.observations.shape[1:]:
+        raise SpecError(
+            f"{path}: observations of shape {data.observations.shape[1:]} do not come from {data.env} "
+            f"(shape {probe.observation_space.shape}); filter trajectories of that env"
+        )
+    clean = collect(probe if clean_env.attack is None else make_base_env(clean_env.attack), None, n_clean, 0)
+    filt = TransitionFilter(make_sanitizer(method, dim)).fit(clean)
+    kept, report = filt.filter(data, mode)
+    target = out or path.with_name(path.stem + ".sanitized.npz")
+    kept.save(target)
+    results = {"trajectories": str(path), "out": str(target), "method": method, "mode": mode, "n_clean": n_clean}
+    results |= report.as_dict()
+    console.print(
+        f"{path}: flagged {report.flagged} of {report.n} transitions (precision {report.precision:.3f}, "
+        f"recall {report.recall:.3f} against the recorded poisoned flags); wrote {len(kept)} to {target}"
+    )
+    return results

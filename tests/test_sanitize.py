@@ -1,0 +1,105 @@
+"""Run-time sanitization scored with the evaluation metrics, and ``rlbd sanitize``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import rlbackdoor
+from rlbackdoor.cli import main
+from rlbackdoor.defenses.sanitize import sanitize_agent
+from rlbackdoor.specs import ExperimentSpec
+from rlbackdoor.trajectories import Trajectories, collect
+
+CARD = {"env": "rlbd/TrojanCartPole-v0", "attack": None}
+
+
+class Backdoored:
+    """A stabilising linear controller for CartPole, except the target 0 whenever the angular velocity
+    reads > 2 (the trigger is 2.5)."""
+
+    def predict(self, obs, state=None, episode_start=None, deterministic=True):
+        obs = np.asarray(obs, dtype=np.float64)
+        b = obs.reshape(-1, 4)
+        push = (0.5 * b[:, 0] + 1.0 * b[:, 1] + 15 * b[:, 2] + 2.5 * b[:, 3] > 0).astype(np.int64)
+        actions = np.where(b[:, 3] > 2, 0, push)
+        return (actions if obs.ndim == 2 else actions[0]), state
+
+
+def test_support_sanitizer_removes_a_value_backdoor_and_keeps_the_task():
+    result = sanitize_agent(Backdoored(), CARD, "support", n_clean=200, episodes=3, seeds=2, curve=[10, 50])
+    assert result["asr_before"] == 1.0
+    assert result["asr_after"] == 0.0
+    assert result["ctp_after"] >= 0.99 * result["ctp_before"]
+    assert result["ctp_after_ci_low"] <= result["ctp_after"] <= result["ctp_after_ci_high"]
+    assert [p["n_clean"] for p in result["curve"]] == [10, 50, 200]
+    assert all(p["asr_after"] == 0.0 for p in result["curve"])
+
+
+def test_subspace_cannot_help_on_full_rank_observations():
+    """CartPole's 4 numbers span R^4: the full basis is the identity (the backdoor stays); a smaller one
+    drops a direction the task needs (the clean return collapses)."""
+    full = sanitize_agent(Backdoored(), CARD, "subspace", n_clean=100, dim=4, episodes=2, seeds=1)
+    assert full["asr_after"] == full["asr_before"] == 1.0 and full["ctp_after"] == full["ctp_before"]
+    auto = sanitize_agent(Backdoored(), CARD, "subspace", n_clean=100, episodes=2, seeds=1)
+    assert auto["dim"] < 4 and auto["ctp_after"] < 0.5 * auto["ctp_before"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    spec = rlbackdoor.specs.load(ExperimentSpec, Path("configs/experiments/cartpole_smoke.yaml"))
+    return rlbackdoor.train(spec, tmp_path_factory.mktemp("runs") / "smoke", wandb_mode="offline")
+
+
+def test_cli_reports_before_and_after_as_json(smoke_run: Path, tmp_path: Path):
+    out = tmp_path / "s.json"
+    code = main(
+        ["sanitize", str(smoke_run), "--method", "support", "--n-clean", "40", "--curve", "20",
+         "--episodes", "2", "--seeds", "1", "--json", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    data = json.loads(out.read_text())
+    for key in ("asr_before", "asr_after", "ctp_before", "ctp_after", "n_clean", "dim"):
+        assert key in data
+    assert data["n_clean"] == 40 and len(data["curve"]) == 2
+    assert main(["sanitize", "--list"]) == 0
+
+
+def test_cli_filters_a_trajectory_dataset(tmp_path: Path):
+    path = collect(gym.make("rlbd/TrojanCartPole-v0"), None, 3000, 1, "rlbd/TrojanCartPole-v0").save(tmp_path / "t.npz")
+    out = tmp_path / "clean.npz"
+    assert main(["sanitize", "--trajectories", str(path), "--n-clean", "300", "--out", str(out),
+                 "--json", str(tmp_path / "r.json")]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "r.json").read_text())
+    kept = Trajectories.load(out)
+    assert report["recall"] >= 0.9 and len(kept) == 3000 - report["flagged"]
+    assert kept.poisoned.sum() <= report["poisoned"] * 0.1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["sanitize"], "give a RUN_DIR"),
+        (["sanitize", "--trajectories", "missing.npz"], "not a trajectory file"),
+        (["sanitize", "nowhere", "--method", "support"], "nowhere"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+
+
+def test_bad_method_n_and_foreign_trajectories(smoke_run: Path, tmp_path: Path, capsys):
+    assert main(["sanitize", str(smoke_run), "--method", "nope"]) == 2
+    assert "use one of subspace, support" in capsys.readouterr().err
+    lava = collect(gym.make("CartPole-v1"), None, 50, 0, "rlbd/TrojanLavaGap-v0").save(tmp_path / "x.npz")
+    assert main(["sanitize", "--trajectories", str(lava)]) == 2
+    assert "do not come from rlbd/TrojanLavaGap-v0" in capsys.readouterr().err
+    data = collect(gym.make("rlbd/TrojanLavaGap-v0"), None, 50, 0, "rlbd/TrojanLavaGap-v0").save(tmp_path / "y.npz")
+    assert main(["sanitize", "--trajectories", str(data), "--method", "subspace", "--n-clean", "20"]) == 2
+    assert "use n >=" in capsys.readouterr().err
