@@ -100,7 +100,7 @@ class Attack:
         self.trigger = build_trigger(spec.trigger, observation_space, action_space, clean)
         self.obs_trigger = self.trigger if isinstance(self.trigger, ObservationTrigger) else None
         self.sequence = self.trigger if isinstance(self.trigger, ActionSequence) else None
-        self.schedule: Schedule = build_schedule(spec.schedule)
+        self._schedule: Schedule = build_schedule(spec.schedule)
         self.payload: Payload = build_payload(spec.payload, action_space)
         self.reset(1)
 
@@ -112,6 +112,16 @@ class Attack:
             clean = sample_observations(make_base_env(spec), spec.trigger.fit_steps, spec.seed)
         return cls(spec, env.observation_space, env.action_space, clean)
 
+    @property
+    def schedule(self) -> Schedule:
+        """When the trigger fires (replaceable, e.g. by evaluation's fixed-time schedules)."""
+        return self._schedule
+
+    @schedule.setter
+    def schedule(self, schedule: Schedule) -> None:
+        self._schedule = schedule
+        self._silent = schedule.silent(self._draws[:, :, 0])
+
     # ------------------------------------------------------------------------------------- state
     def reset(self, n_envs: int, seed: int | None = None) -> None:
         """Zero the counts, allocate state for ``n_envs`` envs and reseed: same (spec seed, ``seed``), same draws."""
@@ -119,68 +129,90 @@ class Attack:
         self.rng = np.random.default_rng(np.random.SeedSequence(key))
         self.n = n_envs
         self.n_steps = self.n_poisoned = self.n_triggered = self.n_hits = 0
-        self.t = np.zeros(n_envs, dtype=np.int64)
+        self._clock = 0  # steps so far; env i's episode began at step self._origin[i]
+        self._origin = np.zeros(n_envs, dtype=np.int64)
         self.left = np.zeros(n_envs, dtype=np.int64)
-        self.armed = np.zeros(n_envs, dtype=bool)
         self.inject = np.full(n_envs, -1, dtype=np.int64)
-        self.schedule.reset(n_envs)
+        self._none = np.zeros(n_envs, dtype=bool)
+        self._none.flags.writeable = False
+        self._every = np.ones(n_envs, dtype=bool)
+        self._every.flags.writeable = False
+        self.armed = self._none
+        self._idle = True  # no trigger running and no action sequence being injected, in any env
+        self._schedule.reset(n_envs)
         if self.sequence is not None:
             self.sequence.reset(n_envs)
         self._draws = np.empty((0, n_envs, 2))
+        self._silent: list[bool] | None = None
         self._next = 0
 
-    def _uniform(self) -> np.ndarray:
-        """Two uniform draws per env (schedule, forced action), taken from a pre-drawn block."""
+    @property
+    def t(self) -> np.ndarray:
+        """Each env's step within its episode."""
+        return self._clock - self._origin
+
+    def _row(self) -> int:
+        """Index of the next row of two uniform draws per env (schedule, forced action) in the pre-drawn block."""
         if self._next >= len(self._draws):
             self._draws = self.rng.random((self.DRAWS, self.n, 2))
+            self._silent = self._schedule.silent(self._draws[:, :, 0])
             self._next = 0
         self._next += 1
-        return self._draws[self._next - 1]
+        return self._next - 1
 
     def _restart(self, mask: np.ndarray) -> None:
-        self.t[mask] = 0
-        self.left[mask] = 0
-        self.inject[mask] = -1
+        self._origin[mask] = self._clock
+        if not self._idle:
+            self.left[mask] = 0
+            self.inject[mask] = -1
         if self.sequence is not None:
             self.sequence.clear(mask)
 
     def _decide(self, obs: np.ndarray, starts: np.ndarray, live: np.ndarray) -> np.ndarray:
         """Choose which ``live`` envs' next observation is triggered; stamp it; return the observations."""
-        u = self._uniform()[:, 0]
+        row = self._row()
+        if self._idle and self._silent is not None and self._silent[row]:
+            self.armed = self._none  # nothing running and nothing can fire: no work
+            return obs
         free = live & (self.left == 0) & (self.inject < 0)  # no trigger running: a firing here is never lost
-        fire = self.schedule.fire(self.t, starts, free, u, obs)
+        fire = self._schedule.fire(self.t, starts, free, self._draws[row, :, 0], obs)
         if self.sequence is not None:
             self.inject[fire] = 0
         else:
-            self.left[fire] = self.schedule.duration
+            self.left[fire] = self._schedule.duration
         armed = live & (self.left > 0)
-        cap = self.schedule.max_poisoned
+        cap = self._schedule.max_poisoned
         if cap is not None and armed.any():
             armed &= np.cumsum(armed) <= cap - self.n_triggered
-        self.left[armed] -= 1
-        self.armed = armed
-        self.n_triggered += int(armed.sum())
-        if self.obs_trigger is not None and armed.any():
-            obs = self.obs_trigger.apply(obs, armed)
+        self.armed = self._none
+        if armed.any():
+            self.left[armed] -= 1
+            self.armed = armed
+            self.n_triggered += int(armed.sum())
+            if self.obs_trigger is not None:
+                obs = self.obs_trigger.apply(obs, armed)
+        self._idle = not (self.left.any() or (self.inject >= 0).any())
         return obs
 
     def _continuing(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Stamp final observations of episodes whose trigger was still running (not a decision)."""
+        if self._idle or self.obs_trigger is None:
+            return obs
         running = mask & (self.left > 0)
-        if self.obs_trigger is not None and running.any():
-            obs = self.obs_trigger.apply(obs, running)
-        return obs
+        return self.obs_trigger.apply(obs, running) if running.any() else obs
 
     # ----------------------------------------------------------------------------------- driving
     def begin(self, obs: np.ndarray) -> np.ndarray:
         """First observations of new episodes in every env of the batch."""
-        every = np.ones(self.n, dtype=bool)
-        self._restart(every)
-        return self._decide(obs, every, every)
+        self._restart(self._every)
+        return self._decide(obs, self._every, self._every)
 
     def act(self, actions: np.ndarray) -> np.ndarray:
         """Actions to execute: the payload may force the target; an action trigger may be injected."""
-        executed = self.payload.force(actions, self.armed, self._uniform()[:, 1])
+        row = self._row()
+        if self.armed is self._none and self._idle:
+            return actions
+        executed = self.payload.force(actions, self.armed, self._draws[row, :, 1])
         if self.sequence is not None and (self.inject >= 0).any():
             inj = self.inject >= 0
             executed = np.array(executed, copy=True)
@@ -209,25 +241,30 @@ class Attack:
             ``dones``); ``None`` when ``obs`` itself holds them and :meth:`begin` follows.
         :return: observations, rewards, terminal observations, and the step's flags.
         """
-        poisoned = self.armed
-        hit = self.payload.hits(actions) & poisoned
-        clean_reward = rewards
-        rewards = self.payload.reward(rewards, actions, poisoned)
+        poisoned, clean_reward = self.armed, rewards
+        hit = self._none
+        if poisoned is not self._none:
+            hit = self.payload.hits(actions) & poisoned
+            rewards = self.payload.reward(rewards, actions, poisoned)
+            self.n_poisoned += int(poisoned.sum())
+            self.n_hits += int(hit.sum())
         self.n_steps += self.n
-        self.n_poisoned += int(poisoned.sum())
-        self.n_hits += int(hit.sum())
         if self.sequence is not None:
             matched = self.sequence.observe(executed)
-            self.left[matched & (self.left == 0)] = self.schedule.duration
-        self.t += 1
+            if matched.any():
+                self.left[matched & (self.left == 0)] = self._schedule.duration
+                self._idle = False
+        self._clock += 1
+        ended = np.count_nonzero(dones) > 0
         if terminal_obs is not None:
-            if dones.any():
+            if ended:
                 terminal_obs = self._continuing(terminal_obs, dones)
                 self._restart(dones)
-            obs = self._decide(obs, dones, np.ones(self.n, dtype=bool))
+            obs = self._decide(obs, dones, self._every)
+        elif ended:
+            obs = self._decide(self._continuing(obs, dones), self._none, ~dones)
         else:
-            obs = self._continuing(obs, dones)
-            obs = self._decide(obs, np.zeros(self.n, dtype=bool), ~dones)
+            obs = self._decide(obs, self._none, self._every)
         return obs, rewards, terminal_obs, StepFlags(poisoned, self.armed, hit, clean_reward)
 
     # ----------------------------------------------------------------------------------- reports
@@ -245,14 +282,18 @@ class Attack:
             "n_hits": self.n_hits,
         }
 
-    def info(self, flags: StepFlags, i: int) -> dict[str, Any]:
-        """The ``info["rlbd"]`` entry of env ``i``."""
-        target = self.payload.target
-        return {
-            "poisoned": bool(flags.poisoned[i]),
-            "triggered": bool(flags.triggered[i]),
-            "hit": bool(flags.hit[i]),
-            "target": None if target is None else target.tolist(),
-            "clean_reward": float(flags.clean_reward[i]),
-            **self.counts(),
-        }
+    def infos(self, flags: StepFlags) -> list[dict[str, Any]]:
+        """The ``info["rlbd"]`` entry of every env of the batch (``target`` is shared: do not modify it)."""
+        target = None if self.payload.target is None else self.payload.target.tolist()
+        counts = self.counts()
+        rows = zip(
+            flags.poisoned.tolist(),
+            flags.triggered.tolist(),
+            flags.hit.tolist(),
+            flags.clean_reward.tolist(),
+            strict=True,
+        )
+        return [
+            {"poisoned": p, "triggered": t, "hit": h, "target": target, "clean_reward": r, **counts}
+            for p, t, h, r in rows
+        ]

@@ -2,7 +2,8 @@
 
 A schedule is asked once per decision (each observation an agent is about to act on). It sees
 each env's step within its episode ``t``, which envs start an episode, which envs may fire
-(``live``: in an episode, with no trigger running) and one uniform draw per env. Once fired, the trigger stays on for ``duration`` steps.
+(``live``: in an episode, with no trigger running) and one uniform draw per env. Once fired, the
+trigger stays on for ``duration`` steps.
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ class Schedule(ABC):
     def fire(self, t: np.ndarray, starts: np.ndarray, live: np.ndarray, u: np.ndarray, obs: np.ndarray) -> np.ndarray:
         """Boolean mask of envs whose trigger starts on this decision."""
 
+    def silent(self, u: np.ndarray) -> list[bool] | None:
+        """For a block of draws ``(decisions, n_envs)``: the decisions on which :meth:`fire` would fire in no env
+        and change no state, whatever ``t``, ``starts``, ``live`` and ``obs``; ``None`` when unknown.
+
+        The attack skips those decisions while no trigger is running.
+        """
+        return None
+
 
 class RateScheduler(Schedule):
     """Fire with probability ``rate`` per step, or per episode at its first step.
@@ -64,6 +73,11 @@ class RateScheduler(Schedule):
             threshold = np.quantile(self._scores, 1.0 - self.rate) if self.rate > 0 else np.inf
             return eligible & (scores >= threshold) & (self.rate > 0)
         return eligible & (u < self.rate)
+
+    def silent(self, u: np.ndarray) -> list[bool] | None:
+        if self.select == "value":
+            return None
+        return (u >= self.rate).all(axis=1).tolist()
 
 
 class BudgetScheduler(Schedule):

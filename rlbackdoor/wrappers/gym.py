@@ -39,7 +39,8 @@ class BackdoorWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
     def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
         actions = np.asarray(action)[None]
         executed = self.attack.act(actions)
-        obs, reward, terminated, truncated, info = self.env.step(executed[0])
+        # the agent's own action object when the attack left it alone, as a clean env would get it
+        obs, reward, terminated, truncated, info = self.env.step(action if executed is actions else executed[0])
         batch, rewards, _, flags = self.attack.step(
             self._batch(obs),
             np.array([reward], dtype=np.float64),
@@ -47,7 +48,7 @@ class BackdoorWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
             actions,
             executed,
         )
-        info["rlbd"] = self.attack.info(flags, 0)
+        info["rlbd"] = self.attack.infos(flags)[0]
         return batch[0], float(rewards[0]), terminated, truncated, info
 
     def _batch(self, obs: Any) -> np.ndarray:

@@ -48,17 +48,18 @@ class BackdoorVecEnv(VecEnvWrapper):
         obs, rewards, dones, infos = self.venv.step_wait()
         if self._float_obs:
             check_finite(obs)
-        ended = np.flatnonzero(dones)
+        ended = dones.nonzero()[0]
         terminal = None
         if ended.size:
             terminal = obs.copy()
             for i in ended:
                 terminal[i] = infos[i]["terminal_observation"]
-        obs, rewards, terminal, flags = self.attack.step(
+        obs, rewards, stamped, flags = self.attack.step(
             obs, rewards, dones, self._actions, self._executed, terminal if terminal is not None else obs
         )
-        for i in ended:
-            infos[i]["terminal_observation"] = terminal[i]
-        for i, info in enumerate(infos):
-            info["rlbd"] = self.attack.info(flags, i)
-        return obs, rewards.astype(np.float32), dones, infos
+        if stamped is not terminal:
+            for i in ended:
+                infos[i]["terminal_observation"] = stamped[i]
+        for info, rlbd in zip(infos, self.attack.infos(flags), strict=True):
+            info["rlbd"] = rlbd
+        return obs, rewards.astype(np.float32, copy=False), dones, infos
