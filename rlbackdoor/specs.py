@@ -349,6 +349,20 @@ def load(model: type[S], path: str | Path) -> S:
 
 
 # ------------------------------------------------------------------------------------------ experiments
+class SanitizeSpec(_Spec):
+    """Training-time trajectory sanitization: the defender filters what the learner sees.
+
+    ``support`` / ``subspace`` flag observations off the clean data (and clip out-of-range rewards);
+    ``reward`` checks rewards only. The filter is fitted on ``n_clean`` steps of the clean base env
+    under a random policy (the defender has a clean env, not a clean agent).
+    """
+
+    method: Literal["support", "subspace", "reward"]
+    n_clean: int = Field(1000, ge=10)
+    fpr: float = Field(0.001, gt=0.0, lt=1.0)
+    margin: float = Field(1.5, ge=1.0)
+
+
 class ExperimentSpec(_Spec):
     """One training run: what ``configs/experiments/*.yaml`` holds and ``rlbd train`` reads.
 
@@ -368,6 +382,7 @@ class ExperimentSpec(_Spec):
         seed: 0
         hyperparams: {n_steps: 32}    # override agents/<algo>.yaml's preset for env, key by key
         eval_every: 0                 # steps between eval/asr, eval/ctp logs during training (0: never)
+        sanitize: {method: support}   # training-time trajectory sanitization (SanitizeSpec); omit for none
         sharing: false                # multi-agent envs: one policy for every agent (SuperSuit parameter
                                       # sharing); false: the env's adapter agent learns against fixed policies
 
@@ -390,6 +405,7 @@ class ExperimentSpec(_Spec):
     hyperparams: dict[str, Any] = {}
     eval_every: int = Field(0, ge=0)
     sharing: bool = False
+    sanitize: SanitizeSpec | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -103,3 +103,25 @@ def test_bad_method_n_and_foreign_trajectories(smoke_run: Path, tmp_path: Path, 
     data = collect(gym.make("rlbd/TrojanLavaGap-v0"), None, 50, 0, "rlbd/TrojanLavaGap-v0").save(tmp_path / "y.npz")
     assert main(["sanitize", "--trajectories", str(data), "--method", "subspace", "--n-clean", "20"]) == 2
     assert "use n >=" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("poisoning", ["inner", "outer"])
+def test_training_under_sanitization_reports_its_filter(poisoning: str, tmp_path: Path):
+    config = Path("configs/experiments/cartpole_smoke.yaml")
+    argv = ["train", str(config), "--sanitize", "support", "--set", f"poisoning={poisoning}", "--out", str(tmp_path / "r"),
+            "--wandb-mode", "disabled", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    card = json.loads((tmp_path / "r" / "card.json").read_text())
+    assert card["config"]["sanitize"]["method"] == "support"
+    train = card["train"]
+    prefix = "sanitize_obs_" if poisoning == "inner" else "sanitize_rollout_"
+    assert train[f"{prefix}n"] == card["timesteps"]
+    assert train[f"{prefix}poisoned"] > 0 and train[f"{prefix}recall"] >= 0.5
+    assert train[f"{prefix}precision"] >= 0.3
+
+
+def test_sanitize_config_errors_are_one_line(capsys):
+    argv = ["train", "configs/experiments/cartpole_smoke.yaml", "--sanitize", "magic", "--wandb-mode", "disabled"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sanitize.method" in err[0]

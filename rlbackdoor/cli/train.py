@@ -41,11 +41,15 @@ def train(
     wandb_project: str = typer.Option("rlbackdoor", help="W&B project"),
     checkpoint_every: int = typer.Option(10_000, min=0, help="steps between checkpoints (0: none)"),
     progress: bool = typer.Option(True, help="show a progress bar on stderr"),
+    sanitize: str | None = typer.Option(
+        None, help="train under trajectory sanitization: support | subspace | reward (sets sanitize.method)"
+    ),
 ) -> None:
     """Train an agent as CONFIG describes; print the run directory."""
     from rlbackdoor.training.loop import train as run
 
-    spec = load_experiment(config, [*set_, *sweep_overrides(ctx.args)])
+    sanitized = [f"sanitize.method={sanitize}"] if sanitize else []
+    spec = load_experiment(config, [*set_, *sweep_overrides(ctx.args), *sanitized])
     run_dir = run(
         spec,
         out,

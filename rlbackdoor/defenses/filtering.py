@@ -16,16 +16,23 @@ the learner and scores its flags against the ground-truth ``info["rlbd"]`` flags
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+from stable_baselines3.common.utils import obs_as_tensor
+from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper, VecTransposeImage, is_vecenv_wrapped
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
 from rlbackdoor.defenses.base import Access, Sanitizer
 from rlbackdoor.errors import SpecError
-from rlbackdoor.trajectories import Trajectories
+from rlbackdoor.specs import SanitizeSpec
+from rlbackdoor.trajectories import Trajectories, collect
 
 
 @dataclass
@@ -136,7 +143,7 @@ class TransitionFilter:
         if self.sanitizer is None or not flags.any():
             return obs
         out = np.array(obs, copy=True)
-        out[flags] = self.sanitizer.transform(obs[flags])
+        out[flags] = self.sanitizer.repair(obs[flags])
         return out
 
     def repair_rewards(self, rewards: np.ndarray) -> np.ndarray:
@@ -206,3 +213,69 @@ class FilterVecEnv(VecEnvWrapper):
     def stats(self) -> dict[str, Any]:
         """Running flag counts with precision and recall (observations vs triggered, rewards vs poisoned)."""
         return {**self.observation_report.as_dict("obs_"), **self.reward_report.as_dict("reward_")}
+
+
+class RolloutFilter(BaseCallback):
+    """Filters an on-policy rollout buffer after each rollout (the outer-loop threat model: the attacker
+    tampers with collected experience; add this callback after the attacker's). Flagged observations
+    are repaired and out-of-range rewards clipped; values, log-probabilities, returns and advantages
+    are then recomputed.
+
+    :param filt: a fitted :class:`TransitionFilter`.
+    :param truth: returns the ``(steps, envs)`` indices poisoned in the last rollout, for the report.
+    """
+
+    def __init__(self, filt: TransitionFilter, truth: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None):
+        super().__init__()
+        self.filter, self.truth = filt, truth
+        self.report = FilterReport(0, 0, 0, 0)
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        model = self.model
+        if isinstance(model, OffPolicyAlgorithm):
+            raise SpecError("sanitize: the rollout filter needs an on-policy algorithm (ppo, a2c); use one")
+        rb = model.rollout_buffer  # type: ignore[attr-defined]
+        steps, n_envs = rb.buffer_size, rb.n_envs
+        transposed = is_vecenv_wrapped(model.get_env(), VecTransposeImage)
+        obs = rb.observations.reshape(steps * n_envs, *rb.obs_shape)
+        seen = np.moveaxis(obs, -3, -1) if transposed else obs  # the filter is fitted on the env's layout
+        obs_flags = self.filter.flag_observations(seen).reshape(steps, n_envs)
+        reward_flags = self.filter.flag_rewards(rb.rewards)
+        truth = np.zeros((steps, n_envs), dtype=bool)
+        if self.truth is not None:
+            truth[self.truth()] = True
+        self.report += FilterReport.of((obs_flags | reward_flags).reshape(-1), truth.reshape(-1))
+        if not (obs_flags.any() or reward_flags.any()):
+            return
+        if obs_flags.any():
+            repaired = self.filter.sanitizer.repair(seen[obs_flags.reshape(-1)])  # type: ignore[union-attr]
+            rb.observations[obs_flags] = np.moveaxis(repaired, -1, -3) if transposed else repaired
+            t, e = np.nonzero(obs_flags)
+            policy = model.policy
+            actions = torch.as_tensor(rb.actions[t, e], device=policy.device)
+            if isinstance(model.action_space, spaces.Discrete):
+                actions = actions.long().flatten()
+            with torch.no_grad():
+                values, log_prob, _ = policy.evaluate_actions(
+                    obs_as_tensor(rb.observations[t, e], policy.device), actions
+                )
+            rb.values[t, e] = values.cpu().numpy().reshape(-1)
+            rb.log_probs[t, e] = log_prob.cpu().numpy().reshape(-1)
+        rb.rewards[:] = self.filter.repair_rewards(rb.rewards)
+        rb.compute_returns_and_advantage(last_values=self.locals["values"], dones=self.locals["dones"])
+
+    def stats(self) -> dict[str, Any]:
+        """Flag counts with precision and recall against the attacker's poisoned steps."""
+        return self.report.as_dict("rollout_")
+
+
+def training_filter(spec: SanitizeSpec, make_clean_env: Callable[[], Any], seed: int) -> TransitionFilter:
+    """The filter a run's ``sanitize:`` block describes, fitted on random-policy steps of the clean env."""
+    from rlbackdoor.defenses.sanitize import make_sanitizer
+
+    sanitizer = None if spec.method == "reward" else make_sanitizer(spec.method)
+    clean = collect(make_clean_env(), None, spec.n_clean, seed)
+    return TransitionFilter(sanitizer, fpr=spec.fpr, margin=spec.margin).fit(clean)

@@ -11,11 +11,11 @@ from rlbackdoor.errors import SpecError
 
 
 class SupportSanitizer(Sanitizer):
-    """Detect, then repair, feature by feature. A feature outside the clean ``[q, 1 - q]`` quantile box
-    widened by ``slack`` times its width on each side is clipped back into the box; then a point whose
-    Mahalanobis distance to the clean data (shrunk covariance) still exceeds ``margin`` times the largest
-    clean distance is shrunk toward the clean mean onto that threshold. Everything else passes unchanged,
-    so the clean task is untouched. The score is the Mahalanobis distance.
+    """Detect, then repair. An observation with a feature outside the clean ``[q, 1 - q]`` quantile box
+    widened by ``slack`` times its width on each side, or with a Mahalanobis distance to the clean data
+    (shrunk covariance) above ``margin`` times the largest clean distance, is repaired: clipped into the
+    box, then shrunk toward the clean mean onto that distance. Everything else passes unchanged, so
+    the clean task is untouched. The score is the Mahalanobis distance.
 
     Works where subspace projection cannot: full-rank, low-dimensional observations (CartPole's 4
     numbers). An in-distribution trigger (each feature common, the combination rare) is caught only
@@ -51,13 +51,18 @@ class SupportSanitizer(Sanitizer):
         self.threshold = float(self._score(clean).max() * self.margin + 1e-9)
 
     def _transform(self, obs: np.ndarray) -> np.ndarray:
-        outside = (obs < self.outer_low) | (obs > self.outer_high)
-        out = np.where(outside, np.clip(obs, self.low, self.high), obs)
-        dist = self._score(out)
-        far = dist > self.threshold
-        if far.any():
-            out[far] = self.mean + (out[far] - self.mean) * (self.threshold / dist[far])[:, None]
+        far = ((obs < self.outer_low) | (obs > self.outer_high)).any(axis=1) | (self._score(obs) > self.threshold)
+        if not far.any():
+            return obs
+        out = obs.copy()
+        out[far] = self._repair(obs[far])
         return out
+
+    def _repair(self, obs: np.ndarray) -> np.ndarray:
+        clipped = np.clip(obs, self.low, self.high)
+        dist = self._score(clipped)
+        factor = np.where(dist > self.threshold, self.threshold / np.maximum(dist, 1e-12), 1.0)
+        return self.mean + (clipped - self.mean) * factor[:, None]
 
     def _score(self, obs: np.ndarray) -> np.ndarray:
         centred = obs - self.mean

@@ -17,6 +17,7 @@ from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 
 from rlbackdoor import tracking
+from rlbackdoor.defenses.filtering import FilterVecEnv, RolloutFilter, training_filter
 from rlbackdoor.errors import ArtifactError
 from rlbackdoor.evaluation.callback import EvalCallback
 from rlbackdoor.specs import ExperimentSpec
@@ -24,7 +25,7 @@ from rlbackdoor.training import presets
 from rlbackdoor.training.artifacts import CARD, describe_policy, versions, write_artifacts
 from rlbackdoor.training.callbacks import PoisonCounter, PoisonRateLog, ProgressBar, TrackerOutput, poison_rate
 from rlbackdoor.training.checkpoints import FOLDER, Checkpointer, counts_of, latest_checkpoint, restore
-from rlbackdoor.training.envs import make_train_env, preset_keys, run_attack
+from rlbackdoor.training.envs import env_factory, make_train_env, preset_keys, run_attack
 from rlbackdoor.training.outer import OuterLoopPoisoning
 from rlbackdoor.training.selection import InnerValueSelection, uses_value_selection
 
@@ -105,6 +106,10 @@ def train(
     attack = run_attack(spec)
     hyperparams = presets.resolve(spec.algo, preset_keys(spec, attack), spec.hyperparams)
     venv, backdoor = make_train_env(spec, attack, seed)
+    filt = training_filter(spec.sanitize, env_factory(spec, attack), seed) if spec.sanitize is not None else None
+    defence: FilterVecEnv | RolloutFilter | None = None
+    if filt is not None and spec.poisoning != "outer":
+        venv = defence = FilterVecEnv(venv, filt)
     model = presets.build_model(spec.algo, venv, hyperparams, seed)
     policy = describe_policy(model.policy)
     own: list[BaseCallback] = []
@@ -114,6 +119,9 @@ def train(
         poisoner.init_callback(model)  # checks the attack against the model before anything is written
         own.append(poisoner)
         counter = poisoner
+        if filt is not None:
+            defence = RolloutFilter(filt, truth=lambda: poisoner.last_poisoned)
+            own.append(defence)
     if backdoor is not None and attack is not None and uses_value_selection(attack, venv.action_space):
         own.append(InnerValueSelection(backdoor))
     if folder is not None:
@@ -150,6 +158,8 @@ def train(
             reset_num_timesteps=start == 0,
         )
         summary = _train_summary(model, counter, seconds0 + time.monotonic() - t0)
+        if defence is not None:
+            summary |= {f"sanitize_{key}": value for key, value in defence.stats().items()}
         card = {
             "name": spec.name,
             "algo": spec.algo,
