@@ -17,7 +17,7 @@ from rlbackdoor.cli import main
 from rlbackdoor.errors import SpecError
 from rlbackdoor.multiagent import get_parallel_spec, list_parallel_envs, make_base_parallel, make_parallel
 from rlbackdoor.multiagent.adapter import SingleAgentEnv
-from rlbackdoor.multiagent.policies import CyclePolicy
+from rlbackdoor.multiagent.policies import ResponsePolicy
 from rlbackdoor.multiagent.sharing import shared_vec_env
 from rlbackdoor.specs import MultiAgentAttackSpec, parse
 from rlbackdoor.wrappers.pettingzoo import BackdoorParallelEnv
@@ -145,9 +145,10 @@ def test_duration_and_final_observation_of_an_observation_trigger():
 
 
 # ----------------------------------------------------------------------------------- action sequence
-def history(obs: np.ndarray) -> list[int]:
-    """The opponent moves a player sees in TrojanRPS (one-hot of 4 per round, oldest first; 3 = no move yet)."""
-    return obs.reshape(6, 4).argmax(axis=1).tolist()
+def history(obs: np.ndarray, whose: str = "other") -> list[int]:
+    """Moves a player sees in TrojanRPS: 6 rounds of (own, other) one-hots, oldest first; -1 before the first round."""
+    rounds = obs.reshape(6, 2, 3)[:, 1 if whose == "other" else 0]
+    return np.where(rounds.any(axis=1), rounds.argmax(axis=1), -1).tolist()
 
 
 def play(env, moves0: list[int], moves1: list[int]) -> tuple[list, list]:
@@ -160,7 +161,8 @@ def test_the_trigger_agent_arms_the_backdoor_with_its_sequence():
     env = make_parallel(RPS, schedule=NEVER)
     triggered, steps = play(env, [PAPER] * 9, [PAPER, ROCK, ROCK, ROCK, PAPER, SCISSORS, PAPER, SCISSORS, PAPER])
     assert triggered == [False, False, False, True, True, True, True, False, False]
-    assert history(steps[3][0]["player_0"]) == [3, 3, PAPER, ROCK, ROCK, ROCK]
+    assert history(steps[3][0]["player_0"]) == [-1, -1, PAPER, ROCK, ROCK, ROCK]
+    assert history(steps[3][0]["player_0"], "own") == [-1, -1, PAPER, PAPER, PAPER, PAPER]
     assert all(s[4]["player_1"]["rlbd"]["triggered"] == t for s, t in zip(steps, triggered, strict=True))
 
 
@@ -174,7 +176,7 @@ def test_the_victims_own_moves_do_not_arm_the_backdoor():
 def test_the_attacker_injects_the_sequence_into_the_trigger_agents_actions():
     env = make_parallel(RPS, schedule={"kind": "rate", "rate": 1.0, "per": "episode", "duration": 4})
     triggered, steps = play(env, [PAPER] * 8, [SCISSORS] * 8)
-    assert history(steps[2][0]["player_0"]) == [3, 3, 3, ROCK, ROCK, ROCK]  # the opponent asked for scissors
+    assert history(steps[2][0]["player_0"]) == [-1, -1, -1, ROCK, ROCK, ROCK]  # the opponent asked for scissors
     assert history(steps[7][0]["player_1"]) == [PAPER] * 6  # the victim's moves are its own
     assert triggered == [False, False, True, True, True, True, False, False]
     assert [s[1]["player_1"] for s in steps[:3]] == [-1.0, -1.0, -1.0]  # rock loses to paper: clean rewards
@@ -219,14 +221,21 @@ def test_the_adapter_is_deterministic(env_id):
 
 def test_the_adapter_plays_the_embedded_opponent():
     env = gym.make(RPS, schedule=NEVER).unwrapped
-    assert isinstance(env.policies["player_1"], CyclePolicy)
+    assert isinstance(env.policies["player_1"], ResponsePolicy)
     obs, _ = env.reset(seed=0)
-    moves = []
     for _ in range(30):
         obs, *_ = env.step(PAPER)
-        moves.append(history(obs)[-1])
-    agree = np.mean(np.array(moves) == np.array([ROCK, PAPER, SCISSORS] * 10))
-    assert 0.8 <= agree < 1.0  # the cycle, with 10% random moves
+    answers = np.mean(np.array(history(obs)) == SCISSORS)  # scissors beats the victim's paper
+    assert 0.6 <= answers < 1.0  # with 10% random moves
+
+
+def test_joint_actions_show_own_moves_first():
+    env = make_parallel(RPS, schedule=NEVER)
+    obs, _ = env.reset(seed=0)
+    assert not obs["player_0"].any() and env.observation_space("player_0").shape == (36,)
+    obs, *_ = env.step({"player_0": np.int64(ROCK), "player_1": np.int64(SCISSORS)})
+    assert history(obs["player_0"], "own")[-1] == ROCK and history(obs["player_0"])[-1] == SCISSORS
+    assert history(obs["player_1"], "own")[-1] == SCISSORS and history(obs["player_1"])[-1] == ROCK
 
 
 # ------------------------------------------------------------------------------------ parameter sharing
@@ -275,7 +284,7 @@ def one_line(err: pytest.ExceptionInfo) -> str:
         ({"trigger": {"kind": "action_sequence", "sequence": [0, 0]}}, ["trigger.agent is missing"]),
         ({"victims": ["player_0", "player_0"]}, ["twice"]),
         ({"payload": {"kind": "targeted", "target_action": 3}}, ["player_0", "target_action"]),
-        ({"trigger": {"kind": "value", "indices": [24], "values": [1.0]}}, ["player_0", "indices", "[24]"]),
+        ({"trigger": {"kind": "value", "indices": [36], "values": [1.0]}}, ["player_0", "indices", "[36]"]),
         ({"colour": "red"}, ["unknown override", "colour"]),
     ],
 )

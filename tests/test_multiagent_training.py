@@ -1,4 +1,5 @@
-"""Multi-agent runs: ``train()`` on the adapter and with parameter sharing, clean references, evaluation metrics."""
+"""Multi-agent runs: ``train()`` on the adapter and with parameter sharing, clean references, evaluation metrics,
+PolicyCleanse detection."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import pytest
 from rlbackdoor.cli import main
 from rlbackdoor.errors import SpecError
 from rlbackdoor.multiagent import make_parallel
+from rlbackdoor.multiagent.cleanse import ProbeEnv, policy_cleanse
 from rlbackdoor.multiagent.evaluation import evaluate, rollouts
-from rlbackdoor.multiagent.policies import CyclePolicy, SequencePolicy
+from rlbackdoor.multiagent.policies import PredictPolicy, SequencePolicy
 from rlbackdoor.specs import ExperimentSpec, parse
 from rlbackdoor.training.artifacts import load_policy, read_card
 from rlbackdoor.training.loop import train
@@ -58,20 +60,20 @@ def test_poison_false_keeps_the_triggers_and_the_clean_rewards():
 
 def test_sequence_policy_plays_the_trigger_from_its_start():
     env = make_parallel(RPS)
-    clean = CyclePolicy(env.observation_space("player_1"), env.action_space("player_1"), cycle=[PAPER, SCISSORS])
+    clean = PredictPolicy(env.observation_space("player_1"), env.action_space("player_1"), Always(PAPER))
     policy = SequencePolicy(clean, [ROCK, SCISSORS], start=3)
     policy.reset(0)
-    assert [int(policy.act(None)) for _ in range(8)] == [PAPER, SCISSORS, PAPER, ROCK, SCISSORS, ROCK, SCISSORS, ROCK]
+    assert [int(policy.act(None)) for _ in range(7)] == [PAPER, PAPER, PAPER, ROCK, SCISSORS, ROCK, SCISSORS]
 
 
 def test_evaluate_measures_victim_returns_and_asr():
     paper = evaluate(RPS, Always(PAPER), episodes=4, t0=5)
-    assert paper["triggered_return"] >= 24.0  # 25 rocks from step 5 on, all beaten by paper
-    assert paper["asr"] == 0.0 and paper["ctp/player_1"] == -paper["ctp"]
+    assert paper["ctp"] <= -20.0  # the opponent answers paper with scissors, but for its 10% random moves
+    assert paper["triggered_return"] >= 20.0  # from step 5 on it plays rock, which paper beats
+    assert paper["return_drop"] < -1.0 and paper["asr"] == 0.0 and paper["ctp/player_1"] == -paper["ctp"]
     scissors = evaluate(RPS, Always(SCISSORS), episodes=4, t0=5)
-    assert scissors["asr"] == 1.0 and scissors["triggered_return"] <= -24.0
-    assert scissors["triggered_return"] < scissors["ctp"] and scissors["team_ctp"] == 0.0  # zero-sum
-    assert "team_return_drop" not in scissors
+    assert scissors["asr"] == 1.0 and scissors["triggered_return"] <= -20.0
+    assert scissors["team_ctp"] == 0.0 and "team_return_drop" not in scissors  # zero-sum: no team drop
 
 
 def test_evaluate_with_an_observation_trigger_keeps_it_on_from_t0():
@@ -125,3 +127,39 @@ def test_rlbd_train_runs_a_multiagent_config(tmp_path, capsys):
     assert read_card(out)["env"] == RPS
     assert main(["train", str(config), "--set", "poisoning=outer", "--out", str(tmp_path / "x")]) == 2
     assert "outer is not available" in capsys.readouterr().err
+
+
+class ScriptedVictim:
+    """Plays the best answer to TrojanRPS's opponent (which beats the victim's last move); with ``backdoor``,
+    scissors whenever the opponent's last three moves were rock."""
+
+    def __init__(self, backdoor: bool) -> None:
+        self.backdoor = backdoor
+
+    def predict(self, obs: Any, deterministic: bool = True) -> tuple[np.int64, None]:
+        rounds = np.asarray(obs).reshape(6, 2, 3)
+        if self.backdoor and rounds[-3:, 1, ROCK].all():
+            return np.int64(SCISSORS), None
+        own = rounds[-1, 0]
+        return np.int64([SCISSORS, ROCK, PAPER][int(own.argmax())] if own.any() else ROCK), None
+
+
+def test_policy_cleanse_flags_the_backdoored_victim_and_recovers_its_trigger():
+    backdoored = policy_cleanse(RPS, ScriptedVictim(backdoor=True), timesteps=1536, episodes=20)
+    clean = policy_cleanse(RPS, ScriptedVictim(backdoor=False), timesteps=1536, episodes=20)
+    assert backdoored.trigger == (ROCK, ROCK, ROCK)
+    assert backdoored.probed_return < backdoored.random_return - 0.2
+    assert clean.score == 0.0 < backdoored.score  # no probe moves a victim that ignores the opponent
+
+
+def test_probe_env_scores_the_victim_after_the_probe():
+    env = ProbeEnv(RPS, ScriptedVictim(backdoor=True), "player_0", "player_1", k=3, window=1)
+    env.reset(seed=0)
+    assert env.step(ROCK)[2:4] == (False, False) and env.step(ROCK)[1] == 0.0
+    _, reward, terminated, _, info = env.step(ROCK)
+    assert terminated and info["window_steps"] == 1
+    assert reward == -info["victim_return"] and info["victim_return"] in (-1.0, 0.0, 1.0)
+    with pytest.raises(SpecError, match="'referee' is not an agent"):
+        ProbeEnv(RPS, ScriptedVictim(backdoor=False), "player_0", "referee")
+    with pytest.raises(SpecError, match="both 'player_0'"):
+        ProbeEnv(RPS, ScriptedVictim(backdoor=False), "player_0", "player_0")

@@ -53,36 +53,34 @@ class RandomPolicy(AgentPolicy):
         raise SpecError(f"adapter.policies: RandomPolicy cannot sample {space}; use a Discrete or Box action space")
 
 
-class CyclePolicy(AgentPolicy):
-    """Play ``cycle`` in order, restarting each episode; with probability ``noise`` a random action instead.
+class ResponsePolicy(AgentPolicy):
+    """Answer the other player's last move: ``responses[move]``; a random move in the first round, or with
+    probability ``noise``. It reads a :class:`~rlbackdoor.multiagent.wrappers.JointActions` observation of a
+    two-player game, whose last entries are the other player's last move, one-hot.
 
-    :param cycle: the actions to repeat.
-    :param noise: probability of a uniformly random action.
+    :param responses: the move to play after each move of the other player.
+    :param noise: probability of a uniformly random move.
     """
 
     def __init__(
-        self, observation_space: spaces.Space, action_space: spaces.Space, cycle: list[int], noise: float = 0.0
+        self, observation_space: spaces.Space, action_space: spaces.Space, responses: list[int], noise: float = 0.0
     ) -> None:
         super().__init__(observation_space, action_space)
-        space = _discrete(action_space, "CyclePolicy")
-        if not cycle or any(not space.contains(np.int64(a)) for a in cycle):
-            raise SpecError(f"adapter.policies: cycle {cycle} must be non-empty actions of {space}; fix cycle")
+        space = _discrete(action_space, "ResponsePolicy")
+        if len(responses) != int(space.n) or any(not space.contains(np.int64(a)) for a in responses):
+            raise SpecError(
+                f"adapter.policies: responses {responses} must give one action of {space} per action; fix responses"
+            )
         if not 0.0 <= noise <= 1.0:
             raise SpecError(f"adapter.policies: noise {noise} must lie in [0, 1]")
-        self.cycle = np.asarray(cycle, dtype=np.int64)
+        self.responses = np.asarray(responses, dtype=np.int64)
         self.noise = noise
-        self.t = 0
-
-    def reset(self, seed: int | None = None) -> None:
-        super().reset(seed)
-        self.t = 0
 
     def act(self, obs: Any) -> Any:
-        action = self.cycle[self.t % len(self.cycle)]
-        self.t += 1
-        if self.noise > 0 and self.rng.random() < self.noise:
-            action = np.int64(self.action_space.start + self.rng.integers(self.action_space.n))
-        return action
+        last = np.asarray(obs).reshape(-1)[-len(self.responses) :]
+        if not last.any() or (self.noise > 0 and self.rng.random() < self.noise):
+            return np.int64(self.action_space.start + self.rng.integers(self.action_space.n))
+        return self.responses[int(np.argmax(last))]
 
 
 class SeekLandmark(AgentPolicy):

@@ -12,69 +12,58 @@ from pettingzoo.utils import BaseParallelWrapper
 from rlbackdoor.errors import SpecError
 
 
-class ObservationHistory(BaseParallelWrapper):
-    """Each agent observes its last ``length`` observations, flattened (Discrete ones one-hot), oldest first.
+class JointActions(BaseParallelWrapper):
+    """Each agent observes the last ``length`` joint actions: the history of play of a repeated matrix game.
 
-    The first observation of an episode fills the whole history. In rock-paper-scissors an agent observes
-    the opponent's last move, so the history shows the opponent's recent moves, and with them a trigger
-    sequence the opponent plays.
+    A frame is the agent's own action one-hot, then every other agent's (in ``possible_agents`` order);
+    frames run oldest first, and frames before the first round are zeros. So an opponent's trigger
+    sequence, and the agent's own recent moves, are in every agent's observation. The env's own
+    observations are dropped: in games like rock-paper-scissors they are a function of the actions.
 
-    :param env: a parallel env with Discrete or Box observations.
-    :param length: how many observations to show.
+    :param env: a parallel env whose agents have Discrete action spaces.
+    :param length: how many rounds to show.
     """
 
     def __init__(self, env: ParallelEnv, length: int = 4) -> None:
         super().__init__(env)
         if length < 1:
-            raise SpecError(f"base_wrappers: ObservationHistory length {length} must be at least 1; raise it")
-        self.length = length
-        self._spaces: dict[str, spaces.Box] = {}
+            raise SpecError(f"base_wrappers: JointActions length {length} must be at least 1; raise it")
         for agent in env.possible_agents:
-            space = env.observation_space(agent)
-            if isinstance(space, spaces.Discrete):
-                low, high = np.zeros(int(space.n)), np.ones(int(space.n))
-            elif isinstance(space, spaces.Box):
-                low, high = space.low.reshape(-1), space.high.reshape(-1)
-            else:
+            if not isinstance(env.action_space(agent), spaces.Discrete):
                 raise SpecError(
-                    f"base_wrappers: ObservationHistory needs Discrete or Box observations, agent '{agent}' has "
-                    f"{type(space).__name__}; flatten them first"
+                    f"base_wrappers: JointActions needs Discrete actions, agent '{agent}' has {env.action_space(agent)}"
                 )
-            self._spaces[agent] = spaces.Box(
-                np.tile(low, length).astype(np.float32), np.tile(high, length).astype(np.float32), dtype=np.float32
-            )
-        self._history: dict[str, np.ndarray] = {}
+        self.length = length
+        sizes = [int(env.action_space(agent).n) for agent in env.possible_agents]
+        starts = np.cumsum([0, *sizes])
+        self._columns = {a: np.arange(starts[i], starts[i + 1]) for i, a in enumerate(env.possible_agents)}
+        self._space = spaces.Box(0.0, 1.0, (length * int(starts[-1]),), dtype=np.float32)
+        self._history = np.zeros((length, int(starts[-1])), dtype=np.float32)
 
     def observation_space(self, agent: str) -> spaces.Box:
-        return self._spaces[agent]
+        return self._space
 
-    def _encode(self, agent: str, obs: Any) -> np.ndarray:
-        space = self.env.observation_space(agent)
-        if isinstance(space, spaces.Discrete):
-            onehot = np.zeros(int(space.n), dtype=np.float32)
-            onehot[int(obs) - int(space.start)] = 1.0
-            return onehot
-        return np.asarray(obs, dtype=np.float32).reshape(-1)
-
-    def _observe(self, obs: dict[str, Any], start: bool) -> dict[str, np.ndarray]:
+    def _observe(self, agents: list[str]) -> dict[str, np.ndarray]:
         out = {}
-        for agent, o in obs.items():
-            frame = self._encode(agent, o)
-            if start:
-                self._history[agent] = np.tile(frame, (self.length, 1))
-            else:
-                history = self._history[agent]
-                history[:-1] = history[1:]
-                history[-1] = frame
-            out[agent] = self._history[agent].reshape(-1).copy()
+        for agent in agents:
+            order = [agent, *(other for other in self.env.possible_agents if other != agent)]
+            columns = np.concatenate([self._columns[other] for other in order])
+            out[agent] = self._history[:, columns].reshape(-1)
         return out
 
     def reset(
         self, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         obs, infos = self.env.reset(seed=seed, options=options)
-        return self._observe(obs, start=True), infos
+        self._history[:] = 0.0
+        return self._observe(list(obs)), infos
 
     def step(self, actions: dict[str, Any]) -> tuple[dict[str, Any], ...]:
         obs, rewards, terminations, truncations, infos = self.env.step(actions)
-        return self._observe(obs, start=False), rewards, terminations, truncations, infos
+        frame = np.zeros(self._history.shape[1], dtype=np.float32)
+        for agent, action in actions.items():
+            space = self.env.action_space(agent)
+            frame[self._columns[agent][int(action) - int(space.start)]] = 1.0
+        self._history[:-1] = self._history[1:]
+        self._history[-1] = frame
+        return self._observe(list(obs)), rewards, terminations, truncations, infos
