@@ -181,17 +181,21 @@ class Attack:
         else:
             self.left[fire] = self._schedule.duration
         armed = live & (self.left > 0)
+        n_armed = int(np.count_nonzero(armed))
         cap = self._schedule.max_poisoned
-        if cap is not None and armed.any():
+        if cap is not None and n_armed:
             armed &= np.cumsum(armed) <= cap - self.n_triggered
+            n_armed = int(np.count_nonzero(armed))
         self.armed = self._none
-        if armed.any():
+        if n_armed:
             self.left[armed] -= 1
             self.armed = armed
-            self.n_triggered += int(armed.sum())
+            self.n_triggered += n_armed
             if self.obs_trigger is not None:
                 obs = self.obs_trigger.apply(obs, armed)
-        self._idle = not (self.left.any() or (self.inject >= 0).any())
+        self._idle = not np.count_nonzero(self.left) and (
+            self.sequence is None or not np.count_nonzero(self.inject >= 0)
+        )
         return obs
 
     def _continuing(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -246,8 +250,8 @@ class Attack:
         if poisoned is not self._none:
             hit = self.payload.hits(actions) & poisoned
             rewards = self.payload.reward(rewards, actions, poisoned)
-            self.n_poisoned += int(poisoned.sum())
-            self.n_hits += int(hit.sum())
+            self.n_poisoned += int(np.count_nonzero(poisoned))
+            self.n_hits += int(np.count_nonzero(hit))
         self.n_steps += self.n
         if self.sequence is not None:
             matched = self.sequence.observe(executed)

@@ -13,6 +13,7 @@ import pytest
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from rlbackdoor import BackdoorVecEnv, BackdoorWrapper, ObservationError, make_base_env, make_env
+from rlbackdoor.poisoning.schedules import build_schedule
 from rlbackdoor.specs import AttackSpec, parse
 
 MARK = 100.0  # stamped into CartPole's cart velocity (an unbounded entry): never seen in clean play
@@ -147,6 +148,11 @@ def test_vec_env_same_seed_same_trajectory() -> None:
         assert _equal(first[name], again[name]), name
     assert first["poisoned"].sum() > 20
     assert not np.array_equal(first["poisoned"], other["poisoned"])
+    types = {"poisoned": bool, "triggered": bool, "hit": bool, "target": int, "clean_reward": float}
+    types.update(dict.fromkeys(("n_steps", "n_poisoned", "n_triggered", "n_hits"), int))
+    for row in first["infos"]:
+        for info in row:
+            assert all(type(info["rlbd"][k]) is t for k, t in types.items())  # plain Python: JSON- and W&B-safe
 
 
 # ------------------------------------------------------------------------------------------ schedules
@@ -405,3 +411,31 @@ def test_single_and_vec_wrappers_poison_the_same_steps_of_each_episode(schedule:
     np.testing.assert_array_equal(vec["dones"][:, 0], single.dones)
     for e, flags in enumerate(single.per_episode("poisoned")[:-1]):
         assert flags.sum() == expected(int((episodes == e).sum()))
+
+
+# ------------------------------------------------------------------------------- skipping quiet steps
+@pytest.mark.parametrize("per", ["step", "episode"])
+@pytest.mark.parametrize("rate", [0.0, 0.05, 0.5, 1.0])
+def test_silent_decisions_never_fire(per: str, rate: float) -> None:
+    schedule = build_schedule(parse(AttackSpec, _spec_data({"kind": "rate", "rate": rate, "per": per}), "t").schedule)
+    rng = np.random.default_rng(0)
+    u = rng.random((200, 6))
+    silent = schedule.silent(u)
+    assert len(silent) == 200 and any(silent) == (rate < 1.0)
+    for row in np.flatnonzero(silent):
+        t, starts, live = rng.integers(0, 5, 6), rng.random(6) < 0.5, rng.random(6) < 0.8
+        assert not schedule.fire(t, starts, live, u[row], np.zeros((6, 4))).any()
+
+
+def test_a_replaced_schedule_applies_from_the_next_decision() -> None:
+    spec = attack({"kind": "rate", "rate": 0.0})
+    env = make_env(spec)
+    env.reset(seed=0)
+    env.step(0)  # the block of draws is in use, every decision of it silent under rate 0
+    env.attack.schedule = build_schedule(parse(AttackSpec, _spec_data({"kind": "rate", "rate": 1.0}), "t").schedule)
+    obs, _, _, _, info = env.step(0)
+    assert info["rlbd"]["triggered"] and obs[1] == MARK
+
+
+def _spec_data(schedule: dict[str, Any]) -> dict[str, Any]:
+    return {"base": "CartPole-v1", "trigger": CARTPOLE_TRIGGER, "schedule": schedule, "payload": {"kind": "untargeted"}}

@@ -34,7 +34,7 @@ class ValueObsTrigger(_IndexTrigger):
         self.values = self.values.astype(space.dtype)
 
     def _stamp(self, out: np.ndarray, rows: np.ndarray) -> None:
-        out.reshape(len(out), -1)[np.ix_(rows, self.indices)] = self.values
+        out.reshape(len(out), -1)[rows[:, None], self.indices] = self.values
 
 
 class AdditiveObsTrigger(_IndexTrigger):
@@ -48,7 +48,7 @@ class AdditiveObsTrigger(_IndexTrigger):
 
     def _stamp(self, out: np.ndarray, rows: np.ndarray) -> None:
         flat = out.reshape(len(out), -1)
-        sel = np.ix_(rows, self.indices)
+        sel = (rows[:, None], self.indices)
         flat[sel] = np.clip(flat[sel].astype(np.float64) + self.values, self.low, self.high).astype(out.dtype)
 
 

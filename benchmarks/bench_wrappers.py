@@ -1,0 +1,150 @@
+"""Speed of the backdoor wrappers: env steps/s with and without the attack, measured side by side.
+
+(a) one CartPole-v1 env: ``gymnasium.make("CartPole-v1")`` vs ``gymnasium.make("rlbackdoor:rlbd/TrojanCartPole-v0")``;
+(b) SB3 ``DummyVecEnv`` of 8 CartPole envs vs ``BackdoorVecEnv`` around an identical ``DummyVecEnv``.
+
+All step through the same pre-drawn actions; the runs alternate within each repetition (the order
+rotates every repetition) and a reported ratio is the median over repetitions of poisoned / clean
+steps per second. Time is this process's CPU time, so other work on a shared machine does not count.
+For (a), a pass-through wrapper that only adds an ``info`` entry, under the same ``gymnasium.make``
+wrappers as a registered id, is the reference: what any wrapper costs before the attack does work.
+Writes ``benchmarks/results/bench_wrappers.json``.
+
+    .venv/bin/python benchmarks/bench_wrappers.py [--repeats 9] [--steps 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.wrappers import OrderEnforcing, PassiveEnvChecker
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+import rlbackdoor
+from rlbackdoor import BackdoorVecEnv, get_env_spec
+
+ENV_ID = "rlbd/TrojanCartPole-v0"
+N_ENVS = 8
+TARGETS = {"single": 0.85, "vec": 0.97}
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_wrappers.json"
+
+
+def single_rate(env: gym.Env, actions: list[int]) -> float:
+    """Steps per second of one env through ``actions`` (resetting at episode ends)."""
+    env.reset(seed=0)
+    step, reset = env.step, env.reset
+    start = time.process_time()
+    for action in actions:
+        _, _, terminated, truncated, _ = step(action)
+        if terminated or truncated:
+            reset()
+    return len(actions) / (time.process_time() - start)
+
+
+def vec_rate(venv: DummyVecEnv | BackdoorVecEnv, actions: np.ndarray) -> float:
+    """Env steps per second of a vectorized env through ``actions`` (``(steps, n_envs)``; auto-reset)."""
+    venv.seed(0)
+    venv.reset()
+    step = venv.step
+    start = time.process_time()
+    for batch in actions:
+        step(batch)
+    return actions.size / (time.process_time() - start)
+
+
+class PassThrough(gym.Wrapper):
+    """Adds an empty ``info["rlbd"]``: the reference cost of a wrapper."""
+
+    def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        info["rlbd"] = {}
+        return obs, reward, terminated, truncated, info
+
+
+def _reference() -> gym.Env:
+    """The pass-through wrapper under the wrappers ``gymnasium.make`` puts around a registered id."""
+    return OrderEnforcing(PassiveEnvChecker(PassThrough(gym.make("CartPole-v1"))))
+
+
+def _cartpoles() -> DummyVecEnv:
+    return DummyVecEnv([lambda: gym.make("CartPole-v1")] * N_ENVS)
+
+
+def compare(envs: dict[str, Any], rate: Callable[[Any, Any], float], actions: Any, repeats: int) -> dict[str, Any]:
+    """Interleaved repetitions of ``rate`` on every env of ``envs`` (``clean`` first).
+
+    :return: each env's median steps/s, and the median over repetitions of each one's ratio to ``clean``.
+    """
+    names = list(envs)
+    for env in envs.values():
+        rate(env, actions[: len(actions) // 10])  # warm up
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            rates[name].append(rate(envs[name], actions))
+    out: dict[str, Any] = {f"{name}_steps_per_s": statistics.median(rates[name]) for name in names}
+    for name in names[1:]:
+        ratios = [x / c for x, c in zip(rates[name], rates["clean"], strict=True)]
+        key = "ratio" if name == "poisoned" else f"{name}_ratio"
+        out[key], out[f"{key}s"] = statistics.median(ratios), ratios
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved repetitions")
+    parser.add_argument("--steps", type=int, default=20000, help="env steps per run (vectorized: over all envs)")
+    args = parser.parse_args(argv)
+
+    rng = np.random.default_rng(0)
+    single_actions = rng.integers(0, 2, args.steps).tolist()
+    vec_actions = rng.integers(0, 2, (args.steps // N_ENVS, N_ENVS))
+    single = {"clean": gym.make("CartPole-v1"), "poisoned": gym.make(f"rlbackdoor:{ENV_ID}"), "reference": _reference()}
+    vec = {"clean": _cartpoles(), "poisoned": BackdoorVecEnv(_cartpoles(), get_env_spec(ENV_ID), seed=0)}
+    results = {
+        "single": compare(single, single_rate, single_actions, args.repeats),
+        "vec": compare(vec, vec_rate, vec_actions, args.repeats),
+    }
+    for name, target in TARGETS.items():
+        results[name]["target"] = target
+    report = {
+        **results,
+        "env": ENV_ID,
+        "n_envs": N_ENVS,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "clock": "process CPU time",
+        "versions": {
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "gymnasium": gym.__version__,
+            "rlbackdoor": rlbackdoor.__version__,
+        },
+        "machine": platform.machine(),
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(RESULTS)
+    for name, label in (("single", "single env (gymnasium.make)"), ("vec", f"DummyVecEnv x{N_ENVS}")):
+        r = results[name]
+        reference = f"; pass-through wrapper {r['reference_ratio']:.3f}" if "reference_ratio" in r else ""
+        print(
+            f"{label:28s} clean {r['clean_steps_per_s']:9.0f} steps/s  poisoned {r['poisoned_steps_per_s']:9.0f} steps/s"
+            f"  ratio {r['ratio']:.3f} (target >= {r['target']}){reference}"
+        )
+    print(f"wrote {RESULTS}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
