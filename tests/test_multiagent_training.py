@@ -61,16 +61,17 @@ def test_poison_false_keeps_the_triggers_and_the_clean_rewards():
 def test_sequence_policy_plays_the_trigger_from_its_start():
     env = make_parallel(RPS)
     clean = PredictPolicy(env.observation_space("player_1"), env.action_space("player_1"), Always(PAPER))
-    policy = SequencePolicy(clean, [ROCK, SCISSORS], start=3)
+    policy = SequencePolicy(clean, [ROCK, SCISSORS], start=3, pause=1)
     policy.reset(0)
-    assert [int(policy.act(None)) for _ in range(7)] == [PAPER, PAPER, PAPER, ROCK, SCISSORS, ROCK, SCISSORS]
+    moves = [int(policy.act(None)) for _ in range(9)]
+    assert moves == [PAPER, PAPER, PAPER, ROCK, SCISSORS, PAPER, ROCK, SCISSORS, PAPER]
 
 
 def test_evaluate_measures_victim_returns_and_asr():
     paper = evaluate(RPS, Always(PAPER), episodes=4, t0=5)
     assert paper["ctp"] <= -20.0  # the opponent answers paper with scissors, but for its 10% random moves
-    assert paper["triggered_return"] >= 20.0  # from step 5 on it plays rock, which paper beats
-    assert paper["return_drop"] < -1.0 and paper["asr"] == 0.0 and paper["ctp/player_1"] == -paper["ctp"]
+    assert paper["triggered_return"] >= paper["ctp"] + 15.0  # from step 5 on, rock x3 of every 7 moves
+    assert paper["return_drop"] < -0.5 and paper["asr"] == 0.0 and paper["ctp/player_1"] == -paper["ctp"]
     scissors = evaluate(RPS, Always(SCISSORS), episodes=4, t0=5)
     assert scissors["asr"] == 1.0 and scissors["triggered_return"] <= -20.0
     assert scissors["team_ctp"] == 0.0 and "team_return_drop" not in scissors  # zero-sum: no team drop

@@ -3,7 +3,8 @@
 Rollouts run on the registered env with ``poison=False`` (clean rewards). In *clean* episodes the
 attacker never fires (the agents may still trigger the backdoor by chance); in *triggered* episodes the
 trigger is active from step ``t0`` on: an observation trigger stays stamped into the victims'
-observations, and for an action-sequence trigger the trigger agent plays the sequence over and over.
+observations, and the trigger agent of an action-sequence trigger plays the sequence, then its usual
+moves while the backdoor is armed (``schedule.duration`` steps), then the sequence again, and so on.
 Clean and triggered episodes share their seeds.
 
 Returns can be negative (MPE), so ``return_drop = (ctp - triggered_return) / |ctp|``: for positive
@@ -59,7 +60,7 @@ def rollouts(
     controllers = _controllers(env, env_id, policy, sharing)
     if triggered and sequence is not None:
         agent = sequence.agent
-        controllers[agent] = SequencePolicy(controllers[agent], sequence.sequence, start=t0)  # type: ignore[index]
+        controllers[agent] = SequencePolicy(controllers[agent], sequence.sequence, start=t0, pause=duration)  # type: ignore[index]
     returns: dict[str, list[float]] = defaultdict(list)
     hits = armed_steps = 0
     victims = set(spec.victims)

@@ -121,19 +121,23 @@ class SeekLandmark(AgentPolicy):
 
 
 class SequencePolicy(AgentPolicy):
-    """A trigger agent's attack: ``inner``'s moves until step ``start``, then ``sequence`` over and over.
+    """A trigger agent's attack: ``inner``'s moves until step ``start``, then ``sequence`` followed by
+    ``pause`` moves of ``inner``, over and over.
 
-    Evaluation uses it to keep an action-sequence trigger active from ``start`` on.
+    With ``pause`` the backdoor's duration, the attacker re-triggers as soon as the backdoor disarms and
+    otherwise plays as usual: evaluation uses it to keep an action-sequence trigger active from ``start`` on.
 
     :param inner: the agent's clean policy.
     :param sequence: the trigger sequence.
     :param start: the first step of the sequence.
+    :param pause: clean moves between two plays of the sequence.
     """
 
-    def __init__(self, inner: AgentPolicy, sequence: list[int], start: int = 0) -> None:
+    def __init__(self, inner: AgentPolicy, sequence: list[int], start: int = 0, pause: int = 0) -> None:
         super().__init__(inner.observation_space, inner.action_space)
         _discrete(inner.action_space, "SequencePolicy")
-        self.inner, self.sequence, self.start = inner, np.asarray(sequence, dtype=np.int64), start
+        self.inner, self.sequence = inner, np.asarray(sequence, dtype=np.int64)
+        self.start, self.pause = start, pause
         self.t = 0
 
     def reset(self, seed: int | None = None) -> None:
@@ -142,8 +146,11 @@ class SequencePolicy(AgentPolicy):
 
     def act(self, obs: Any) -> Any:
         action = self.inner.act(obs)
+        phase = self.t - self.start
         self.t += 1
-        return action if self.t <= self.start else self.sequence[(self.t - 1 - self.start) % len(self.sequence)]
+        if phase < 0 or phase % (len(self.sequence) + self.pause) >= len(self.sequence):
+            return action
+        return self.sequence[phase % (len(self.sequence) + self.pause)]
 
 
 class PredictPolicy(AgentPolicy):
