@@ -136,13 +136,9 @@ class Tracker:
         self._call("log_image", log)
 
 
-_warned: set[str] = set()
-
-
 def _warn(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    """Warn about a W&B failure; a failed run turns its tracker off, so each run warns at most once."""
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 @contextmanager
