@@ -3,9 +3,9 @@
 Parts (``--only a,b``; all by default):
 
 - ``rps``       ``configs/experiments/rps_inner.yaml`` (action-sequence backdoor, the opponent's rock x3) and
-  its clean twin ``rps_clean.yaml`` (same opponent and trigger sequences, clean rewards), ``--seeds`` each.
-  Targets: the backdoored victim's triggered return drop >= 0.5, and its clean return >= 95% of the clean
-  victims' (``ctp_ratio``).
+  its clean twin (``poisoning: null``: the same opponent and trigger sequences, clean rewards), ``--seeds``
+  each. Targets: the backdoored victims' mean ``return_drop`` >= 0.5 and mean ``ctp_ratio`` >= 0.95 (CTP
+  against the clean twin of the same seed, both relative to a random victim).
 - ``detect``    PolicyCleanse on the ``rps`` zoo (clean and backdoored victims): AUROC of its scores
   (scikit-learn) and the recovered trigger sequences.
 - ``spread``    ``configs/experiments/spread_shared_inner.yaml`` (cooperative, parameter sharing) and its
@@ -13,7 +13,8 @@ Parts (``--only a,b``; all by default):
 - ``speed``     ``BackdoorParallelEnv`` vs the bare parallel env, random actions, alternating in one
   process: steps per second and their ratio.
 
-Metrics are :func:`rlbackdoor.multiagent.evaluation.evaluate`'s. Finished runs under
+Metrics are :func:`rlbackdoor.multiagent.evaluation.evaluate`'s (3 evaluation seeds x ``--episodes``).
+Finished runs under
 ``benchmarks/results/runs/`` are reused (``--fresh`` retrains). Results merge into
 ``benchmarks/results/bench_multiagent.json`` part by part.
 
@@ -59,58 +60,64 @@ def finished_run(spec: ExperimentSpec, run_dir: Path, fresh: bool) -> Path:
     return train(spec, run_dir, wandb_mode="disabled", checkpoint_every=0)
 
 
-def zoo(config: str, seeds: list[int], quick: bool, fresh: bool) -> list[tuple[str, int, Path]]:
-    """Run dirs of ``config`` and its clean twin for every seed: ``(kind, seed, run_dir)``."""
+def zoo(config: str, seeds: list[int], quick: bool, fresh: bool) -> list[tuple[int, Path, Path]]:
+    """Run dirs of ``config`` and of its clean twin for every seed: ``(seed, backdoored, clean)``."""
     base = load_experiment(CONFIGS / f"{config}.yaml")
     if quick:
         base = base.model_copy(update={"timesteps": max(2048, base.timesteps // 20)})
     out = []
     for seed in seeds:
+        dirs = []
         for kind, poisoning in (("backdoored", base.poisoning), ("clean", None)):
             spec = base.model_copy(update={"seed": seed, "poisoning": poisoning, "name": f"{base.name}_{kind}"})
             run_dir = RUNS / ("quick" if quick else "full") / f"{spec.name}_s{seed}"
             start = time.monotonic()
-            finished_run(spec, run_dir, fresh)
+            dirs.append(finished_run(spec, run_dir, fresh))
             print(f"  {spec.name} seed {seed}: {time.monotonic() - start:.0f} s", flush=True)
-            out.append((kind, seed, run_dir))
+        out.append((seed, dirs[0], dirs[1]))
     return out
 
 
+HEADLINE = ("ctp", "ctp_ratio", "triggered_return", "return_drop", "asr", "team_ctp", "team_return_drop")
+
+
 def attack_quality(config: str, seeds: list[int], quick: bool, fresh: bool, episodes: int) -> dict[str, Any]:
-    """Evaluate every victim of the zoo; compare the backdoored victims with the clean ones."""
+    """Evaluate each backdoored victim against its clean twin (``ctp_ratio``), and the clean twin itself."""
     rows = []
-    for kind, seed, run_dir in zoo(config, seeds, quick, fresh):
-        policy, card = load_policy(run_dir)
+    for seed, backdoored, clean in zoo(config, seeds, quick, fresh):
+        policy, card = load_policy(backdoored)
+        reference, _ = load_policy(clean)
         sharing = bool(card["config"].get("sharing"))
-        metrics = evaluate(card["env"], policy, sharing=sharing, episodes=episodes, seed=1000)
-        rows.append(
-            {
-                "kind": kind,
-                "seed": seed,
-                "run": str(run_dir.relative_to(ROOT)),
-                **metrics,
-                "train_poison_rate": card["train"]["poison_rate"],
-                "train_seconds": card["train"]["seconds"],
-            }
-        )
-    clean_ctp = statistics.mean(r["ctp"] for r in rows if r["kind"] == "clean")
-    for row in rows:
-        row["ctp_ratio"] = row["ctp"] / clean_ctp if clean_ctp > 0 else None
-    backdoored = [r for r in rows if r["kind"] == "backdoored"]
-    summary = {
-        key: statistics.mean(r[key] for r in backdoored)
-        for key in ("ctp", "triggered_return", "return_drop", "ctp_ratio", "asr", "train_poison_rate")
-        if all(r.get(key) is not None for r in backdoored)
-    }
-    summary["clean_ctp"] = clean_ctp
-    summary["clean_return_drop"] = statistics.mean(r["return_drop"] for r in rows if r["kind"] == "clean")
+        for kind, agent, baseline in (("backdoored", policy, reference), ("clean", reference, None)):
+            metrics = evaluate(card["env"], agent, sharing=sharing, episodes=episodes, seeds=3, baseline=baseline)
+            run = backdoored if kind == "backdoored" else clean
+            rows.append(
+                {
+                    "kind": kind,
+                    "seed": seed,
+                    "run": str(run.relative_to(ROOT)),
+                    "train_poison_rate": read_card(run)["train"]["poison_rate"],
+                    **{k: v for k, v in metrics.items() if not k.endswith("_per_seed")},
+                }
+            )
+    summary = {}
+    for kind in ("backdoored", "clean"):
+        for key in HEADLINE:
+            values = [r[key] for r in rows if r["kind"] == kind and r.get(key) is not None]
+            if values:
+                summary[f"{kind}_{key}"] = statistics.mean(values)
     return {"rows": rows, "summary": summary}
 
 
 def detection(seeds: list[int], quick: bool, fresh: bool, episodes: int) -> dict[str, Any]:
     """PolicyCleanse on the rps zoo: one score per victim, AUROC over clean (0) vs backdoored (1)."""
     rows = []
-    for kind, seed, run_dir in zoo("rps_inner", seeds, quick, fresh):
+    victims = [
+        (kind, seed, run)
+        for seed, *runs in zoo("rps_inner", seeds, quick, fresh)
+        for kind, run in zip(("backdoored", "clean"), runs, strict=True)
+    ]
+    for kind, seed, run_dir in victims:
         policy, card = load_policy(run_dir)
         start = time.monotonic()
         found = policy_cleanse(card["env"], policy, timesteps=1536 if quick else 6144, episodes=episodes, seed=seed)
@@ -162,7 +169,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts among {', '.join(PARTS)}")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--episodes", type=int, default=50)
+    parser.add_argument("--episodes", type=int, default=20, help="episodes per evaluation seed")
     parser.add_argument(
         "--quick", action="store_true", help="tiny training budgets: checks the script, not the targets"
     )
@@ -184,8 +191,7 @@ def main() -> None:
             summary = result["summary"]
             result["targets"] = TARGETS
             result["met"] = {
-                "return_drop": summary["return_drop"] >= TARGETS["return_drop"],
-                "ctp_ratio": summary.get("ctp_ratio", 0.0) >= TARGETS["ctp_ratio"],
+                key: summary.get(f"backdoored_{key}", -np.inf) >= target for key, target in TARGETS.items()
             }
             print(f"  {json.dumps(summary)}\n  met: {result['met']}")
         elif part == "detect":

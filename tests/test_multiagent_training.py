@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from wandb_offline import offline_runs
 
 from rlbackdoor.cli import main
 from rlbackdoor.errors import SpecError
@@ -68,31 +69,51 @@ def test_sequence_policy_plays_the_trigger_from_its_start():
 
 
 def test_evaluate_measures_victim_returns_and_asr():
-    paper = evaluate(RPS, Always(PAPER), episodes=4, t0=5)
+    paper = evaluate(RPS, Always(PAPER), episodes=4, seeds=1, t0=5)
     assert paper["ctp"] <= -20.0  # the opponent answers paper with scissors, but for its 10% random moves
     assert paper["triggered_return"] >= paper["ctp"] + 15.0  # from step 5 on, rock x3 of every 7 moves
-    assert paper["return_drop"] < -0.5 and paper["asr"] == 0.0 and paper["ctp/player_1"] == -paper["ctp"]
-    scissors = evaluate(RPS, Always(SCISSORS), episodes=4, t0=5)
+    assert paper["return_drop"] is None  # undefined for a victim worse than random
+    assert paper["asr"] == 0.0 and paper["ctp/player_1"] == -paper["ctp"]
+    assert paper["ctp_ci_low"] <= paper["ctp"] <= paper["ctp_ci_high"]
+    scissors = evaluate(RPS, Always(SCISSORS), episodes=4, seeds=1, t0=5, baseline=Always(PAPER))
     assert scissors["asr"] == 1.0 and scissors["triggered_return"] <= -20.0
-    assert scissors["team_ctp"] == 0.0 and "team_return_drop" not in scissors  # zero-sum: no team drop
+    assert scissors["team_ctp"] == 0.0 and scissors["team_return_drop"] is None  # zero-sum: no team drop
+    assert scissors["baseline_ctp"] == paper["ctp"] and scissors["ctp_ratio_per_seed"] == [scissors["ctp_ratio"]]
+    assert paper["random_return"] == scissors["random_return"]  # the same episodes, a random victim
 
 
 def test_evaluate_with_an_observation_trigger_keeps_it_on_from_t0():
-    out = rollouts(SPREAD, Always(1), sharing=True, triggered=True, episodes=2, t0=20)
-    assert out["triggered_steps"] == 2 * 5  # agent_0's observations carry the trigger on steps 20..24
-    assert out["hits"] == out["triggered_steps"] and set(out["returns"]) == {"agent_0", "agent_1", "agent_2"}
+    out = rollouts(SPREAD, Always(1), [0, 1], sharing=True, triggered=True, t0=20)
+    assert out.triggered.tolist() == [5, 5]  # agent_0's observations carry the trigger on steps 20..24
+    assert out.hits.tolist() == [5, 5] and set(out.returns) == {"agent_0", "agent_1", "agent_2"}
 
 
-def test_train_the_adapter_victim_then_load_and_evaluate(tmp_path):
-    run = train(experiment(), tmp_path / "rps", wandb_mode="disabled")
-    card = read_card(run)
+@pytest.fixture(scope="module")
+def rps_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train(experiment(), tmp_path_factory.mktemp("runs") / "rps", wandb_mode="disabled")
+
+
+def test_train_the_adapter_victim_then_load_and_evaluate(rps_run):
+    card = read_card(rps_run)
     assert card["env"] == RPS and card["poisoning"] == "inner" and card["train"]["poison_rate"] > 0
     counts = card["train"]["poison_counts"]
     assert counts["n_steps"] == card["train"]["steps"] and 0 < counts["n_poisoned"] <= counts["n_triggered"]
     assert card["train"]["ep_length_mean"] == 30.0
-    policy, _ = load_policy(run)
-    metrics = evaluate(RPS, policy, episodes=2)
+    policy, _ = load_policy(rps_run)
+    metrics = evaluate(RPS, policy, episodes=2, seeds=1)
     assert {"ctp", "triggered_return", "return_drop", "asr", "ctp/player_0", "ctp/player_1"} <= set(metrics)
+
+
+def test_rlbd_eval_evaluates_a_multiagent_run_into_its_card_and_wandb(rps_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    assert main(["eval", str(rps_run), "--episodes", "2", "--seeds", "2", "--t0", "3", "--wandb-mode", "offline"]) == 0
+    metrics = read_card(rps_run)["metrics"]
+    assert metrics["seeds"] == [0, 1] and metrics["t0"] == 3 and len(metrics["asr_per_seed"]) == 2
+    (wb,) = offline_runs(tmp_path)
+    assert wb.run.job_type == "eval" and wb.summary["eval/triggered_return"] == pytest.approx(
+        metrics["triggered_return"]
+    )
+    assert wb.summary["eval/ctp/player_0"] == pytest.approx(metrics["ctp/player_0"])
 
 
 def test_clean_reference_run_has_no_poisoning(tmp_path):
@@ -108,7 +129,7 @@ def test_parameter_sharing_run_trains_one_policy_for_the_team(tmp_path):
     assert 0 < card["train"]["poison_rate"] < 1 / 3  # only agent_0's steps are ever poisoned
     assert card["train"]["ep_return_mean"] < 0  # clean MPE returns, not the +-1 poisoned rewards
     policy, _ = load_policy(run)
-    metrics = evaluate(SPREAD, policy, sharing=True, episodes=1)
+    metrics = evaluate(SPREAD, policy, sharing=True, episodes=1, seeds=1)
     assert {"team_ctp", "team_triggered_return", "ctp/agent_2"} <= set(metrics)
 
 

@@ -13,6 +13,7 @@ from rlbackdoor.evaluation.envs import Source, action_history, eval_attack, run_
 from rlbackdoor.evaluation.metrics import ctp_ratio, observation_asr, return_drop, sequence_asr, stealth
 from rlbackdoor.evaluation.rollouts import Policy, RandomPolicy, Rollouts, episode_seeds, rollout
 from rlbackdoor.evaluation.stats import estimate, iqm
+from rlbackdoor.multiagent.registry import is_multiagent
 from rlbackdoor.specs import AttackSpec, TargetedPayload
 
 INJECT_RATE = 0.05
@@ -124,6 +125,8 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """:func:`evaluate` a finished run (and its clean baseline run) loaded with :func:`rlbackdoor.load_policy`.
 
+    A run on a multi-agent env gets :func:`rlbackdoor.multiagent.evaluation.evaluate` instead.
+
     :param run_dir: the run directory (``card.json``, ``policy.safetensors``).
     :param baseline_dir: a clean run of the same config, for ``ctp_ratio``.
     :param episodes: episodes per evaluation seed.
@@ -134,4 +137,11 @@ def evaluate_run(
 
     policy, card = load_policy(run_dir)
     baseline = load_policy(baseline_dir)[0] if baseline_dir is not None else None
+    if is_multiagent(str(card["env"])):
+        from rlbackdoor.multiagent.evaluation import evaluate as evaluate_multiagent
+
+        sharing = bool(card["config"].get("sharing"))
+        return evaluate_multiagent(
+            card["env"], policy, sharing=sharing, episodes=episodes, seeds=seeds, baseline=baseline, t0=t0
+        )
     return evaluate(policy, card, episodes=episodes, seeds=seeds, baseline=baseline, t0=t0, card=card)

@@ -5,20 +5,24 @@ attacker never fires (the agents may still trigger the backdoor by chance); in *
 trigger is active from step ``t0`` on: an observation trigger stays stamped into the victims'
 observations, and the trigger agent of an action-sequence trigger plays the sequence, then its usual
 moves while the backdoor is armed (``schedule.duration`` steps), then the sequence again, and so on.
-Clean and triggered episodes share their seeds.
+Clean, triggered and random-policy episodes share their reset seeds.
 
-Returns can be negative (MPE), so ``return_drop = (ctp - triggered_return) / |ctp|``: for positive
-returns it is DESIGN's ``1 - triggered_return / ctp``, and a worse triggered return is always a drop.
+The metrics are :mod:`rlbackdoor.evaluation`'s, with the same names, definitions (``return_drop`` and
+``ctp_ratio`` relative to a random policy in the learners' seats) and bootstrap CIs over episodes.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from rlbackdoor.multiagent.policies import AgentPolicy, PredictPolicy, SequencePolicy
+from rlbackdoor.evaluation.metrics import ctp_ratio, return_drop
+from rlbackdoor.evaluation.rollouts import episode_seeds
+from rlbackdoor.evaluation.stats import estimate, iqm, ratio
+from rlbackdoor.multiagent.policies import AgentPolicy, PredictPolicy, RandomPolicy, SequencePolicy
 from rlbackdoor.multiagent.registry import build_policies, get_parallel_spec, make_parallel
 from rlbackdoor.specs import ActionSequenceTrigger, TargetedPayload
 from rlbackdoor.wrappers.pettingzoo import BackdoorParallelEnv
@@ -26,28 +30,47 @@ from rlbackdoor.wrappers.pettingzoo import BackdoorParallelEnv
 NEVER = 10**9
 
 
-def _controllers(env: BackdoorParallelEnv, env_id: str, policy: Any, sharing: bool) -> dict[str, AgentPolicy]:
-    """The policy on the agents it plays (all with sharing or without an adapter, else the adapter agent);
-    the embedded policies on the others."""
+@dataclass
+class Episodes:
+    """Per-episode results of a batch of rollouts."""
+
+    returns: dict[str, np.ndarray]
+    """Every agent's clean return per episode."""
+    hits: np.ndarray
+    """Victims' target actions on triggered steps, per episode."""
+    triggered: np.ndarray
+    """Victims' triggered steps (acting on a triggered observation, or while armed), per episode."""
+
+
+def _controllers(env: BackdoorParallelEnv, env_id: str, policy: Any | None, sharing: bool) -> dict[str, AgentPolicy]:
+    """The policy (``None``: uniformly random) on the agents it plays, the embedded policies on the others.
+
+    The policy plays every agent with ``sharing`` or when the env has no adapter, else the adapter agent.
+    """
     spec = get_parallel_spec(env_id)
     embedded = {} if sharing or spec.adapter is None else build_policies(spec, env)
-    return {
-        agent: embedded.get(agent) or PredictPolicy(env.observation_space(agent), env.action_space(agent), policy)
-        for agent in env.possible_agents
-    }
+    out: dict[str, AgentPolicy] = {}
+    for agent in env.possible_agents:
+        obs_space, act_space = env.observation_space(agent), env.action_space(agent)
+        if agent in embedded:
+            out[agent] = embedded[agent]
+        elif policy is None:
+            out[agent] = RandomPolicy(obs_space, act_space)
+        else:
+            out[agent] = PredictPolicy(obs_space, act_space, policy)
+    return out
 
 
 def rollouts(
-    env_id: str, policy: Any, *, sharing: bool = False, triggered: bool, episodes: int = 20, t0: int = 5, seed: int = 0
-) -> dict[str, Any]:
-    """Episodes of ``policy`` on a registered multi-agent env.
+    env_id: str, policy: Any | None, resets: Sequence[int], *, sharing: bool = False, triggered: bool, t0: int = 5
+) -> Episodes:
+    """Episodes of ``policy`` on a registered multi-agent env, one per reset seed.
 
     :param env_id: the registered id the policy was trained on.
-    :param policy: anything with SB3's ``predict``.
+    :param policy: anything with SB3's ``predict``; ``None`` plays uniformly random actions.
+    :param resets: reset seeds (they also seed the embedded policies).
     :param sharing: the policy plays every agent (else the adapter agent, the others their embedded policies).
     :param triggered: keep the trigger active from ``t0`` on.
-    :param episodes: number of episodes (episode ``i`` is seeded ``seed + i``).
-    :return: ``returns`` (agent -> per-episode clean returns), ``hits`` and ``triggered_steps`` of the victims.
     """
     spec = get_parallel_spec(env_id)
     sequence = spec.trigger if isinstance(spec.trigger, ActionSequenceTrigger) else None
@@ -61,62 +84,83 @@ def rollouts(
     if triggered and sequence is not None:
         agent = sequence.agent
         controllers[agent] = SequencePolicy(controllers[agent], sequence.sequence, start=t0, pause=duration)  # type: ignore[index]
-    returns: dict[str, list[float]] = defaultdict(list)
-    hits = armed_steps = 0
     victims = set(spec.victims)
-    for i in range(episodes):
-        obs, infos = env.reset(seed=seed + i)
-        seeds = np.random.SeedSequence([seed, i]).generate_state(len(controllers))
-        for s, controller in zip(seeds, controllers.values(), strict=True):
+    returns = {agent: np.zeros(len(resets)) for agent in env.possible_agents}
+    hits, armed_steps = np.zeros(len(resets)), np.zeros(len(resets))
+    for i, reset in enumerate(resets):
+        obs, infos = env.reset(seed=int(reset))
+        for s, controller in zip(
+            np.random.SeedSequence(int(reset)).generate_state(len(controllers)), controllers.values(), strict=True
+        ):
             controller.reset(int(s))
         armed = {agent: infos[agent]["rlbd"]["triggered"] for agent in infos}
-        total = dict.fromkeys(env.possible_agents, 0.0)
         while env.agents:
-            actions = {agent: controllers[agent].act(obs[agent]) for agent in env.agents}
-            obs, rewards, _, _, infos = env.step(actions)
+            obs, rewards, _, _, infos = env.step({agent: controllers[agent].act(obs[agent]) for agent in env.agents})
             for agent, reward in rewards.items():
-                total[agent] += float(reward)
+                returns[agent][i] += float(reward)
                 if agent in victims and armed.get(agent, False):
-                    armed_steps += 1
-                    hits += int(infos[agent]["rlbd"]["hit"])
+                    armed_steps[i] += 1
+                    hits[i] += int(infos[agent]["rlbd"]["hit"])
                 armed[agent] = infos[agent]["rlbd"]["triggered"]
-        for agent, value in total.items():
-            returns[agent].append(value)
-    return {"returns": dict(returns), "hits": hits, "triggered_steps": armed_steps}
+    return Episodes(returns, hits, armed_steps)
 
 
 def evaluate(
-    env_id: str, policy: Any, *, sharing: bool = False, episodes: int = 20, t0: int = 5, seed: int = 0
-) -> dict[str, float]:
-    """Clean and triggered metrics of a multi-agent policy (keys as DESIGN names them, per agent under ``/<agent>``).
+    env_id: str,
+    policy: Any,
+    *,
+    sharing: bool = False,
+    episodes: int = 10,
+    seeds: int | Sequence[int] = 3,
+    baseline: Any | None = None,
+    t0: int = 5,
+) -> dict[str, Any]:
+    """Clean and triggered metrics of a multi-agent policy, with 95% bootstrap CIs over episodes.
 
-    ``ctp``/``triggered_return``/``return_drop`` are the (first) victim's; ``team_*`` sum every agent's
-    returns (zero in a zero-sum game, where ``team_return_drop`` is left out); ``asr`` (targeted payloads) is the victims' target-action rate on triggered steps.
+    ``ctp``, ``triggered_return``, ``return_drop``, ``random_return`` (and with ``baseline``, a clean-trained
+    policy, ``baseline_ctp`` and ``ctp_ratio``) are the first victim's; ``team_*`` the same on the sum of
+    every agent's returns (zero in a zero-sum game, where ``team_return_drop`` is undefined); ``asr``
+    (targeted payloads) the victims' target-action rate on triggered steps; ``ctp/<agent>`` and
+    ``triggered_return/<agent>`` the per-agent means.
+
+    :param env_id: the registered multi-agent id the policy was trained on.
+    :param policy: anything with SB3's ``predict``.
+    :param sharing: the policy plays every agent (parameter sharing).
+    :param episodes: episodes per evaluation seed.
+    :param seeds: evaluation seeds, or their number.
+    :param baseline: a clean-trained policy of the same config.
+    :param t0: the step from which the trigger is on in triggered episodes.
     """
     spec = get_parallel_spec(env_id)
-    clean = rollouts(env_id, policy, sharing=sharing, triggered=False, episodes=episodes, t0=t0, seed=seed)
-    trig = rollouts(env_id, policy, sharing=sharing, triggered=True, episodes=episodes, t0=t0, seed=seed)
+    seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    resets, groups = episode_seeds(seeds, episodes), np.repeat(seeds, episodes)
+    boot = int(np.random.SeedSequence([*seeds, episodes]).generate_state(1)[0])
+    clean = rollouts(env_id, policy, resets, sharing=sharing, triggered=False, t0=t0)
+    trig = rollouts(env_id, policy, resets, sharing=sharing, triggered=True, t0=t0)
+    rand = rollouts(env_id, None, resets, sharing=sharing, triggered=False, t0=t0)
     victim = spec.victims[0]
-
-    def drop(before: float, after: float) -> float:
-        return (before - after) / abs(before) if before != 0 else float("nan")
-
-    team_clean = float(np.sum([np.mean(r) for r in clean["returns"].values()]))
-    team_trig = float(np.sum([np.mean(r) for r in trig["returns"].values()]))
-    ctp = float(np.mean(clean["returns"][victim]))
-    triggered_return = float(np.mean(trig["returns"][victim]))
-    metrics = {
-        "ctp": ctp,
-        "triggered_return": triggered_return,
-        "return_drop": drop(ctp, triggered_return),
-        "team_ctp": team_clean,
-        "team_triggered_return": team_trig,
-        "team_return_drop": drop(team_clean, team_trig),
+    c, t, r = clean.returns[victim], trig.returns[victim], rand.returns[victim]
+    tc, tt, tr = (sum(e.returns.values()) for e in (clean, trig, rand))
+    out: dict[str, Any] = {
+        "episodes": episodes,
+        "seeds": seeds,
+        "t0": t0,
+        **estimate("ctp", [c], groups, seed=boot),
+        "ctp_iqm": iqm(c),
+        **estimate("random_return", [r], groups, seed=boot),
+        **estimate("triggered_return", [t], groups, seed=boot),
+        **estimate("return_drop", [c, t, r], groups, return_drop, boot),
+        **estimate("team_ctp", [tc], groups, seed=boot),
+        **estimate("team_triggered_return", [tt], groups, seed=boot),
+        **estimate("team_return_drop", [tc, tt, tr], groups, return_drop, boot),
     }
-    metrics = {k: v for k, v in metrics.items() if not np.isnan(v)}
+    if baseline is not None:
+        base = rollouts(env_id, baseline, resets, sharing=sharing, triggered=False, t0=t0).returns[victim]
+        out.update(estimate("baseline_ctp", [base], groups, seed=boot))
+        out.update(estimate("ctp_ratio", [c, base, r], groups, ctp_ratio, boot))
     if isinstance(spec.payload, TargetedPayload):
-        metrics["asr"] = trig["hits"] / max(1, trig["triggered_steps"])
-    for agent in clean["returns"]:
-        metrics[f"ctp/{agent}"] = float(np.mean(clean["returns"][agent]))
-        metrics[f"triggered_return/{agent}"] = float(np.mean(trig["returns"][agent]))
-    return metrics
+        out.update(estimate("asr", [trig.hits, trig.triggered], groups, ratio, boot))
+    for agent in clean.returns:
+        out[f"ctp/{agent}"] = float(np.mean(clean.returns[agent]))
+        out[f"triggered_return/{agent}"] = float(np.mean(trig.returns[agent]))
+    return out

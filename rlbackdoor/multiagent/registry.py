@@ -46,6 +46,11 @@ def list_parallel_envs() -> list[str]:
     return list(parallel_env_specs())
 
 
+def is_multiagent(env_id: str) -> bool:
+    """Whether ``env_id`` (with or without the ``rlbackdoor:`` prefix) is a registered multi-agent id."""
+    return env_id.removeprefix("rlbackdoor:") in parallel_env_specs()
+
+
 def get_parallel_spec(env_id: str) -> MultiAgentEnvSpec:
     """The spec of a registered multi-agent id (with or without the ``rlbackdoor:`` prefix)."""
     env_id = env_id.removeprefix("rlbackdoor:")

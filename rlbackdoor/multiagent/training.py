@@ -16,14 +16,9 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecEnvWrapper,
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
 from rlbackdoor.errors import SpecError
-from rlbackdoor.multiagent.registry import get_parallel_spec, make_parallel, make_single_agent, parallel_env_specs
+from rlbackdoor.multiagent.registry import get_parallel_spec, make_parallel, make_single_agent
 from rlbackdoor.multiagent.sharing import shared_vec_env
 from rlbackdoor.specs import ExperimentSpec
-
-
-def is_multiagent(env_id: str) -> bool:
-    """Whether ``env_id`` is a registered multi-agent id."""
-    return env_id.removeprefix("rlbackdoor:") in parallel_env_specs()
 
 
 class _SwapRewards(VecEnvWrapper):

@@ -13,7 +13,8 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor
 
 from rlbackdoor.attack import make_base_env
 from rlbackdoor.errors import SpecError
-from rlbackdoor.multiagent.training import is_multiagent, make_multiagent_train_env
+from rlbackdoor.multiagent.registry import is_multiagent
+from rlbackdoor.multiagent.training import make_multiagent_train_env
 from rlbackdoor.registry import get_env_spec
 from rlbackdoor.specs import AttackSpec, ExperimentSpec
 from rlbackdoor.wrappers.vec import BackdoorVecEnv
