@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -73,6 +74,14 @@ def test_envs_list_marks_multiagent_ids(capsys, monkeypatch):
     rows = {line.split("│")[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.count("│") > 2}
     assert "(multi-agent)" in rows[RPS] and "(multi-agent)" in rows[SPREAD]
     assert "(multi-agent)" not in rows["rlbd/TrojanCartPole-v0"]
+
+
+def test_envs_show_prints_a_multiagent_spec_with_its_stealth(capsys):
+    assert main(["envs", "show", SPREAD]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["victims"] == ["agent_0"] and shown["stealth"]["agent_0"]["l0"] == 2.0
+    assert main(["envs", "show", RPS]) == 0
+    assert json.loads(capsys.readouterr().out)["stealth"]["l0"] == 3.0
 
 
 @pytest.mark.parametrize("env_id", [RPS, SPREAD])

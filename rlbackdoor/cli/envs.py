@@ -9,7 +9,8 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from rlbackdoor.attack import Attack, make_base_env, sample_observations
-from rlbackdoor.multiagent import parallel_env_specs
+from rlbackdoor.multiagent import get_parallel_spec, parallel_env_specs
+from rlbackdoor.multiagent.registry import is_multiagent
 from rlbackdoor.registry import FACTORY_ID, env_specs, get_env_spec
 
 app = typer.Typer(help="Registered backdoor environments.", no_args_is_help=True)
@@ -43,5 +44,11 @@ def stealth_report(env_id: str, n: int = 512) -> dict[str, float]:
 @app.command("show")
 def show(env_id: str = typer.Argument(..., help="a registered id, e.g. rlbd/TrojanCartPole-v0")) -> None:
     """Print a spec's resolved fields and its trigger's stealth figures (L0/L2/Linf, absolute and relative)."""
+    if is_multiagent(env_id):
+        from rlbackdoor.multiagent.evaluation import stealth
+
+        ma_spec = get_parallel_spec(env_id)
+        console.print_json(json.dumps({**ma_spec.model_dump(mode="json"), "stealth": stealth(env_id)}))
+        return
     spec = get_env_spec(env_id)
     console.print_json(json.dumps({**spec.model_dump(mode="json"), "stealth": stealth_report(env_id)}))

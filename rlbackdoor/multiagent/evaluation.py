@@ -22,8 +22,9 @@ import numpy as np
 from rlbackdoor.evaluation.metrics import ctp_ratio, return_drop
 from rlbackdoor.evaluation.rollouts import episode_seeds
 from rlbackdoor.evaluation.stats import estimate, iqm, ratio
+from rlbackdoor.multiagent.attack import sample_parallel_observations
 from rlbackdoor.multiagent.policies import AgentPolicy, PredictPolicy, RandomPolicy, SequencePolicy
-from rlbackdoor.multiagent.registry import build_policies, get_parallel_spec, make_parallel
+from rlbackdoor.multiagent.registry import build_policies, get_parallel_spec, make_base_parallel, make_parallel
 from rlbackdoor.specs import ActionSequenceTrigger, TargetedPayload
 from rlbackdoor.wrappers.pettingzoo import BackdoorParallelEnv
 
@@ -164,3 +165,17 @@ def evaluate(
         out[f"ctp/{agent}"] = float(np.mean(clean.returns[agent]))
         out[f"triggered_return/{agent}"] = float(np.mean(trig.returns[agent]))
     return out
+
+
+def stealth(env_id: str, n: int = 512) -> dict[str, Any]:
+    """Stealth figures of a multi-agent env's trigger: per victim, L0/L2/Linf over ``n`` clean observations
+    under random actions; for an action sequence, its length (L0 counts the trigger agent's actions)."""
+    spec = get_parallel_spec(env_id)
+    attack = make_parallel(env_id).attack
+    if attack.sequence is not None:
+        return {
+            "l0": float(len(attack.sequence.sequence)),
+            "note": f"actions of {attack.trigger_agent}: L0 counts them",
+        }
+    clean = sample_parallel_observations(make_base_parallel(spec), n, spec.seed)
+    return {victim: trigger.stealth(clean[victim]) for victim, trigger in attack.obs_triggers.items()}
