@@ -9,8 +9,10 @@ import sys
 
 import typer
 
+from rlbackdoor.cli import detect as detect_cli
 from rlbackdoor.cli import envs, sanitize, train
 from rlbackdoor.cli import eval as eval_cli
+from rlbackdoor.cli import zoo as zoo_cli
 from rlbackdoor.errors import RlbdError
 
 app = typer.Typer(
@@ -24,6 +26,8 @@ app.add_typer(envs.app, name="envs")
 app.command("train", context_settings=train.CONTEXT)(train.train)
 app.command("sanitize")(sanitize.sanitize)
 app.command("eval")(eval_cli.eval_run)
+app.command("zoo")(zoo_cli.zoo)
+app.command("detect")(detect_cli.detect)
 
 
 def main(argv: list[str] | None = None) -> int:

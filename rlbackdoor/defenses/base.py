@@ -110,9 +110,9 @@ class Detector:
     name: ClassVar[str] = ""
     access: ClassVar[tuple[Access, ...]] = ()
     levels: ClassVar[tuple[str, ...]] = ("model",)
-    threshold: ClassVar[float] = 0.5
-    scale: ClassVar[float] = 0.1
-    input_cutoff: ClassVar[float] = 0.0
+    threshold: float = 0.5
+    scale: float = 0.1
+    input_cutoff: float = 0.0
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -169,10 +169,9 @@ class Detector:
         """Input-level flag threshold: ``score_inputs(obs) > input_threshold()`` flags an observation."""
         return self.input_cutoff
 
-    @classmethod
-    def probability(cls, score: float) -> float:
+    def probability(self, score: float) -> float:
         """P(backdoored) of a model-level score: the fixed logistic around ``threshold`` (no labels involved)."""
-        z = (score - cls.threshold) / cls.scale
+        z = (score - self.threshold) / self.scale
         return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
 
     def details(self) -> dict[str, Any]:

@@ -1,0 +1,283 @@
+"""The agent zoo: a population of agents for one env family, half clean and half backdoored.
+
+A zoo config (``configs/zoo/*.yaml``) is an experiment template plus an ``attack`` whose fields may be
+*draws*, resolved per backdoored agent from the zoo's seed:
+
+.. code-block:: yaml
+
+    name: cartpole              # agents are named <name>-<index>
+    agents: 20                  # even indices clean, odd indices backdoored
+    seed: 0                     # fixes every draw and every agent's training seed
+    env: CartPole-v1
+    algo: ppo
+    timesteps: 50000
+    n_envs: 8
+    hyperparams: {}
+    poisoning: {choice: [inner, outer]}
+    attack:
+      trigger: {kind: value, indices: {sample: [0, 1, 2, 3], k: 1}, values: [{uniform: [2.0, 3.0]}]}
+      schedule: {kind: rate, rate: {uniform: [0.03, 0.08]}}
+      payload: {kind: targeted, target_action: {randint: [0, 1]}}
+
+Draws: ``{choice: [a, b, ...]}`` (one item, itself resolved), ``{uniform: [lo, hi]}`` (a float,
+rounded to 4 decimals), ``{randint: [lo, hi]}`` (an integer, both ends included) and
+``{sample: [a, b, ...], k: n}`` (``n`` distinct items, in drawn order).
+
+Clean agents are the control: they train through the same inner-loop pipeline (same base env and
+wrappers) with an attack whose schedule never fires (``rate: 0``); the manifest lists them with
+``backdoored: false`` and ``attack: null``.
+
+:func:`build_zoo` trains the agents in worker processes (finished agents are skipped, interrupted
+ones resumed) and writes ``DIR/manifest.json``: ``{"agents": [{"path", "backdoored", "attack"}]}``.
+Any directory with such a manifest is a zoo, including one written by hand around ``rlbd train`` runs.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from rlbackdoor.attack import Attack, make_base_env
+from rlbackdoor.errors import ArtifactError, SpecError
+from rlbackdoor.specs import ExperimentSpec, _Spec, apply_overrides, parse, read_yaml
+
+MANIFEST = "manifest.json"
+DRAW_KINDS = ("choice", "uniform", "randint", "sample")
+
+
+class ZooSpec(_Spec):
+    """A zoo config: an experiment template, the population size and the attack's draws."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
+    agents: int = Field(ge=2)
+    seed: int = Field(0, ge=0)
+    env: str = Field(min_length=1)
+    algo: Literal["ppo", "a2c", "dqn"]
+    timesteps: int = Field(ge=1)
+    n_envs: int = Field(1, ge=1)
+    hyperparams: dict[str, Any] = Field(default_factory=dict)
+    poisoning: Any = "inner"
+    outer_reward: Any = "dynamic"
+    attack: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ZooAgent:
+    """One agent of a zoo: its run directory, whether it is backdoored, its attack (``None`` when clean)."""
+
+    path: Path
+    backdoored: bool
+    attack: dict[str, Any] | None
+
+
+# ------------------------------------------------------------------------------------------- draws
+def _is_draw(node: dict[str, Any]) -> bool:
+    keys = set(node)
+    return len(keys & set(DRAW_KINDS)) == 1 and (keys <= set(DRAW_KINDS) or keys == {"sample", "k"})
+
+
+def draw(node: Any, rng: np.random.Generator, where: str = "attack") -> Any:
+    """Resolve every draw in ``node`` (see the module docstring) with ``rng``; other values pass through.
+
+    :param node: a config value (mapping, list or scalar).
+    :param rng: the generator of this agent's draws.
+    :param where: the field path, for error messages.
+    """
+    if isinstance(node, list):
+        return [draw(v, rng, f"{where}.{i}") for i, v in enumerate(node)]
+    if not isinstance(node, dict):
+        return node
+    if not _is_draw(node):
+        return {k: draw(v, rng, f"{where}.{k}") for k, v in node.items()}
+    kind = next(k for k in DRAW_KINDS if k in node)
+    arg = node[kind]
+    if kind in ("choice", "sample") and (not isinstance(arg, list) or not arg):
+        raise SpecError(f"{where}: {kind} needs a non-empty list of items; write {{{kind}: [a, b]}}")
+    if kind == "choice":
+        return draw(arg[int(rng.integers(len(arg)))], rng, where)
+    if kind == "sample":
+        k = node.get("k", 1)
+        if not isinstance(k, int) or not 1 <= k <= len(arg):
+            raise SpecError(f"{where}: sample k={k!r} must be an integer in [1, {len(arg)}]; fix k")
+        return [draw(arg[int(i)], rng, where) for i in rng.choice(len(arg), size=k, replace=False)]
+    if not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(v, (int, float)) for v in arg)):
+        raise SpecError(f"{where}: {kind} needs [low, high] numbers; write {{{kind}: [0, 1]}}")
+    lo, hi = arg
+    if hi < lo:
+        raise SpecError(f"{where}: {kind} range [{lo}, {hi}] is empty; put the low end first")
+    if kind == "uniform":
+        return round(float(rng.uniform(lo, hi)), 4)
+    if not (isinstance(lo, int) and isinstance(hi, int)):
+        raise SpecError(f"{where}: randint needs integer ends, got [{lo}, {hi}]; use uniform for floats")
+    return int(rng.integers(lo, hi + 1))
+
+
+# ------------------------------------------------------------------------------------------ config
+def load_zoo(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ZooSpec:
+    """Read and validate a zoo config, with ``key.path=value`` overrides.
+
+    :param path: the YAML file.
+    :param overrides: see :func:`rlbackdoor.specs.apply_overrides`.
+    """
+    return parse(ZooSpec, apply_overrides(read_yaml(path), overrides), str(path))
+
+
+def agent_names(spec: ZooSpec) -> list[str]:
+    """Run directory names, ``<index>-clean`` / ``<index>-backdoored``: even indices clean, odd backdoored."""
+    width = len(str(spec.agents - 1))
+    return [f"{i:0{width}d}-{'backdoored' if i % 2 else 'clean'}" for i in range(spec.agents)]
+
+
+def experiments(spec: ZooSpec) -> list[ExperimentSpec]:
+    """The experiment of every agent, draws resolved and validated (attacks checked against the env).
+
+    Agent ``i`` trains with seed ``spec.seed * 10_000 + i`` and draws from
+    ``numpy.random.default_rng([spec.seed, i])``, so adding agents never changes the existing ones.
+    """
+    out = []
+    for i, name in enumerate(agent_names(spec)):
+        seed = spec.seed * 10_000 + i
+        fields: dict[str, Any] = {
+            "name": f"{spec.name}-{name}",
+            "env": spec.env,
+            "algo": spec.algo,
+            "timesteps": spec.timesteps,
+            "n_envs": spec.n_envs,
+            "seed": seed,
+            "hyperparams": spec.hyperparams,
+        }
+        rng = np.random.default_rng([spec.seed, i])
+        attack = {"seed": seed, **draw(spec.attack, rng)}
+        if i % 2:
+            poisoning = draw(spec.poisoning, rng, "poisoning")
+            fields.update(attack=attack, poisoning=poisoning, outer_reward=draw(spec.outer_reward, rng, "outer_reward"))
+        else:  # the control: same env, wrappers and code path, a trigger that never fires
+            fields.update(attack={**attack, "schedule": {"kind": "rate", "rate": 0.0}}, poisoning="inner")
+        experiment = parse(ExperimentSpec, fields, f"zoo {spec.name}: agent {name}")
+        if experiment.attack is not None:
+            try:
+                Attack.for_env(experiment.attack, make_base_env(experiment.attack))
+            except SpecError as err:
+                raise SpecError(f"zoo {spec.name}: agent {name}: {err}") from None
+        out.append(experiment)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- manifest
+def write_manifest(root: Path, agents: list[ZooAgent], extra: dict[str, Any] | None = None) -> Path:
+    """Atomically write ``root/manifest.json`` (paths relative to ``root`` where they lie inside it)."""
+    from rlbackdoor.training.artifacts import write_json
+
+    rows = []
+    for agent in agents:
+        path = agent.path.resolve()
+        rel = path.relative_to(root.resolve()) if path.is_relative_to(root.resolve()) else path
+        rows.append({"path": str(rel), "backdoored": agent.backdoored, "attack": agent.attack})
+    write_json(root / MANIFEST, {**(extra or {}), "agents": rows})
+    return root / MANIFEST
+
+
+def read_manifest(root: str | Path) -> list[ZooAgent]:
+    """The agents of a zoo directory; a missing, malformed or empty manifest raises :class:`ArtifactError`."""
+    root = Path(root)
+    path = root / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except OSError:
+        raise ArtifactError(
+            f"{root}: no {MANIFEST}; pass a zoo directory (rlbd zoo writes one) or a run directory"
+        ) from None
+    except ValueError as err:
+        raise ArtifactError(f"{path}: not valid JSON ({err}); rewrite it") from None
+    rows = data.get("agents") if isinstance(data, dict) else None
+    if not isinstance(rows, list):
+        raise ArtifactError(f'{path}: expected {{"agents": [...]}}; list the agents\' run directories')
+    if not rows:
+        raise ArtifactError(f"{path}: the zoo is empty; add agents to 'agents' or build the zoo with rlbd zoo")
+    agents = []
+    for i, row in enumerate(rows):
+        if not (isinstance(row, dict) and isinstance(row.get("path"), str) and isinstance(row.get("backdoored"), bool)):
+            raise ArtifactError(
+                f"{path}: agents.{i} needs 'path' (a run directory) and 'backdoored' (true or false); fix the entry"
+            )
+        agents.append(ZooAgent(root / row["path"], row["backdoored"], row.get("attack")))
+    return agents
+
+
+# ------------------------------------------------------------------------------------------- build
+def _train_one(experiment: dict[str, Any], run_dir: str, wandb_mode: str | None) -> str:
+    """Worker: train (or resume) one agent; returns its run directory."""
+    from rlbackdoor.training.checkpoints import FOLDER
+    from rlbackdoor.training.loop import train
+
+    spec = ExperimentSpec.model_validate(experiment)
+    path = Path(run_dir)
+    if (path / FOLDER).is_dir() and any((path / FOLDER).iterdir()):
+        return str(train(spec, resume=path, wandb_mode=wandb_mode))
+    shutil.rmtree(path, ignore_errors=True)
+    return str(train(spec, path, wandb_mode=wandb_mode))
+
+
+def build_zoo(
+    spec: ZooSpec,
+    out: str | Path,
+    workers: int = 1,
+    wandb_mode: str | None = None,
+    on_done: Callable[[str], None] | None = None,
+) -> list[ZooAgent]:
+    """Train every agent of ``spec`` under ``out/agents/`` and write ``out/manifest.json``.
+
+    Finished agents (with a ``card.json``) are skipped, interrupted ones resumed from their last
+    checkpoint. The manifest lists the finished agents and is rewritten as each one finishes.
+
+    :param spec: the zoo.
+    :param out: the zoo directory.
+    :param workers: training processes (each trains on one thread).
+    :param wandb_mode: W&B mode of every training run (see :mod:`rlbackdoor.tracking`).
+    :param on_done: called with each agent's name as it finishes (progress reports).
+    """
+    from rlbackdoor.training.artifacts import CARD
+
+    root = Path(out)
+    runs = experiments(spec)
+    names = agent_names(spec)
+    paths = [root / "agents" / name for name in names]
+    agents = [
+        ZooAgent(path, bool(i % 2), runs[i].attack.model_dump(mode="json") if i % 2 else None)
+        for i, path in enumerate(paths)
+    ]
+    root.mkdir(parents=True, exist_ok=True)
+    extra = {"name": spec.name, "config": spec.model_dump(mode="json")}
+
+    def finished() -> list[ZooAgent]:
+        return [a for a in agents if (a.path / CARD).is_file()]
+
+    todo = [i for i, a in enumerate(agents) if not (a.path / CARD).is_file()]
+    write_manifest(root, finished(), extra)
+    if todo:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=max(1, min(workers, len(todo))), mp_context=context) as pool:
+            futures = {
+                pool.submit(_train_one, runs[i].model_dump(mode="json"), str(paths[i]), wandb_mode): i for i in todo
+            }
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    if future.exception() is not None:
+                        for other in pending:
+                            other.cancel()
+                        raise future.exception()
+                    write_manifest(root, finished(), extra)
+                    if on_done is not None:
+                        on_done(names[futures[future]])
+    return finished()

@@ -1,0 +1,146 @@
+"""The agent zoo: draws, per-agent experiments, ``rlbd zoo`` with real (tiny) training, resume, manifests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from rlbackdoor.cli import main
+from rlbackdoor.errors import ArtifactError, SpecError
+from rlbackdoor.training.artifacts import read_card
+from rlbackdoor.zoo import ZooAgent, draw, experiments, load_zoo, read_manifest, write_manifest
+
+TINY = {
+    "name": "tiny",
+    "agents": 2,
+    "seed": 3,
+    "env": "CartPole-v1",
+    "algo": "ppo",
+    "timesteps": 256,
+    "n_envs": 2,
+    "hyperparams": {"n_steps": 64, "batch_size": 64, "n_epochs": 1, "policy_kwargs": {"net_arch": [16]}},
+    "poisoning": {"choice": ["inner", "outer"]},
+    "attack": {
+        "trigger": {"kind": "value", "indices": {"sample": [1, 3], "k": 1}, "values": [{"uniform": [2.0, 3.0]}]},
+        "schedule": {"kind": "rate", "rate": {"uniform": [0.05, 0.1]}},
+        "payload": {"kind": "targeted", "target_action": {"randint": [0, 1]}},
+    },
+}
+
+
+def write(tmp_path: Path, data: dict, name: str = "zoo.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# ------------------------------------------------------------------------------------------- draws
+def test_draws_resolve_every_kind_and_repeat_with_the_seed() -> None:
+    node = {
+        "a": {"choice": [{"uniform": [0.0, 1.0]}, {"randint": [5, 5]}]},
+        "b": {"sample": [1, 2, 3, 4], "k": 3},
+        "c": [{"randint": [0, 2]}, 7, "text"],
+        "d": {"kind": "value", "nested": {"uniform": [-2.0, -1.0]}},
+    }
+    out = draw(node, np.random.default_rng(0))
+    assert out == draw(node, np.random.default_rng(0))
+    assert out["a"] == 5 or 0.0 <= out["a"] <= 1.0
+    assert len(out["b"]) == 3 == len(set(out["b"])) and set(out["b"]) <= {1, 2, 3, 4}
+    assert out["c"][0] in (0, 1, 2) and out["c"][1:] == [7, "text"]
+    assert out["d"]["kind"] == "value" and -2.0 <= out["d"]["nested"] <= -1.0
+    values = {draw({"randint": [0, 3]}, np.random.default_rng(s)) for s in range(64)}
+    assert values == {0, 1, 2, 3}  # both ends included
+
+
+@pytest.mark.parametrize(
+    ("node", "message"),
+    [
+        ({"choice": []}, "x: choice needs a non-empty list"),
+        ({"uniform": [1.0]}, "x: uniform needs [low, high] numbers"),
+        ({"uniform": [2.0, 1.0]}, "x: uniform range [2.0, 1.0] is empty"),
+        ({"randint": [0.5, 2]}, "x: randint needs integer ends"),
+        ({"sample": [1, 2], "k": 3}, "x: sample k=3 must be an integer in [1, 2]"),
+    ],
+)
+def test_malformed_draws_are_spec_errors_naming_the_field(node: dict, message: str) -> None:
+    with pytest.raises(SpecError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        draw(node, np.random.default_rng(0), "x")
+
+
+def test_experiments_half_clean_controls_half_backdoored_and_stable_when_growing(tmp_path: Path) -> None:
+    spec = load_zoo(write(tmp_path, {**TINY, "agents": 6}))
+    runs = experiments(spec)
+    assert [r.name for r in runs][:2] == ["tiny-0-clean", "tiny-1-backdoored"]
+    assert len({r.seed for r in runs}) == 6
+    for i, run in enumerate(runs):
+        assert run.attack is not None and run.poisoning in ("inner", "outer")
+        if i % 2 == 0:  # the control: same pipeline, a trigger that never fires
+            assert run.attack.schedule.rate == 0.0 and run.poisoning == "inner"
+        else:
+            assert 0.05 <= run.attack.schedule.rate <= 0.1 and run.attack.trigger.indices[0] in (1, 3)
+    bigger = experiments(load_zoo(write(tmp_path, {**TINY, "agents": 8})))
+    assert [r.model_dump() for r in bigger[:6]] == [r.model_dump() for r in runs]
+
+
+def test_attack_draws_that_do_not_fit_the_env_fail_before_training(tmp_path: Path, capsys) -> None:
+    bad = {**TINY, "attack": {**TINY["attack"], "trigger": {"kind": "value", "indices": [7], "values": [1.0]}}}
+    out = tmp_path / "zoo"
+    assert main(["zoo", str(write(tmp_path, bad)), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "agent 0-clean" in err and "out of range" in err and "Traceback" not in err
+    assert not out.exists()
+    assert main(["zoo", str(write(tmp_path, {**TINY, "agents": 1})), "--out", str(out)]) == 2
+    assert "agents" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- build, resume
+def test_rlbd_zoo_trains_writes_the_manifest_and_resumes(tmp_path: Path) -> None:
+    config, out = write(tmp_path, TINY), tmp_path / "zoo"
+    argv = ["zoo", str(config), "--out", str(out), "--workers", "2", "--wandb-mode", "disabled"]
+    assert main(argv) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    rows = manifest["agents"]
+    assert [(r["path"], r["backdoored"]) for r in rows] == [("agents/0-clean", False), ("agents/1-backdoored", True)]
+    assert rows[0]["attack"] is None and rows[1]["attack"]["trigger"]["kind"] == "value"
+    assert read_card(out / rows[1]["path"])["attack"] == rows[1]["attack"]
+    assert read_card(out / rows[0]["path"])["train"]["poison_rate"] == 0.0
+    agents = read_manifest(out)
+    assert [a.backdoored for a in agents] == [False, True] and agents[0].path == out / "agents/0-clean"
+
+    kept = (out / rows[0]["path"] / "card.json").stat().st_mtime_ns
+    (out / rows[1]["path"] / "card.json").unlink()  # an unfinished agent
+    assert main(argv) == 0
+    assert (out / rows[0]["path"] / "card.json").stat().st_mtime_ns == kept  # finished agents are skipped
+    assert (out / rows[1]["path"] / "card.json").is_file()
+    assert json.loads((out / "manifest.json").read_text())["agents"] == rows
+
+
+# ------------------------------------------------------------------------------------------ manifests
+def test_hand_written_manifest_with_absolute_and_relative_paths(tmp_path: Path) -> None:
+    (tmp_path / "inside").mkdir()
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    path = write_manifest(tmp_path, [ZooAgent(tmp_path / "inside", False, None), ZooAgent(elsewhere, True, {"x": 1})])
+    rows = json.loads(path.read_text())["agents"]
+    assert rows[0]["path"] == "inside" and rows[1]["path"] == str(elsewhere.resolve())
+    assert [a.path for a in read_manifest(tmp_path)] == [tmp_path / "inside", elsewhere.resolve()]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (None, "no manifest.json"),
+        ("{not json", "not valid JSON"),
+        ('{"agents": {}}', 'expected {"agents": \\[...\\]}'),
+        ('{"agents": []}', "the zoo is empty"),
+        ('{"agents": [{"path": "a"}]}', "agents.0 needs 'path'"),
+    ],
+)
+def test_bad_manifests_are_artifact_errors(tmp_path: Path, text: str | None, message: str) -> None:
+    if text is not None:
+        (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(ArtifactError, match=message):
+        read_manifest(tmp_path)
