@@ -116,6 +116,15 @@ def test_observation_trigger_is_stamped_into_victims_only():
         obs_a, _, _, _, infos = attacked.step(actions)
 
 
+def test_hits_count_the_victims_own_actions_even_when_the_env_overwrites_action_arrays():
+    env = make_parallel(SPREAD, schedule=ALWAYS)  # MPE zeroes the action arrays it is given
+    env.reset(seed=0)
+    actions = {agent: np.array(1) for agent in env.agents}
+    _, rewards, _, _, infos = env.step(actions)
+    assert infos["agent_0"]["rlbd"]["hit"] and rewards["agent_0"] == 1.0
+    assert all(int(a) == 1 for a in actions.values())
+
+
 def test_the_attacked_env_is_the_clean_env_when_the_schedule_never_fires():
     env = make_parallel(SPREAD, schedule=NEVER)
     assert same(rollout(env, 1, 60)[0], rollout(make_base_parallel(get_parallel_spec(SPREAD)), 1, 60)[0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from pettingzoo import ParallelEnv
 from pettingzoo.utils import BaseParallelWrapper
 
@@ -61,7 +62,8 @@ class BackdoorParallelEnv(BaseParallelWrapper):
         self, actions: dict[str, Any]
     ) -> tuple[dict[str, Any], dict[str, float], dict[str, bool], dict[str, bool], dict[str, dict[str, Any]]]:
         executed = self.attack.act(actions)
-        obs, rewards, terminations, truncations, infos = self.env.step(executed)
+        # copies: some envs (MPE) overwrite action arrays in place, and the attack reads them afterwards
+        obs, rewards, terminations, truncations, infos = self.env.step({a: np.array(v) for a, v in executed.items()})
         obs, rewards, flags = self.attack.step(obs, rewards, not self.env.agents, actions, executed)
         infos = {agent: {**info, "rlbd": self.attack.info(flags, agent)} for agent, info in infos.items()}
         return obs, rewards, terminations, truncations, infos
