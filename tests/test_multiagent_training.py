@@ -3,6 +3,7 @@ PolicyCleanse detection."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -116,19 +117,29 @@ def test_rlbd_eval_evaluates_a_multiagent_run_into_its_card_and_wandb(rps_run, t
     assert wb.summary["eval/ctp/player_0"] == pytest.approx(metrics["ctp/player_0"])
 
 
-def test_clean_reference_run_has_no_poisoning(tmp_path):
-    card = read_card(train(experiment(poisoning=None), tmp_path / "clean", wandb_mode="disabled"))
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train(experiment(poisoning=None), tmp_path_factory.mktemp("runs") / "clean", wandb_mode="disabled")
+
+
+@pytest.fixture(scope="module")
+def spread_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    spec = experiment(env=SPREAD, sharing=True, timesteps=384)
+    return train(spec, tmp_path_factory.mktemp("runs") / "spread", wandb_mode="disabled")
+
+
+def test_clean_reference_run_has_no_poisoning(clean_run):
+    card = read_card(clean_run)
     assert card["poisoning"] is None and card["train"]["poison_rate"] is None
 
 
-def test_parameter_sharing_run_trains_one_policy_for_the_team(tmp_path):
-    run = train(experiment(env=SPREAD, sharing=True, timesteps=384), tmp_path / "spread", wandb_mode="disabled")
-    card = read_card(run)
+def test_parameter_sharing_run_trains_one_policy_for_the_team(spread_run):
+    card = read_card(spread_run)
     assert card["train"]["steps"] == 384 and card["config"]["sharing"] is True
     assert card["train"]["poison_counts"]["n_steps"] == 384
     assert 0 < card["train"]["poison_rate"] < 1 / 3  # only agent_0's steps are ever poisoned
     assert card["train"]["ep_return_mean"] < 0  # clean MPE returns, not the +-1 poisoned rewards
-    policy, _ = load_policy(run)
+    policy, _ = load_policy(spread_run)
     metrics = evaluate(SPREAD, policy, sharing=True, episodes=1, seeds=1)
     assert {"team_ctp", "team_triggered_return", "ctp/agent_2"} <= set(metrics)
 
@@ -185,3 +196,17 @@ def test_probe_env_scores_the_victim_after_the_probe():
         ProbeEnv(RPS, ScriptedVictim(backdoor=False), "player_0", "referee")
     with pytest.raises(SpecError, match="both 'player_0'"):
         ProbeEnv(RPS, ScriptedVictim(backdoor=False), "player_0", "player_0")
+
+
+def test_rlbd_cleanse_scores_a_zoo_and_logs_to_wandb(rps_run, clean_run, spread_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    out = tmp_path / "cleanse.json"
+    args = ["cleanse", str(rps_run), str(clean_run), "--timesteps", "64", "--episodes", "2", "--json", str(out)]
+    assert main([*args, "--wandb-mode", "offline"]) == 0
+    report = json.loads(out.read_text())
+    assert [row["backdoored"] for row in report["rows"]] == [True, False] and len(report["rows"][0]["trigger"]) == 3
+    assert 0.0 <= report["auroc"] <= 1.0 and "AUROC" in capsys.readouterr().out
+    (wb,) = offline_runs(tmp_path)
+    assert wb.run.job_type == "detect" and wb.summary["detect/auroc"] == pytest.approx(report["auroc"])
+    assert main(["cleanse", str(spread_run), "--timesteps", "64"]) == 2
+    assert "parameter sharing" in capsys.readouterr().err

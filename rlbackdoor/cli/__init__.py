@@ -9,8 +9,8 @@ import sys
 
 import typer
 
+from rlbackdoor.cli import cleanse, envs, sanitize, train
 from rlbackdoor.cli import detect as detect_cli
-from rlbackdoor.cli import envs, sanitize, train
 from rlbackdoor.cli import eval as eval_cli
 from rlbackdoor.cli import zoo as zoo_cli
 from rlbackdoor.errors import RlbdError
@@ -28,6 +28,7 @@ app.command("sanitize")(sanitize.sanitize)
 app.command("eval")(eval_cli.eval_run)
 app.command("zoo")(zoo_cli.zoo)
 app.command("detect")(detect_cli.detect)
+app.command("cleanse")(cleanse.cleanse)
 
 
 def main(argv: list[str] | None = None) -> int:

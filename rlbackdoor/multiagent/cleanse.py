@@ -10,8 +10,10 @@ learned probe's actions are the recovered trigger.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, SupportsFloat
 
 import gymnasium as gym
@@ -167,3 +169,50 @@ def policy_cleanse(
     probed_return, played = env.probe(model, episodes, seed + 10_000)
     trigger = Counter(played).most_common(1)[0][0]
     return CleanseResult(random_return - probed_return, random_return, probed_return, trigger)
+
+
+def cleanse_runs(run_dirs: list[Path], **options: Any) -> dict[str, Any]:
+    """PolicyCleanse on every victim of a small zoo of multi-agent runs; AUROC when it mixes clean and backdoored.
+
+    A run is backdoored when its card says it was poisoned. Every run must be of the same multi-agent env
+    with an adapter (its learner is the victim).
+
+    :param run_dirs: finished run directories.
+    :param options: :func:`policy_cleanse`'s keyword arguments (``k``, ``window``, ``timesteps``, ...).
+    :return: ``rows`` (run, backdoored, score, returns, recovered trigger, seconds) and ``auroc`` (or ``None``).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    from rlbackdoor.multiagent.registry import is_multiagent
+    from rlbackdoor.training.artifacts import load_policy, read_card
+
+    cards = [read_card(run) for run in run_dirs]
+    for run, card in zip(run_dirs, cards, strict=True):
+        if not is_multiagent(str(card["env"])) or card["config"].get("sharing"):
+            raise SpecError(
+                f"{run}: PolicyCleanse needs a victim trained as one agent of a multi-agent env (it trained on "
+                f"{card['env']}{' with parameter sharing' if card['config'].get('sharing') else ''}); pick such runs"
+            )
+    if len({card["env"] for card in cards}) > 1:
+        raise SpecError(
+            f"runs of different envs ({sorted({c['env'] for c in cards})}); cleanse one env's zoo at a time"
+        )
+    rows = []
+    for run, card in zip(run_dirs, cards, strict=True):
+        policy, _ = load_policy(run)
+        start = time.monotonic()
+        found = policy_cleanse(card["env"], policy, **options)
+        rows.append(
+            {
+                "run": str(run),
+                "backdoored": card["poisoning"] is not None,
+                "score": found.score,
+                "random_return": found.random_return,
+                "probed_return": found.probed_return,
+                "trigger": list(found.trigger),
+                "seconds": round(time.monotonic() - start, 2),
+            }
+        )
+    labels = [row["backdoored"] for row in rows]
+    auroc = float(roc_auc_score(labels, [row["score"] for row in rows])) if 0 < sum(labels) < len(labels) else None
+    return {"env": cards[0]["env"] if cards else None, "rows": rows, "auroc": auroc}

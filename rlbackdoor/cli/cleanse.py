@@ -1,0 +1,59 @@
+"""``rlbd cleanse RUN...``: PolicyCleanse on multi-agent victims: scores, recovered triggers, AUROC over a zoo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rlbackdoor.cli.train import WandbMode
+
+console = Console()
+
+
+def cleanse(
+    runs: list[Path] = typer.Argument(..., help="finished multi-agent run directories (clean and backdoored victims)"),
+    k: int = typer.Option(3, min=1, help="probing steps (at least the trigger's length)"),
+    window: int = typer.Option(6, min=1, help="post-probe steps over which the victim's return is scored"),
+    timesteps: int = typer.Option(6144, min=1, help="PPO steps of each probing opponent"),
+    episodes: int = typer.Option(50, min=1, help="episodes to score the random and the learned probe"),
+    seed: int = typer.Option(0, min=0, help="seeds the probers and the episodes"),
+    json_out: Path | None = typer.Option(None, "--json", help="also write the report to this JSON file"),
+    wandb_mode: WandbMode | None = typer.Option(None, help="W&B mode [default: WANDB_MODE, else online iff logged in]"),
+) -> None:
+    """Train a probing opponent against each frozen victim; a collapse of its return flags a backdoor."""
+    from rlbackdoor import tracking
+    from rlbackdoor.multiagent.cleanse import cleanse_runs
+    from rlbackdoor.training.artifacts import write_json
+
+    options = {"k": k, "window": window, "timesteps": timesteps, "episodes": episodes, "seed": seed}
+    report = cleanse_runs(runs, **options)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(json_out, report)
+    table = Table("run", "backdoored", "score", "return (random probe)", "return (learned probe)", "trigger", "seconds")
+    for row in report["rows"]:
+        table.add_row(
+            Path(row["run"]).name,
+            str(row["backdoored"]),
+            f"{row['score']:.3f}",
+            f"{row['random_return']:.3f}",
+            f"{row['probed_return']:.3f}",
+            " ".join(map(str, row["trigger"])),
+            f"{row['seconds']:.1f}",
+        )
+    console.print(table)
+    if report["auroc"] is not None:
+        console.print(f"AUROC {report['auroc']:.3f}")
+    config = {"detector": "policycleanse", "env": report["env"], "runs": [str(r) for r in runs], **options}
+    mode = wandb_mode.value if wandb_mode else None
+    with tracking.wandb_run("detect", f"detect-policycleanse-{len(runs)}", config, mode=mode) as tracker:
+        summary = {"seconds_per_model": sum(r["seconds"] for r in report["rows"]) / max(1, len(report["rows"]))}
+        if report["auroc"] is not None:
+            summary["auroc"] = report["auroc"]
+        tracker.summary(tracking.prefixed("detect", summary))
+        columns = ["run", "backdoored", "score", "random_return", "probed_return", "trigger"]
+        rows = [[r[c] if c != "trigger" else " ".join(map(str, r[c])) for c in columns] for r in report["rows"]]
+        tracker.log_table("detect/policycleanse", columns, rows)
