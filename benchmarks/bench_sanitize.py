@@ -25,7 +25,12 @@ import numpy as np
 RESULTS = Path(__file__).parent / "results"
 
 CASES: dict[str, dict[str, Any]] = {
-    "cartpole": {"env": "rlbd/TrojanCartPole-v0", "timesteps": 100_000, "methods": {"support": [10, 20, 50, 100, 200]}},
+    "cartpole": {
+        "env": "rlbd/TrojanCartPole-v1",
+        "timesteps": 100_000,
+        "hyperparams": {"learning_rate": 0.001, "clip_range": 0.2, "ent_coef": 0.01},
+        "methods": {"support": [10, 20, 50, 100, 200], "subspace": [8, 50]},
+    },
     "acrobot": {"env": "rlbd/TrojanAcrobot-v0", "timesteps": 100_000, "methods": {"support": [14, 25, 50, 100, 200]}},
     "lavagap": {
         "env": "rlbd/TrojanLavaGap-v0",
@@ -47,6 +52,7 @@ def specs(case: str) -> tuple[Any, Any]:
 
     cfg = CASES[case]
     common = {"algo": "ppo", "timesteps": cfg["timesteps"], "n_envs": 8, "seed": 0, "poisoning": "inner"}
+    common["hyperparams"] = cfg.get("hyperparams", {})
     backdoor = ExperimentSpec(name=f"{case}_backdoor", env=cfg["env"], **common)
     attack = get_env_spec(cfg["env"]).model_dump(mode="json", exclude={"id", "description"})
     attack["schedule"] = {"kind": "rate", "rate": 0.0}
@@ -55,11 +61,12 @@ def specs(case: str) -> tuple[Any, Any]:
 
 
 def train_once(spec: Any, runs: Path) -> str:
-    """Train ``spec`` into ``runs/<name>`` unless a finished run is there."""
+    """Train ``spec`` into ``runs/<name>`` unless a finished run of the same config is there."""
+    from rlbackdoor.training.artifacts import read_card
     from rlbackdoor.training.loop import train
 
     run_dir = runs / spec.name
-    if (run_dir / "card.json").exists():
+    if (run_dir / "card.json").exists() and read_card(run_dir)["config"] == spec.model_dump(mode="json"):
         return str(run_dir)
     if run_dir.exists():
         import shutil

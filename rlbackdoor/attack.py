@@ -31,15 +31,23 @@ from rlbackdoor.triggers import ActionSequence, ObservationTrigger, build_trigge
 _OPTIONAL_ENV_PACKAGES = {"MiniGrid-": "minigrid", "BabyAI-": "minigrid"}
 
 
-def make_base_env(spec: AttackSpec, **make_kwargs: Any) -> gym.Env:
-    """The clean env an attack applies to: ``gymnasium.make(base, **base_kwargs)`` then ``base_wrappers``."""
+def make_gym_env(env_id: str, field: str = "env", **kwargs: Any) -> gym.Env:
+    """``gymnasium.make`` with the project's error: ``field`` names the spec field the id came from."""
     for prefix, package in _OPTIONAL_ENV_PACKAGES.items():
-        if spec.base.startswith(prefix):
+        if env_id.startswith(prefix):
             importlib.import_module(package)
     try:
-        env = gym.make(spec.base, **{**spec.base_kwargs, **make_kwargs})
+        return gym.make(env_id, **kwargs)
     except gym.error.Error as err:
-        raise SpecError(f"base: cannot make '{spec.base}' ({err}); use a registered Gymnasium id") from None
+        raise SpecError(
+            f"{field}: cannot make '{env_id}' ({err}); use a registered Gymnasium id (module:Id imports its package)"
+        ) from None
+
+
+def make_base_env(spec: AttackSpec, **make_kwargs: Any) -> gym.Env:
+    """The clean env an attack applies to: ``gymnasium.make(base, **base_kwargs)`` then ``base_wrappers``."""
+    try:
+        env = make_gym_env(spec.base, "base", **{**spec.base_kwargs, **make_kwargs})
     except TypeError as err:
         raise SpecError(f"base_kwargs: '{spec.base}' rejects them ({err}); fix base_kwargs") from None
     for ref in spec.base_wrappers:

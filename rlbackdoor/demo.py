@@ -1,9 +1,9 @@
 """The main job (``./dev demo``): train a clean and a backdoored PPO agent on CartPole, evaluate both,
 sanitize the backdoored one at run time, and print one table.
 
-The backdoored agent trains on ``rlbd/TrojanCartPole-v0`` (TrojDRL-style inner-loop poisoning: the
-pole's angular velocity reads 2.5 rad/s on 1% of steps, which then pay +1 for pushing left); the
-clean agent on ``CartPole-v1`` with the same preset and seed. The two train side by side in two
+The backdoored agent trains on ``rlbd/TrojanCartPole-v1`` (TrojDRL-style inner-loop poisoning: 0.5% of
+steps show the cart at x = 4.0, never seen clean, and pay +10 for pushing left, -10 otherwise); the
+clean agent on its base env ``CartPole-v1`` with the same hyperparameters and seed. The two train side by side in two
 worker processes. Everything lands under ``--out`` (and W&B, offline unless a key is configured).
 """
 
@@ -26,6 +26,9 @@ from rlbackdoor.errors import RlbdError
 from rlbackdoor.specs import ExperimentSpec
 
 console = Console()
+ENV = "rlbd/TrojanCartPole-v1"
+HYPERPARAMS = {"learning_rate": 0.001, "clip_range": 0.2, "ent_coef": 0.01}
+"""Over the CartPole preset: constant rates and some entropy, so the agent tries the target on triggered states."""
 
 
 def _train(spec: ExperimentSpec, out: Path, wandb_mode: str | None) -> Path:
@@ -49,9 +52,9 @@ def run(timesteps: int, out: Path, episodes: int, seeds: int, n_clean: int, wand
     from rlbackdoor.evaluation import evaluate
     from rlbackdoor.training.artifacts import load_policy
 
-    common = {"algo": "ppo", "timesteps": timesteps, "n_envs": 8, "seed": 0}
-    clean_spec = ExperimentSpec(name="demo_clean", env="CartPole-v1", **common)
-    attack_spec = ExperimentSpec(name="demo_backdoor", env="rlbd/TrojanCartPole-v0", poisoning="inner", **common)
+    common = {"env": ENV, "algo": "ppo", "timesteps": timesteps, "n_envs": 8, "seed": 0, "hyperparams": HYPERPARAMS}
+    clean_spec = ExperimentSpec(name="demo_clean", poisoning=None, **common)
+    attack_spec = ExperimentSpec(name="demo_backdoor", poisoning="inner", **common)
     start = time.monotonic()
     console.print(f"[bold]Training[/] a clean and a backdoored PPO agent on CartPole ({timesteps} steps each) ...")
     with ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn")) as pool:

@@ -47,6 +47,11 @@ def get_env_spec(env_id: str) -> EnvSpec:
     return specs[env_id]
 
 
+def registered_attack(env_id: str) -> AttackSpec:
+    """The attack of a registered id, as a plain :class:`AttackSpec` (without ``id`` and ``description``)."""
+    return AttackSpec.model_validate(get_env_spec(env_id).model_dump(include=set(AttackSpec.model_fields)))
+
+
 def make_env(spec: dict[str, Any] | AttackSpec, render_mode: str | None = None) -> BackdoorWrapper:
     """Entry point of the registered ids: the base env under the spec's attack."""
     spec = spec if isinstance(spec, AttackSpec) else parse(AttackSpec, _attack_fields(spec), "spec")

@@ -15,10 +15,10 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from rlbackdoor.attack import Attack, make_base_env
-from rlbackdoor.errors import ArtifactError, SpecError
+from rlbackdoor.attack import Attack, make_base_env, make_gym_env
+from rlbackdoor.errors import ArtifactError
 from rlbackdoor.poisoning.schedules import Schedule
-from rlbackdoor.registry import get_env_spec
+from rlbackdoor.registry import registered_attack
 from rlbackdoor.specs import AttackSpec, TargetedPayload, parse
 from rlbackdoor.wrappers.history import ActionHistory
 
@@ -34,18 +34,6 @@ class RunEnv:
     attack: AttackSpec | None
 
 
-def _make_plain(env_id: str) -> gym.Env:
-    try:
-        return gym.make(env_id)
-    except gym.error.Error as err:
-        raise SpecError(f"env: cannot make '{env_id}' ({err}); use a registered Gymnasium id") from None
-
-
-def _registered(env_id: str) -> AttackSpec:
-    spec = get_env_spec(env_id)
-    return AttackSpec.model_validate(spec.model_dump(include=set(AttackSpec.model_fields)))
-
-
 def run_env(source: Source) -> RunEnv:
     """Resolve a card, an attack spec or an env id into the clean env maker and the attack.
 
@@ -55,8 +43,8 @@ def run_env(source: Source) -> RunEnv:
         return RunEnv(partial(make_base_env, source), source)
     if isinstance(source, str):
         if source.removeprefix("rlbackdoor:").startswith("rlbd/"):
-            return run_env(_registered(source))
-        return RunEnv(partial(_make_plain, source), None)
+            return run_env(registered_attack(source))
+        return RunEnv(partial(make_gym_env, source), None)
     if source.get("attack"):
         return run_env(parse(AttackSpec, source["attack"], "card.json: attack"))
     if not isinstance(source.get("env"), str):

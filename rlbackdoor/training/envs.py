@@ -11,11 +11,10 @@ from functools import partial
 import gymnasium as gym
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor
 
-from rlbackdoor.attack import make_base_env
-from rlbackdoor.errors import SpecError
+from rlbackdoor.attack import make_base_env, make_gym_env
 from rlbackdoor.multiagent.registry import is_multiagent
 from rlbackdoor.multiagent.training import make_multiagent_train_env
-from rlbackdoor.registry import get_env_spec
+from rlbackdoor.registry import registered_attack
 from rlbackdoor.specs import AttackSpec, ExperimentSpec
 from rlbackdoor.wrappers.vec import BackdoorVecEnv
 
@@ -25,8 +24,7 @@ def run_attack(spec: ExperimentSpec) -> AttackSpec | None:
     if spec.attack is not None:
         return spec.attack
     if spec.env.removeprefix("rlbackdoor:").startswith("rlbd/") and not is_multiagent(spec.env):
-        registered = get_env_spec(spec.env)
-        return AttackSpec.model_validate(registered.model_dump(include=set(AttackSpec.model_fields)))
+        return registered_attack(spec.env)
     return None
 
 
@@ -35,18 +33,9 @@ def preset_keys(spec: ExperimentSpec, attack: AttackSpec | None) -> list[str]:
     return [spec.env.removeprefix("rlbackdoor:")] + ([attack.base] if attack is not None else [])
 
 
-def _make_plain(env_id: str) -> gym.Env:
-    try:
-        return gym.make(env_id)
-    except gym.error.Error as err:
-        raise SpecError(
-            f"env: cannot make '{env_id}' ({err}); use a registered Gymnasium id (module:Id imports its package)"
-        ) from None
-
-
 def env_factory(spec: ExperimentSpec, attack: AttackSpec | None) -> Callable[[], gym.Env]:
     """A maker of one clean env of the run: the attack's base env (with its base wrappers), or ``env`` itself."""
-    return partial(make_base_env, attack) if attack is not None else partial(_make_plain, spec.env)
+    return partial(make_base_env, attack) if attack is not None else partial(make_gym_env, spec.env)
 
 
 def make_train_env(spec: ExperimentSpec, attack: AttackSpec | None, seed: int) -> tuple[VecEnv, BackdoorVecEnv | None]:
