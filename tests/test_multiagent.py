@@ -257,16 +257,6 @@ def test_joint_actions_show_own_moves_first():
 
 
 # ------------------------------------------------------------------------------------ parameter sharing
-def test_parameter_sharing_trains_one_policy_for_the_team():
-    from stable_baselines3 import PPO
-
-    venv = shared_vec_env(make_parallel(SPREAD), n_envs=2)
-    assert venv.num_envs == 6
-    model = PPO("MlpPolicy", venv, n_steps=16, batch_size=48, n_epochs=1, seed=0, device="cpu")
-    model.learn(96)
-    assert model.num_timesteps == 96
-
-
 def test_parameter_sharing_is_seeded():
     def run(seed: int) -> list:
         venv = shared_vec_env(make_parallel(SPREAD), n_envs=2)
