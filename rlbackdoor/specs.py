@@ -352,12 +352,12 @@ def load(model: type[S], path: str | Path) -> S:
 class SanitizeSpec(_Spec):
     """Training-time trajectory sanitization: the defender filters what the learner sees.
 
-    ``support`` / ``subspace`` flag observations off the clean data (and clip out-of-range rewards);
+    ``support`` / ``impute`` / ``subspace`` flag observations off the clean data (and clip out-of-range rewards);
     ``reward`` checks rewards only. The filter is fitted on ``n_clean`` steps of the clean base env
     under a random policy (the defender has a clean env, not a clean agent).
     """
 
-    method: Literal["support", "subspace", "reward"]
+    method: Literal["support", "impute", "subspace", "reward"]
     n_clean: int = Field(1000, ge=10)
     fpr: float = Field(0.001, gt=0.0, lt=1.0)
     margin: float = Field(1.5, ge=1.0)
@@ -380,7 +380,7 @@ class ExperimentSpec(_Spec):
         timesteps: 100000
         n_envs: 8
         seed: 0
-        hyperparams: {n_steps: 32}    # override agents/<algo>.yaml's preset for env, key by key
+        hyperparams: {n_steps: 32}    # merged over agents/<algo>.yaml's preset for env; null drops a key
         eval_every: 0                 # steps between eval/asr, eval/ctp logs during training (0: never)
         sanitize: {method: support}   # training-time trajectory sanitization (SanitizeSpec); omit for none
         sharing: false                # multi-agent envs: one policy for every agent (SuperSuit parameter

@@ -30,6 +30,11 @@ class Backdoored:
         return (actions if obs.ndim == 2 else actions[0]), state
 
 
+def test_impute_sanitizer_forgets_the_trigger_value(tmp_path: Path):
+    result = sanitize_agent(Backdoored(), CARD, "impute", n_clean=200, episodes=3, seeds=2)
+    assert result["asr_after"] < 0.5 * result["asr_before"]
+
+
 def test_support_sanitizer_removes_a_value_backdoor_and_keeps_the_task():
     result = sanitize_agent(Backdoored(), CARD, "support", n_clean=200, episodes=3, seeds=2, curve=[10, 50])
     assert result["asr_before"] == 1.0
@@ -37,7 +42,7 @@ def test_support_sanitizer_removes_a_value_backdoor_and_keeps_the_task():
     assert result["ctp_after"] >= 0.99 * result["ctp_before"]
     assert result["ctp_after_ci_low"] <= result["ctp_after"] <= result["ctp_after_ci_high"]
     assert [p["n_clean"] for p in result["curve"]] == [10, 50, 200]
-    assert all(p["asr_after"] == 0.0 for p in result["curve"])
+    assert all(p["asr_after"] <= 0.05 for p in result["curve"])  # the target, from n = 10 on
 
 
 def test_subspace_cannot_help_on_full_rank_observations():
@@ -96,7 +101,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
 
 def test_bad_method_n_and_foreign_trajectories(smoke_run: Path, tmp_path: Path, capsys):
     assert main(["sanitize", str(smoke_run), "--method", "nope"]) == 2
-    assert "use one of subspace, support" in capsys.readouterr().err
+    assert "use one of subspace, support, impute" in capsys.readouterr().err
     lava = collect(gym.make("CartPole-v1"), None, 50, 0, "rlbd/TrojanLavaGap-v0").save(tmp_path / "x.npz")
     assert main(["sanitize", "--trajectories", str(lava)]) == 2
     assert "do not come from rlbd/TrojanLavaGap-v0" in capsys.readouterr().err

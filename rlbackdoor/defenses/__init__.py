@@ -6,10 +6,7 @@ from rlbackdoor.defenses.base import Access, SanitizedPolicy, SanitizeObservatio
 from rlbackdoor.defenses.subspace import SubspaceSanitizer
 from rlbackdoor.defenses.support import SupportSanitizer
 
-SANITIZERS: dict[str, type[Sanitizer]] = {"subspace": SubspaceSanitizer, "support": SupportSanitizer}
-
 __all__ = [
-    "SANITIZERS",
     "Access",
     "SanitizeObservation",
     "SanitizedPolicy",

@@ -178,6 +178,11 @@ class Detector:
         """What the analysis found (e.g. a recovered trigger), as JSON-ready values."""
         return {}
 
+    def profile(self) -> tuple[list[str], np.ndarray] | None:
+        """The policy's responses to candidates shared by every agent of an env family, keyed by candidate
+        (after :meth:`score_model`), for comparing agents with their population; ``None`` if the detector has none."""
+        return None
+
 
 class SanitizeObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
     """Run-time sanitization as an env wrapper: the agent sees ``sanitizer.transform(obs)``."""

@@ -217,7 +217,7 @@ def analyse(
     if input_level:
         held_out = clean[np.sort(order[len(order) // 2 :])]
         inputs = _input_metrics(detector, held_out, _trigger(card) if backdoored is not False else None, seed)
-    profile = detector.profile() if hasattr(detector, "profile") else None
+    profile = detector.profile()
     seconds = round(time.process_time() - start, 3)
     return ModelResult(
         str(run_dir), backdoored, score, probability, seconds, detector.details(), inputs, profile=profile

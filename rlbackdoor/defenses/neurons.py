@@ -56,7 +56,8 @@ class ActivationBands(Detector):
 
 
 class _StepSetDetector(Detector):
-    """Scores a set of steps against each other, per action the policy takes (the backdoor's target is one)."""
+    """Scores a set of steps against each other on every hidden layer's activations, per action the policy
+    takes (a targeted backdoor's steps all land in its target's group)."""
 
     access = (Access.WEIGHTS,)
     levels = ("input",)
@@ -66,7 +67,7 @@ class _StepSetDetector(Detector):
         self.net = PolicyNet(self.policy, self.clean.shape[1:])
 
     def _score_inputs(self, obs: np.ndarray) -> np.ndarray:
-        features = self.net.activations(obs, layers=[len(self.net.widths) - 1])
+        features = self.net.activations(obs)
         with torch.no_grad():
             groups = self.net.scores(self.net.tensor(obs)).argmax(dim=1).numpy()
         scores = np.zeros(len(obs))
@@ -81,7 +82,7 @@ class _StepSetDetector(Detector):
 
 
 class SpectralSignature(_StepSetDetector):
-    """Spectral signatures (Tran et al., 2018) on the last hidden layer, per chosen action.
+    """Spectral signatures (Tran et al., 2018) on the hidden activations, per chosen action.
 
     A step's score is its squared projection on the top singular direction of its group's centred
     features, divided by the group's median: poisoned steps of the target action stand out along it.
@@ -98,7 +99,7 @@ class SpectralSignature(_StepSetDetector):
 
 
 class ActivationClustering(_StepSetDetector):
-    """Activation clustering (Chen et al., 2018) on the last hidden layer, per chosen action.
+    """Activation clustering (Chen et al., 2018) on the hidden activations, per chosen action.
 
     Each group is reduced by PCA (``dims`` components) and split by 2-means; a step's score is its
     position on the axis from the larger cluster's centre (0) to the smaller one's (1), weighted by how

@@ -84,7 +84,9 @@ class BlackBoxProbe(Detector):
     states not choosing an action that turn to it) minus the region's natural sensitivity (share of
     states whose action changes when the region takes another clean state's content).
 
-    The model's score is the largest isolation. Only ``policy.predict`` is called: no weights, no gradients.
+    The model's score is the largest isolation. Its :meth:`profile` (every candidate's response curve
+    point or elevation) lets a zoo compare each agent with its population. Only ``policy.predict`` is
+    called: no weights, no gradients.
 
     :param n_states: clean states stamped.
     :param n_values: sweep points per entry (vectors).
@@ -222,7 +224,6 @@ class BlackBoxProbe(Detector):
         return float(isolation[q, v, a])
 
     def profile(self) -> tuple[list[str], np.ndarray] | None:
-        """Responses to every candidate (after :meth:`score_model`), keyed so agents of one env family align."""
         return self._profile
 
     def details(self) -> dict[str, Any]:
@@ -247,7 +248,7 @@ class ReverseTrigger(Detector):
 
     :param n_states: clean states the triggers must work on.
     :param steps: Adam steps.
-    :param restarts: random starts per action.
+    :param restarts: random starts per action (default 64 for vectors, 16 for images).
     :param l1: weight of the mask's mean.
     :param reach: half-width of the vector search box in clean standard deviations.
     :param local: how far each start's pattern may move, as a share of the box width.
@@ -264,7 +265,7 @@ class ReverseTrigger(Detector):
         self,
         n_states: int = 128,
         steps: int = 150,
-        restarts: int = 64,
+        restarts: int | None = None,
         l1: float = 0.05,
         reach: float = 30.0,
         local: float = 0.1,
@@ -282,6 +283,7 @@ class ReverseTrigger(Detector):
         if self.clean.ndim not in (2, 4):
             raise SpecError(f"detector '{self.name}' handles vector or image observations, not {self.clean.shape[1:]}")
         self.image = self.clean.ndim == 4
+        self.starts = self.restarts or (16 if self.image else 64)
         if self.image:  # the anomaly index, with Neural Cleanse's cut-off
             self.threshold, self.scale = 2.0, 1.0
 
@@ -301,9 +303,9 @@ class ReverseTrigger(Detector):
         states = self.clean[rng.choice(len(self.clean), size=min(self.n_states, len(self.clean)), replace=False)]
         x = self.net.tensor(states)
         shape = tuple(x.shape[1:])
-        lo, hi = (torch.as_tensor(a, dtype=torch.float32) for a in self._box(states))
+        lo, hi = (torch.tensor(a, dtype=torch.float32) for a in self._box(states))
         n_a, n = self.net.n_actions, len(x)
-        targets = torch.arange(n_a).repeat_interleave(self.restarts)
+        targets = torch.arange(n_a).repeat_interleave(self.starts)
         k = len(targets)
         layout = image_layout(shape) if self.image else "flat"
         mask_shape = {"chw": (k, 1, *shape[1:]), "hwc": (k, *shape[:2], 1)}.get(layout, (k, *shape))
@@ -347,7 +349,7 @@ class ReverseTrigger(Detector):
             "mask_l1": float(size[best]),
             "mask": m[best].numpy().round(3).tolist(),
             "pattern": p[best].numpy().round(3).tolist(),
-            "norms": norms.round(3).tolist(),
+            "norms": [None if not np.isfinite(v) else round(float(v), 3) for v in norms],
             "anomaly_index": anomaly_index(norms),
         }
         return self.found["anomaly_index"] if self.image else float(isolation[best])
@@ -359,14 +361,18 @@ class ReverseTrigger(Detector):
 
     def _norm(self, size: np.ndarray, success: np.ndarray, required: float = 0.9) -> float:
         ok = success >= required
-        return float(size[ok].min()) if ok.any() else float(np.prod(self.clean.shape[1:]))
+        return float(size[ok].min()) if ok.any() else np.inf
 
     def details(self) -> dict[str, Any]:
         return self.found
 
 
 def anomaly_index(norms: np.ndarray) -> float:
-    """Neural Cleanse's anomaly index of the smallest norm: ``(median - min) / (1.4826 * MAD)``."""
+    """Neural Cleanse's anomaly index of the smallest norm, ``(median - min) / (1.4826 * MAD)``, over the
+    actions a trigger was found for (finite norms); 0 with fewer than three."""
+    norms = norms[np.isfinite(norms)]
+    if len(norms) < 3:
+        return 0.0
     median = float(np.median(norms))
     mad = 1.4826 * float(np.median(np.abs(norms - median)))
     return float((median - norms.min()) / mad) if mad > 0 else 0.0

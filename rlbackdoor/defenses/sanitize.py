@@ -24,7 +24,8 @@ from rlbackdoor.trajectories import collect
 
 METHODS: dict[str, str] = {
     "subspace": "safe-subspace projection onto the clean span (Bharti et al.); for rank-deficient observations",
-    "support": "clean-quantile clipping + Mahalanobis shrinkage; for low-dimensional full-rank observations",
+    "support": "out-of-support features clipped into the clean box + Mahalanobis shrinkage; low-dim full-rank obs",
+    "impute": "out-of-support features replaced by their clean conditional mean + shrinkage; low-dim full-rank obs",
 }
 CLEAN_SEED = 10_000
 """Seed of the defender's clean rollouts (apart from the evaluation seeds)."""
@@ -38,10 +39,10 @@ def make_sanitizer(method: str, dim: int | None = None) -> Sanitizer:
     """
     if method == "subspace":
         return SubspaceSanitizer(dim=dim)
-    if method == "support":
+    if method in ("support", "impute"):
         if dim is not None:
             raise SpecError("sanitize: --dim applies to the subspace method only; drop it")
-        return SupportSanitizer()
+        return SupportSanitizer(repair="clip" if method == "support" else "impute")
     raise SpecError(f"sanitize: unknown method '{method}'; use one of {', '.join(METHODS)}")
 
 
