@@ -255,8 +255,14 @@ def build_zoo(
         ZooAgent(path, bool(i % 2), runs[i].attack.model_dump(mode="json") if i % 2 else None)
         for i, path in enumerate(paths)
     ]
-    root.mkdir(parents=True, exist_ok=True)
     extra = {"name": spec.name, "config": spec.model_dump(mode="json")}
+    if (root / MANIFEST).is_file():
+        previous = json.loads((root / MANIFEST).read_text()).get("config")
+        if previous != extra["config"]:
+            raise ArtifactError(
+                f"{root}: the zoo was built from another config; resume it with that config or use a new --out"
+            )
+    root.mkdir(parents=True, exist_ok=True)
 
     def finished() -> list[ZooAgent]:
         return [a for a in agents if (a.path / CARD).is_file()]

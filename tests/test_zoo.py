@@ -117,6 +117,7 @@ def test_rlbd_zoo_trains_writes_the_manifest_and_resumes(tmp_path: Path) -> None
     assert (out / rows[0]["path"] / "card.json").stat().st_mtime_ns == kept  # finished agents are skipped
     assert (out / rows[1]["path"] / "card.json").is_file()
     assert json.loads((out / "manifest.json").read_text())["agents"] == rows
+    assert main([*argv, "--set", "timesteps=512"]) == 2  # never mixes agents of two configs
 
 
 # ------------------------------------------------------------------------------------------ manifests
