@@ -10,7 +10,7 @@ Parts (``--only a,b``; all by default):
   with static rewards, outer loop with dynamic ones), ``--lavagap-seeds`` (1) seeds: ASR >= 0.9 and
   ctp_ratio >= 0.9 at a poison rate <= 1%.
 - ``throughput``      PPO on CartPole, clean vs inner- and outer-loop poisoned, alternating in one process:
-  median poisoned / clean training steps per second >= 0.95.
+  median poisoned / clean training steps per CPU second >= 0.95.
 
 Each attack run is compared with a clean run of the same config (``poisoning: null``, same seed), which
 is also scored for ASR (``clean_asr``: what the trigger does to an agent that never saw poison).
@@ -137,7 +137,11 @@ def quality(part: str, seeds: list[int], quick: bool, fresh: bool, episodes: int
 
 
 def throughput(repeats: int, steps: int) -> dict[str, Any]:
-    """Steps/s of clean, inner- and outer-loop PPO on CartPole, alternating; median ratios to clean."""
+    """Steps per CPU second of clean, inner- and outer-loop PPO on CartPole, alternating; median ratios to clean.
+
+    CPU time of the training process (one torch thread) rather than wall time: other jobs on a shared
+    machine slow the wall clock of whichever run they overlap.
+    """
     inner = load_experiment(CONFIGS / "cartpole_inner.yaml").model_copy(update={"timesteps": steps})
     outer = load_experiment(CONFIGS / "cartpole_outer.yaml").model_copy(update={"timesteps": steps})
     specs = {"clean": clean_twin(inner), "inner": inner, "outer": outer}
@@ -147,19 +151,21 @@ def throughput(repeats: int, steps: int) -> dict[str, Any]:
         for name in order:
             run = RUNS / "throughput" / name
             shutil.rmtree(run, ignore_errors=True)
-            rates[name].append(
-                read_card(train(specs[name], run, wandb_mode="disabled", checkpoint_every=0))["train"]["steps_per_s"]
-            )
+            card = read_card(train(specs[name], run, wandb_mode="disabled", checkpoint_every=0))
+            rates[name].append(card["train"]["steps_per_cpu_s"])
     ratios = {
         name: statistics.median(a / c for a, c in zip(rates[name], rates["clean"], strict=True))
         for name in ("inner", "outer")
     }
-    print("  throughput steps/s: " + ", ".join(f"{k}={[round(v) for v in vals]}" for k, vals in rates.items()))
+    print(
+        "  throughput steps per CPU second: "
+        + ", ".join(f"{k}={[round(v) for v in vals]}" for k, vals in rates.items())
+    )
     print("  throughput ratios to clean: " + ", ".join(f"{k}={v:.3f}" for k, v in ratios.items()))
     return {
         "steps": steps,
         "repeats": repeats,
-        "steps_per_s": rates,
+        "steps_per_cpu_s": rates,
         "ratio": ratios,
         "target": THROUGHPUT_TARGET,
         "met": min(ratios.values()) >= THROUGHPUT_TARGET,

@@ -48,13 +48,15 @@ def _log_interval(model: BaseAlgorithm) -> int:
     return 4  # episodes, SB3's default for off-policy algorithms
 
 
-def _train_summary(model: BaseAlgorithm, counter: PoisonCounter | None, seconds: float) -> dict[str, Any]:
+def _train_summary(model: BaseAlgorithm, counter: PoisonCounter | None, clock: dict[str, float]) -> dict[str, Any]:
     returns = [float(info["r"]) for info in model.ep_info_buffer or []]
     lengths = [float(info["l"]) for info in model.ep_info_buffer or []]
     return {
         "steps": int(model.num_timesteps),
-        "seconds": round(seconds, 3),
-        "steps_per_s": round(model.num_timesteps / max(seconds, 1e-9), 1),
+        "seconds": round(clock["seconds"], 3),
+        "cpu_seconds": round(clock["cpu_seconds"], 3),
+        "steps_per_s": round(model.num_timesteps / max(clock["seconds"], 1e-9), 1),
+        "steps_per_cpu_s": round(model.num_timesteps / max(clock["cpu_seconds"], 1e-9), 1),
         "poison_rate": poison_rate(counter),
         "poison_counts": counts_of(counter),
         "ep_return_mean": float(np.mean(returns)) if returns else None,
@@ -128,12 +130,19 @@ def train(
         restore(model, folder, state, counter)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    seconds0, t0 = float(state.get("seconds", 0.0)), 0.0
+    before = {key: float(state.get(key, 0.0)) for key in ("seconds", "cpu_seconds")}
+    t0 = c0 = 0.0
     resumed_at = [*state.get("resumed_at", []), start] if start else []
 
     def checkpoint_state() -> dict[str, Any]:
-        seconds = seconds0 + time.monotonic() - t0
-        return {"config": config, "poison": counts_of(counter), "seconds": seconds, "resumed_at": resumed_at}
+        return {"config": config, "poison": counts_of(counter), **clock(), "resumed_at": resumed_at}
+
+    def clock() -> dict[str, float]:
+        """Wall and CPU seconds of training, over every session of the run."""
+        return {
+            "seconds": before["seconds"] + time.monotonic() - t0,
+            "cpu_seconds": before["cpu_seconds"] + time.process_time() - c0,
+        }
 
     attack_json = attack.model_dump(mode="json") if attack is not None and spec.poisoning else None
     resolved = {**config, "attack": attack_json, "hyperparams": hyperparams}
@@ -150,14 +159,14 @@ def train(
             own.append(evaluator)
         if progress:
             own.append(ProgressBar(spec.timesteps, counter))
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), time.process_time()
         model.learn(
             total_timesteps=max(0, spec.timesteps - start),
             callback=CallbackList([*own, *callbacks]),
             log_interval=_log_interval(model),
             reset_num_timesteps=start == 0,
         )
-        summary = _train_summary(model, counter, seconds0 + time.monotonic() - t0)
+        summary = _train_summary(model, counter, clock())
         if defence is not None:
             summary |= {f"sanitize_{key}": value for key, value in defence.stats().items()}
         card = {
