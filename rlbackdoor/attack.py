@@ -86,7 +86,30 @@ class StepFlags:
     clean_reward: np.ndarray
 
 
-class Attack:
+class PoisonCounts:
+    """Running counts of an attack: steps, poisoned steps, triggered decisions, target hits."""
+
+    n_steps: int = 0
+    n_poisoned: int = 0
+    n_triggered: int = 0
+    n_hits: int = 0
+
+    @property
+    def poison_rate(self) -> float:
+        """Poisoned steps over all steps so far."""
+        return self.n_poisoned / max(1, self.n_steps)
+
+    def counts(self) -> dict[str, int]:
+        """The running counts as a mapping."""
+        return {
+            "n_steps": self.n_steps,
+            "n_poisoned": self.n_poisoned,
+            "n_triggered": self.n_triggered,
+            "n_hits": self.n_hits,
+        }
+
+
+class Attack(PoisonCounts):
     """Trigger + schedule + payload, with per-env state for a batch.
 
     :param spec: the attack.
@@ -280,20 +303,6 @@ class Attack:
         return obs, rewards, terminal_obs, StepFlags(poisoned, self.armed, hit, clean_reward)
 
     # ----------------------------------------------------------------------------------- reports
-    @property
-    def poison_rate(self) -> float:
-        """Poisoned steps over all steps so far."""
-        return self.n_poisoned / max(1, self.n_steps)
-
-    def counts(self) -> dict[str, int]:
-        """Running counts: steps, poisoned steps, triggered observations, target hits."""
-        return {
-            "n_steps": self.n_steps,
-            "n_poisoned": self.n_poisoned,
-            "n_triggered": self.n_triggered,
-            "n_hits": self.n_hits,
-        }
-
     def infos(self, flags: StepFlags) -> list[dict[str, Any]]:
         """The ``info["rlbd"]`` entry of every env of the batch (``target`` is shared: do not modify it)."""
         target = None if self.payload.target is None else self.payload.target.tolist()

@@ -18,6 +18,7 @@ import numpy as np
 from gymnasium import spaces
 from pettingzoo import ParallelEnv
 
+from rlbackdoor.attack import PoisonCounts
 from rlbackdoor.errors import SpecError
 from rlbackdoor.poisoning.payloads import Payload, build_payload
 from rlbackdoor.poisoning.schedules import Schedule, build_schedule
@@ -60,7 +61,7 @@ class MultiAgentFlags:
     clean_rewards: dict[str, float]
 
 
-class MultiAgentAttack:
+class MultiAgentAttack(PoisonCounts):
     """Trigger + schedule + payload of a multi-agent attack, with the state of one env.
 
     :param spec: the attack.
@@ -223,20 +224,6 @@ class MultiAgentAttack:
         return obs, out, MultiAgentFlags(poisoned, bool(self.armed[0]), hits, clean)
 
     # ----------------------------------------------------------------------------------- reports
-    @property
-    def poison_rate(self) -> float:
-        """Poisoned steps over all steps so far."""
-        return self.n_poisoned / max(1, self.n_steps)
-
-    def counts(self) -> dict[str, int]:
-        """Running counts: env steps, poisoned steps, triggered decisions, victims' target hits."""
-        return {
-            "n_steps": self.n_steps,
-            "n_poisoned": self.n_poisoned,
-            "n_triggered": self.n_triggered,
-            "n_hits": self.n_hits,
-        }
-
     def info(self, flags: MultiAgentFlags, agent: str) -> dict[str, Any]:
         """The ``info[agent]["rlbd"]`` entry of one step."""
         target = self.payloads[agent].target if agent in self.payloads else None
