@@ -109,7 +109,7 @@ def main() -> None:
     os.environ.setdefault("WANDB_MODE", "disabled")
     results: dict[str, Any] = json.loads(OUT.read_text()) if OUT.is_file() else {}
     results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
-    console = Console()
+    console = Console(width=160)
     for zoo_name in args.zoos.split(","):
         spec = load_zoo(CONFIGS / f"{zoo_name}.yaml")
         zoo = args.root / zoo_name
@@ -117,7 +117,9 @@ def main() -> None:
         build_zoo(spec, zoo, workers=args.workers, on_done=lambda n: console.print(f"trained {n}"))
         entry = results.setdefault("zoos", {}).setdefault(zoo_name, {})
         entry.update(agents=spec.agents, build_seconds=round(time.perf_counter() - t0, 1), config=spec.model_dump())
-        entry["backdoors"] = effectiveness(zoo)
+        if "backdoors" not in entry or entry.get("root") != str(zoo.resolve()):
+            entry["backdoors"] = effectiveness(zoo)
+        entry["root"] = str(zoo.resolve())
         entry["effective_backdoors"] = sum(v["effective"] for v in entry["backdoors"].values())
         for name in args.detectors.split(","):
             console.print(f"{zoo_name}: {name}")

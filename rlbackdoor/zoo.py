@@ -257,7 +257,10 @@ def build_zoo(
     ]
     extra = {"name": spec.name, "config": spec.model_dump(mode="json")}
     if (root / MANIFEST).is_file():
-        previous = json.loads((root / MANIFEST).read_text()).get("config")
+        try:
+            previous = json.loads((root / MANIFEST).read_text()).get("config")
+        except (OSError, ValueError, AttributeError):
+            previous = None
         if previous != extra["config"]:
             raise ArtifactError(
                 f"{root}: the zoo was built from another config; resume it with that config or use a new --out"

@@ -164,6 +164,26 @@ def test_black_box_probe_finds_a_planted_bump_and_not_a_monotone_rule() -> None:
     assert probe.probability(score) > 0.99 and probe.probability(monotone) < 0.05
 
 
+@pytest.mark.parametrize("name", ["spectral", "clustering", "bands"])
+def test_step_set_detectors_single_out_a_shifted_fifth_of_the_steps(name: str) -> None:
+    from sklearn.metrics import roc_auc_score
+    from stable_baselines3.common.policies import ActorCriticPolicy
+
+    torch.manual_seed(0)
+    space = spaces.Box(-np.inf, np.inf, (4,), np.float32)
+    policy = ActorCriticPolicy(space, spaces.Discrete(2), lambda _: 0.0, net_arch=[32, 32])
+    rng = np.random.default_rng(0)
+    clean = rng.normal(0.0, 0.2, size=(800, 4)).astype(np.float32)
+    steps = clean[400:].copy()
+    poisoned = rng.random(len(steps)) < 0.2
+    steps[poisoned, 3] = 2.0  # a value trigger on a fifth of the steps
+    detector = get_detector(name).fit(policy, clean[:400])
+    scores = detector.score_inputs(steps)
+    flags = scores > detector.input_threshold()
+    assert roc_auc_score(poisoned, scores) >= 0.95
+    assert flags[poisoned].mean() >= 0.9 and flags[~poisoned].mean() <= 0.1
+
+
 # --------------------------------------------------------------------------------- population logic
 def test_population_score_singles_out_the_agent_that_behaves_differently() -> None:
     keys = [f"c{i}" for i in range(50)]

@@ -317,8 +317,11 @@ def detect(
     :param seed: seeds rollouts, subsets and the detector.
     :param on_model: called with each :class:`ModelResult` as it is ready (progress).
     """
+    import torch
+
     from rlbackdoor.training.artifacts import read_card
 
+    torch.set_num_threads(1)  # CPU-seconds per model are measured on one thread, as training runs
     target = Path(target)
     params = params or {}
     cls = DETECTORS[get_detector(name, **params).name]  # unknown names and bad parameters fail first

@@ -56,66 +56,68 @@ class ActivationBands(Detector):
 
 
 class _StepSetDetector(Detector):
-    """Scores a set of steps against each other on every hidden layer's activations, per action the policy
-    takes (a targeted backdoor's steps all land in its target's group)."""
+    """Scores a set of steps against each other on every hidden layer's activations.
+
+    The steps are analysed together, not per chosen action as in classification: a targeted backdoor
+    sends its triggered steps to the target action, whose group they can dominate in RL (a rarely chosen
+    action), which breaks the methods' assumption that poison is a minority of its group.
+    """
 
     access = (Access.WEIGHTS,)
     levels = ("input",)
-    min_group = 8
+    min_steps = 8
 
     def _fit(self) -> None:
         self.net = PolicyNet(self.policy, self.clean.shape[1:])
 
     def _score_inputs(self, obs: np.ndarray) -> np.ndarray:
-        features = self.net.activations(obs)
-        with torch.no_grad():
-            groups = self.net.scores(self.net.tensor(obs)).argmax(dim=1).numpy()
-        scores = np.zeros(len(obs))
-        for g in np.unique(groups):
-            rows = np.flatnonzero(groups == g)
-            if len(rows) >= self.min_group:
-                scores[rows] = self._score_group(features[rows])
-        return scores
+        if len(obs) < self.min_steps:
+            return np.zeros(len(obs))
+        return self._score_set(self.net.activations(obs))
 
-    def _score_group(self, features: np.ndarray) -> np.ndarray:
+    def _score_set(self, features: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
 
 class SpectralSignature(_StepSetDetector):
-    """Spectral signatures (Tran et al., 2018) on the hidden activations, per chosen action.
+    """Spectral signatures (Tran et al., 2018) on the hidden activations of a set of steps.
 
-    A step's score is its squared projection on the top singular direction of its group's centred
-    features, divided by the group's median: poisoned steps of the target action stand out along it.
+    A step's score is the robust z-score (against the set's median and MAD) of its squared projection on
+    the top singular direction of the centred activations: poisoned steps stand out along it. Steps past
+    3.5 are flagged (Iglewicz and Hoaglin's outlier rule).
     """
 
     name = "spectral"
-    input_cutoff = 14.6  # chi2(1) 99% quantile / chi2(1) median: a Gaussian group's 1% tail
+    input_cutoff = 3.5
 
-    def _score_group(self, features: np.ndarray) -> np.ndarray:
+    def _score_set(self, features: np.ndarray) -> np.ndarray:
         centred = features - features.mean(axis=0)
         _, _, vt = np.linalg.svd(centred, full_matrices=False)
         proj = (centred @ vt[0]) ** 2
-        return proj / max(float(np.median(proj)), 1e-12)
+        median = float(np.median(proj))
+        mad = 1.4826 * float(np.median(np.abs(proj - median)))
+        return (proj - median) / max(mad, 1e-12)
 
 
 class ActivationClustering(_StepSetDetector):
-    """Activation clustering (Chen et al., 2018) on the hidden activations, per chosen action.
+    """Activation clustering (Chen et al., 2018) on the hidden activations of a set of steps.
 
-    Each group is reduced by PCA (``dims`` components) and split by 2-means; a step's score is its
+    The activations are reduced by PCA (``dims`` components) and split by 2-means; a step's score is its
     position on the axis from the larger cluster's centre (0) to the smaller one's (1), weighted by how
-    small the smaller cluster is (``1 - 2 * share``: a balanced split is no evidence of poisoning).
+    small the smaller cluster is (``1 - 2 * share``: a balanced split is no evidence of poisoning). The
+    flag threshold 0.15 is the midpoint of a cluster holding 35% of the steps.
 
     :param dims: PCA components.
     """
 
     name = "clustering"
-    input_cutoff = 0.15  # past the midpoint (0.5) of a cluster holding at most 35% of its group
+    input_cutoff = 0.15
 
     def __init__(self, dims: int = 10, seed: int = 0) -> None:
         super().__init__(seed)
         self.dims = dims
 
-    def _score_group(self, features: np.ndarray) -> np.ndarray:
+    def _score_set(self, features: np.ndarray) -> np.ndarray:
         dims = min(self.dims, features.shape[1], len(features) - 1)
         reduced = PCA(n_components=dims, random_state=self.seed).fit_transform(features)
         km = KMeans(n_clusters=2, n_init=4, random_state=self.seed).fit(reduced)
