@@ -236,6 +236,27 @@ def test_rlbd_detect_single_run_and_list(zoo: Path, tmp_path: Path, capsys: pyte
         assert name in listing and all(a.value in listing.replace("\n", " ") for a in cls.access)
 
 
+def test_rlbd_detect_scores_the_steps_of_a_trajectory_file(zoo: Path, tmp_path: Path, capsys) -> None:
+    from rlbackdoor.registry import make_env
+    from rlbackdoor.trajectories import collect
+
+    run = backdoored_agent(zoo)
+    policy, card = load_policy(run)
+    attack = {**card["attack"], "schedule": {"kind": "rate", "rate": 0.2}}  # the poisoned env
+    steps = collect(make_env(attack), policy, 400, seed=3)
+    path = steps.save(tmp_path / "steps.npz")
+    out = tmp_path / "r.json"
+    argv = ["detect", str(run), "-d", "bands", "--inputs", str(path), "--json", str(out), "--wandb-mode", "disabled"]
+    assert main(argv) == 0
+    inputs = json.loads(out.read_text())["models"][0]["inputs"]
+    assert inputs["n_triggered"] == int(steps.triggered.sum()) > 20 and inputs["triggered"] == steps.triggered.tolist()
+    assert len(inputs["scores"]) == 400 and 0.0 <= inputs["auroc"] <= 1.0 and inputs["recall"] >= 0.9
+    assert "pass a run directory" in one_line_error(
+        capsys, ["detect", str(zoo), "-d", "spectral", "--inputs", str(path)]
+    )
+    assert "not a trajectory file" in one_line_error(capsys, ["detect", str(run), "-d", "bands", "--inputs", str(out)])
+
+
 # ------------------------------------------------------------------------------------ bad inputs
 def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     capsys.readouterr()

@@ -37,6 +37,9 @@ def detect(
     param: list[str] = typer.Option([], "--param", help="detector parameter key=value (repeatable)"),
     n_clean: int = typer.Option(1024, min=16, help="clean observations per fit"),
     seed: int = typer.Option(0, min=0, help="seeds rollouts, subsets and the detector"),
+    inputs: Path | None = typer.Option(
+        None, help="trajectory .npz whose steps an input-level detector scores (run dir)"
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="write the full report as JSON here"),
     wandb_mode: WandbMode | None = typer.Option(None, help="W&B mode [default: WANDB_MODE, else online iff logged in]"),
 ) -> None:
@@ -51,7 +54,7 @@ def detect(
     from rlbackdoor.training.artifacts import write_json
 
     params = apply_overrides({}, param)
-    report = run(target, detector, params, n_clean=n_clean, seed=seed)
+    report = run(target, detector, params, n_clean=n_clean, seed=seed, inputs=inputs)
     payload = report.to_json()
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

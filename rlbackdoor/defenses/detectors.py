@@ -28,6 +28,7 @@ from rlbackdoor.defenses.base import Detector
 from rlbackdoor.defenses.neurons import ActivationBands, ActivationClustering, NeuronStimulation, SpectralSignature
 from rlbackdoor.defenses.probing import BlackBoxProbe, ReverseTrigger
 from rlbackdoor.errors import ArtifactError, SpecError
+from rlbackdoor.trajectories import Trajectories
 
 DETECTORS: dict[str, type[Detector]] = {
     d.name: d
@@ -159,29 +160,34 @@ def _trigger(card: dict[str, Any]) -> Any:
     return Attack.for_env(env.attack, env.make()).obs_trigger
 
 
-def _input_metrics(detector: Detector, held_out: np.ndarray, trigger: Any, seed: int) -> dict[str, Any]:
-    threshold = detector.input_threshold()
+def evaluation_steps(held_out: np.ndarray, trigger: Any, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out clean observations plus, with a trigger, triggered copies of some (:data:`POISONED_SHARE` of the
+    set); returns the observations and which are triggered."""
     if trigger is None:
-        flags = detector.score_inputs(held_out) > threshold
-        return {"n_clean": len(held_out), "n_triggered": 0, "false_positive_rate": float(flags.mean())}
-    rng = np.random.default_rng(seed)
+        return held_out, np.zeros(len(held_out), bool)
     n_trig = max(1, round(POISONED_SHARE * len(held_out) / (1 - POISONED_SHARE)))
-    rows = rng.choice(len(held_out), size=n_trig, replace=len(held_out) < n_trig)
+    rows = np.random.default_rng(seed).choice(len(held_out), size=n_trig, replace=len(held_out) < n_trig)
     obs = np.concatenate([held_out, trigger.apply(held_out[rows]).astype(held_out.dtype)])
-    labels = np.r_[np.zeros(len(held_out), bool), np.ones(n_trig, bool)]
+    return obs, np.r_[np.zeros(len(held_out), bool), np.ones(n_trig, bool)]
+
+
+def input_metrics(detector: Detector, obs: np.ndarray, triggered: np.ndarray) -> dict[str, Any]:
+    """Per-input scores and flags of ``obs``; AUROC, precision, recall and F1 when both kinds of steps are there."""
+    threshold = detector.input_threshold()
     scores = detector.score_inputs(obs)
     flags = scores > threshold
-    precision, recall, f1, _ = precision_recall_fscore_support(labels, flags, average="binary", zero_division=0)
-    return {
-        "n_clean": len(held_out),
-        "n_triggered": n_trig,
-        "auroc": float(roc_auc_score(labels, scores)),
-        "precision": float(precision),
-        "recall": float(recall),
-        "f1": float(f1),
-        "false_positive_rate": float(flags[~labels].mean()),
+    out: dict[str, Any] = {
+        "n_clean": int((~triggered).sum()),
+        "n_triggered": int(triggered.sum()),
         "threshold": float(threshold),
+        "false_positive_rate": float(flags[~triggered].mean()) if (~triggered).any() else None,
     }
+    if triggered.any() and (~triggered).any():
+        precision, recall, f1, _ = precision_recall_fscore_support(triggered, flags, average="binary", zero_division=0)
+        out.update(auroc=float(roc_auc_score(triggered, scores)), precision=float(precision), recall=float(recall))
+        out["f1"] = float(f1)
+    out.update(scores=np.round(scores, 4).tolist(), triggered=triggered.tolist())
+    return out
 
 
 def analyse(
@@ -191,6 +197,7 @@ def analyse(
     n_clean: int = 1024,
     seed: int = 0,
     clean: np.ndarray | None = None,
+    steps: Trajectories | None = None,
 ) -> ModelResult:
     """Fit and score ``detector`` on one run directory.
 
@@ -198,6 +205,8 @@ def analyse(
         attack stamps its trigger unless the label says clean.
     :param clean: clean observations; default the agent's own rollouts (``n_clean``, twice as many
         for input-level detectors, which hold half out).
+    :param steps: steps to score instead of the held-out set (e.g. trajectories of a possibly poisoned
+        env), with their ``triggered`` flags as the truth.
     """
     from rlbackdoor.training.artifacts import load_policy
 
@@ -214,9 +223,12 @@ def analyse(
         score = detector.score_model()
         probability = detector.probability(score)
     inputs = None
-    if input_level:
+    if input_level and steps is not None:
+        inputs = input_metrics(detector, steps.observations, steps.triggered)
+    elif input_level:
         held_out = clean[np.sort(order[len(order) // 2 :])]
-        inputs = _input_metrics(detector, held_out, _trigger(card) if backdoored is not False else None, seed)
+        trigger = _trigger(card) if backdoored is not False else None
+        inputs = input_metrics(detector, *evaluation_steps(held_out, trigger, seed))
     profile = detector.profile()
     seconds = round(time.process_time() - start, 3)
     return ModelResult(
@@ -306,6 +318,7 @@ def detect(
     params: dict[str, Any] | None = None,
     n_clean: int = 1024,
     seed: int = 0,
+    inputs: str | Path | None = None,
     on_model: Any = None,
 ) -> DetectReport:
     """Run detector ``name`` on a run directory or on every agent of a zoo.
@@ -315,6 +328,8 @@ def detect(
     :param params: the detector's constructor parameters.
     :param n_clean: clean observations the detector is fitted on (input-level detectors hold out as many).
     :param seed: seeds rollouts, subsets and the detector.
+    :param inputs: a trajectory file (:class:`rlbackdoor.trajectories.Trajectories`) whose steps an
+        input-level detector scores, for a run directory.
     :param on_model: called with each :class:`ModelResult` as it is ready (progress).
     """
     import torch
@@ -326,12 +341,17 @@ def detect(
     params = params or {}
     cls = DETECTORS[get_detector(name, **params).name]  # unknown names and bad parameters fail first
     agents, is_zoo = _targets(target)
+    steps = None
+    if inputs is not None:
+        if is_zoo or "input" not in cls.levels:
+            raise SpecError("--inputs gives the steps an input-level detector scores for one run; pass a run directory")
+        steps = Trajectories.load(inputs)
     _check_family([(path, read_card(path)) for path, _ in agents])
     size = 2 * n_clean if "input" in cls.levels else n_clean
     shared, collect_seconds = _pooled(agents, size, seed) if is_zoo else (None, [0.0])
     results = []
     for (path, backdoored), extra in zip(agents, collect_seconds if is_zoo else [0.0], strict=True):
-        result = analyse(get_detector(name, seed=seed, **params), path, backdoored, n_clean, seed, shared)
+        result = analyse(get_detector(name, seed=seed, **params), path, backdoored, n_clean, seed, shared, steps)
         result.seconds = round(result.seconds + extra, 3)
         results.append(result)
         if on_model is not None:
