@@ -94,7 +94,10 @@ def run_detector(zoo: Path, name: str, effective: dict[str, dict[str, float]]) -
         row["input"] = report.input_summary
         clean_fpr = [m.inputs["false_positive_rate"] for m in report.models if m.inputs and not m.backdoored]
         row["input"]["clean_agents_false_positive_rate"] = float(np.mean(clean_fpr))
-    row["models"] = [m.to_json() for m in report.models]
+    row["models"] = [
+        {**m.to_json(), "inputs": {k: v for k, v in (m.inputs or {}).items() if k not in ("scores", "triggered")}}
+        for m in report.models
+    ]
     return row
 
 
