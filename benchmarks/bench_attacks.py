@@ -15,7 +15,9 @@ Parts (``--only a,b``; all by default):
 Each attack run is compared with a clean run of the same config (``poisoning: null``, same seed), which
 is also scored for ASR (``clean_asr``: what the trigger does to an agent that never saw poison).
 Metrics are :func:`rlbackdoor.evaluation.evaluate.evaluate_run`'s; ``ctp_ratio`` there is
-``(CTP - R_random) / (CTP_clean - R_random)``, ``ctp_ratio_plain`` is ``CTP / CTP_clean``. Finished runs
+``(CTP - R_random) / (CTP_clean - R_random)``, ``ctp_ratio_plain`` is ``CTP / CTP_clean``. A part's
+verdict takes the mean ASR over seeds and the ctp_ratio of CTPs pooled over seeds (a seed whose clean
+twin happened to fail does not inflate it), at the largest training poison rate of its seeds. Finished runs
 under ``benchmarks/results/runs/`` are reused (``--fresh`` retrains). Results merge into
 ``benchmarks/results/bench_attacks.json`` part by part.
 
@@ -41,7 +43,9 @@ import torch
 
 from rlbackdoor.evaluation.evaluate import evaluate, evaluate_run
 from rlbackdoor.specs import ExperimentSpec, load_experiment
+from rlbackdoor.training import presets
 from rlbackdoor.training.artifacts import load_policy, read_card, write_json
+from rlbackdoor.training.envs import preset_keys, run_attack
 from rlbackdoor.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,22 +67,37 @@ def clean_twin(spec: ExperimentSpec) -> ExperimentSpec:
     return spec.model_copy(update={"name": f"{spec.name}_clean", "poisoning": None})
 
 
+def hyperparams_of(spec: ExperimentSpec) -> dict[str, Any]:
+    """The resolved hyperparameters of a run (the preset in ``agents/`` with the config's on top)."""
+    return presets.resolve(spec.algo, preset_keys(spec, run_attack(spec)), spec.hyperparams)
+
+
+def config_of(spec: ExperimentSpec) -> dict[str, Any]:
+    """The config as a card records it."""
+    return spec.model_dump(mode="json")
+
+
 def clean_key(spec: ExperimentSpec) -> str:
     """What a clean twin's training depends on: attacks on the same base env share one clean run per seed."""
-    config = spec.model_dump(mode="json", exclude={"name", "outer_reward", "poisoning"})
+    config = {**config_of(spec), "hyperparams": hyperparams_of(spec)}
+    for key in ("name", "outer_reward", "poisoning"):
+        config.pop(key)
     if config["attack"] is not None:
         config["attack"] = {k: config["attack"][k] for k in ("base", "base_kwargs", "base_wrappers")}
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def finished_run(
-    spec: ExperimentSpec, run_dir: Path, fresh: bool, same: Callable[[ExperimentSpec], Any] | None = None
+    spec: ExperimentSpec, run_dir: Path, fresh: bool, same: Callable[[ExperimentSpec], Any] = config_of
 ) -> Path:
-    """Train ``spec`` into ``run_dir`` unless a finished run of the same config (or the same ``same(config)``) is there."""
-    key = same or (lambda s: s.model_dump(mode="json"))
+    """Train ``spec`` into ``run_dir`` unless a finished run is there with the same ``same(spec)`` and hyperparameters.
+
+    The card's recorded hyperparameters are compared, so a preset changed since makes the run stale.
+    """
     if not fresh and (run_dir / "card.json").exists():
-        trained = ExperimentSpec.model_validate(read_card(run_dir)["config"])
-        if key(trained) == key(spec):
+        card = read_card(run_dir)
+        trained = ExperimentSpec.model_validate(card["config"])
+        if same(trained) == same(spec) and card["hyperparams"] == hyperparams_of(spec):
             return run_dir
     shutil.rmtree(run_dir, ignore_errors=True)
     return train(spec, run_dir, wandb_mode="disabled", checkpoint_every=0)
@@ -109,6 +128,7 @@ def quality(part: str, seeds: list[int], quick: bool, fresh: bool, episodes: int
                 "asr_raw": metrics["asr_raw"],
                 "ctp": metrics["ctp"],
                 "baseline_ctp": metrics["baseline_ctp"],
+                "random_return": metrics["random_return"],
                 "ctp_ratio": metrics["ctp_ratio"],
                 "ctp_ratio_plain": metrics["ctp"] / metrics["baseline_ctp"] if metrics["baseline_ctp"] else None,
                 "clean_asr": clean_metrics["asr"],
@@ -119,12 +139,18 @@ def quality(part: str, seeds: list[int], quick: bool, fresh: bool, episodes: int
             }
         )
         print(f"  {part} seed {seed}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in rows[-1].items() if k != "seed"))
+    ctp, base_ctp, rand = (np.mean([r[k] for r in rows]) for k in ("ctp", "baseline_ctp", "random_return"))
     summary = {
-        k: float(np.mean([r[k] for r in rows if r[k] is not None]))
-        for k in ("asr", "ctp_ratio", "ctp_ratio_plain", "clean_asr", "poison_rate")
+        "asr": float(np.mean([r["asr"] for r in rows])),
+        "clean_asr": float(np.mean([r["clean_asr"] for r in rows if r["clean_asr"] is not None])),
+        # CTP of the poisoned agents over CTP of their clean twins, pooled over seeds (episodes weigh equally)
+        "ctp_ratio": float((ctp - rand) / (base_ctp - rand)),
+        "ctp_ratio_plain": float(ctp / base_ctp),
+        "ctp_ratio_per_seed_mean": float(np.mean([r["ctp_ratio"] for r in rows])),
+        "poison_rate_max": max(r["poison_rate"] for r in rows),
     }
     met = summary["asr"] >= target["asr"] and summary["ctp_ratio"] >= target["ctp_ratio"]
-    met = met and summary["poison_rate"] <= target["max_poison_rate"]
+    met = met and summary["poison_rate_max"] <= target["max_poison_rate"]
     return {
         "config": base.model_dump(mode="json"),
         "targets": {k: v for k, v in target.items() if k not in ("config", "seeds")},
