@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -433,6 +434,9 @@ class ExperimentSpec(_Spec):
         return self
 
 
+_EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """A copy of ``data`` with ``a.b=value`` overrides set (values parsed as YAML; ``--a.b=value`` also accepted).
 
@@ -449,6 +453,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             raise SpecError(f"override '{item}': the value is not valid YAML; quote it") from None
+        if isinstance(value, str) and _EXPONENT.match(value):  # YAML 1.1 reads 1e-05 (Python's str) as a string
+            value = float(value)
         node = out
         for part in parts[:-1]:
             child = node.get(part)

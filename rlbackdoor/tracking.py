@@ -157,7 +157,7 @@ def wandb_run(
     :param config: the fully resolved config, stored as the run config.
     :param mode: ``online``, ``offline`` or ``disabled``; ``None`` decides as the module docstring says.
     :param project: the W&B project.
-    :param group: the W&B group; defaults to ``name``.
+    :param group: the W&B group; defaults to ``name``. ``WANDB_RUN_GROUP`` (set by ``rlbd sweep``) overrides it.
     """
     mode = resolve_mode(mode)
     run = None
@@ -169,7 +169,7 @@ def wandb_run(
             run = wandb.init(
                 project=project,
                 name=name,
-                group=group or name,
+                group=os.environ.get("WANDB_RUN_GROUP") or group or name,  # a sweep's group wins
                 job_type=job_type,
                 config=dict(config),
                 dir=os.environ.get("WANDB_DIR"),  # read per run: wandb caches its environment at first setup

@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from rlbackdoor.cli import cleanse, envs, sanitize, train
+from rlbackdoor.cli import bench, cleanse, envs, sanitize, sweep, train
 from rlbackdoor.cli import detect as detect_cli
 from rlbackdoor.cli import eval as eval_cli
 from rlbackdoor.cli import zoo as zoo_cli
@@ -29,6 +29,8 @@ app.command("eval")(eval_cli.eval_run)
 app.command("zoo")(zoo_cli.zoo)
 app.command("detect")(detect_cli.detect)
 app.command("cleanse")(cleanse.cleanse)
+app.command("bench", context_settings=train.CONTEXT)(bench.bench)
+app.command("sweep")(sweep.sweep)
 
 
 def main(argv: list[str] | None = None) -> int:

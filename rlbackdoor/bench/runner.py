@@ -1,0 +1,181 @@
+"""Running a matrix: cells in dependency order on a backend, one JSON line per finished cell, resumable.
+
+``OUT/results.jsonl`` gets one line per cell as it finishes (a single ``write`` of the whole line on an
+``O_APPEND`` descriptor, then ``fsync``), so a killed bench loses only the cells that were running. A
+restart skips every cell with an ``ok`` line; failed cells run again. A cell that fails is retried once,
+then recorded as ``{"status": "failed", "error": ...}``; the cells that need it are recorded as failed
+too, and the rest of the matrix completes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rlbackdoor.bench.backends import check_backend, make_backend
+from rlbackdoor.bench.cells import init_worker, run_cell
+from rlbackdoor.bench.matrix import Cell
+
+RESULTS = "results.jsonl"
+ATTEMPTS = 2
+"""Tries of a cell before it is recorded as failed."""
+
+
+def append_line(path: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` as one JSON line, in one write, and fsync it."""
+    data = (json.dumps(record, default=str) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_results(path: Path) -> dict[str, dict[str, Any]]:
+    """The last record of every cell id in a results file (a torn last line, from a crash, is skipped)."""
+    records: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return records
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "id" in record:
+            records[record["id"]] = record
+    return records
+
+
+@dataclass
+class BenchSummary:
+    """What a run of the matrix did: cells in the matrix, computed now, skipped as finished, failed."""
+
+    cells: int
+    computed: int
+    skipped: int
+    failed: int
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def run_cells(
+    cells: list[Cell],
+    out: str | Path,
+    workers: int = 1,
+    backend: str = "local",
+    ray_address: str | None = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> BenchSummary:
+    """Run every unfinished cell of ``cells`` under ``out``; append each result to ``out/results.jsonl``.
+
+    :param cells: the matrix (:func:`rlbackdoor.bench.matrix.expand`).
+    :param out: the bench folder.
+    :param workers: parallel workers.
+    :param backend: ``local`` (process pool) or ``ray``.
+    :param ray_address: ``ray``: an existing cluster; else a local instance of ``workers`` CPUs.
+    :param on_record: called with each record as it is written (progress).
+    """
+    root = Path(out).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    results = root / RESULTS
+    previous = read_results(results)
+    finished = {c.id for c in cells if previous.get(c.id, {}).get("status") == "ok"}
+    todo = [c for c in cells if c.id not in finished]
+    summary = BenchSummary(len(cells), 0, len(finished), 0)
+    if not todo:
+        return summary
+    failed: set[str] = set()
+    attempts: dict[str, int] = {}
+
+    def record(cell: Cell, outcome: dict[str, Any]) -> None:
+        line = {"id": cell.id, "kind": cell.kind, **cell.labels, **outcome, "attempts": attempts.get(cell.id, 0)}
+        append_line(results, line)
+        if on_record is not None:
+            on_record(line)
+
+    pool = make_backend(backend, max(1, min(workers, len(todo))), ray_address, init_worker)
+    try:
+        running: dict[Any, Cell] = {}
+        waiting = list(todo)
+        while waiting or running:
+            for cell in list(waiting):
+                broken = [n for n in cell.needs if n in failed]
+                if broken:
+                    waiting.remove(cell)
+                    failed.add(cell.id)
+                    summary.failed += 1
+                    record(cell, {"status": "failed", "error": f"needs cell {broken[0]}, which failed"})
+                elif all(n in finished for n in cell.needs):
+                    waiting.remove(cell)
+                    attempts[cell.id] = 1
+                    running[pool.submit(run_cell, asdict(cell), str(root))] = cell
+            if not running:
+                break
+            done, _ = pool.wait(running)
+            for handle in done:
+                cell = running.pop(handle)
+                try:
+                    outcome = pool.result(handle)
+                except Exception as err:  # the worker died (killed, out of memory)
+                    outcome = {"status": "failed", "error": f"worker lost: {type(err).__name__}: {err}"}
+                if outcome["status"] == "ok":
+                    finished.add(cell.id)
+                    summary.computed += 1
+                    record(cell, outcome)
+                elif attempts[cell.id] < ATTEMPTS:
+                    attempts[cell.id] += 1
+                    running[pool.submit(run_cell, asdict(cell), str(root))] = cell
+                else:
+                    failed.add(cell.id)
+                    summary.failed += 1
+                    record(cell, outcome)
+    finally:
+        pool.close()
+    return summary
+
+
+def run_bench(
+    config: str | Path,
+    out: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    workers: int = 1,
+    backend: str = "local",
+    ray_address: str | None = None,
+    wandb_mode: str | None = None,
+    wandb_project: str = "rlbackdoor",
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[BenchSummary, dict[str, Path]]:
+    """``rlbd bench``: validate the config, run the unfinished cells, write the report and its W&B run.
+
+    :param config: the bench YAML (``configs/bench/``).
+    :param out: the bench folder (``results.jsonl``, ``runs/``, tables and plots).
+    :param overrides: ``key.path=value`` overrides of the config.
+    :param workers: parallel workers.
+    :param backend: ``local`` or ``ray``.
+    :param ray_address: ``ray``: an existing cluster.
+    :param wandb_mode: the bench run's W&B mode (see :mod:`rlbackdoor.tracking`); cells' training is not tracked.
+    :param wandb_project: the W&B project.
+    :param on_record: called with each cell's record as it is written.
+    :return: what ran, and the report files by name.
+    """
+    from rlbackdoor import tracking
+    from rlbackdoor.bench.matrix import expand, load_bench
+    from rlbackdoor.bench.report import write_report
+    from rlbackdoor.training.artifacts import write_json
+
+    spec = load_bench(config, overrides)
+    cells = expand(spec, Path(config).parent)
+    mode = tracking.resolve_mode(wandb_mode)  # a bad mode or backend fails before anything is written
+    check_backend(backend, workers, ray_address)
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(root / "bench.json", {"config": spec.model_dump(mode="json"), "cells": [asdict(c) for c in cells]})
+    summary = run_cells(cells, root, workers, backend, ray_address, on_record)
+    files = write_report(spec, cells, root, mode, wandb_project)
+    return summary, files

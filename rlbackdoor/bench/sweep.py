@@ -1,0 +1,301 @@
+"""W&B sweeps without a W&B server: expand a grid or random sweep file and run its command per point.
+
+A sweep file (``configs/sweeps/*.yaml``) is in W&B's format, so ``wandb sweep FILE`` + ``wandb agent``
+run it unchanged; :func:`run_sweep` (``rlbd sweep FILE``) does what the agent does, locally:
+
+- ``method: grid`` takes every combination of the parameters' ``value`` / ``values``; ``random`` draws
+  ``count`` points from their distributions (seeded); ``bayes`` needs the W&B server and is refused.
+- The ``command`` (default ``${env} ${interpreter} ${program} ${args}``) is built as ``wandb agent`` builds
+  it: a token that is exactly ``${name}`` is replaced by that macro's list of words (``${env}`` is
+  ``/usr/bin/env``, ``${interpreter}`` ``python``, ``${program}`` the file's ``program``, ``${args}``
+  ``--name=value`` each, ``${args_no_hyphens}`` ``name=value``, ``${args_no_equals}`` ``--name value``,
+  ``${args_json}`` one JSON object; unknown macros vanish), ``${envvar:NAME}`` inside a token by that
+  environment variable; values are written with Python's ``str``. ``PATH`` starts with the folder of the
+  running Python, so ``python`` and ``rlbd`` are this installation's.
+- Each run is a subprocess with ``WANDB_MODE=offline`` (unless set), ``WANDB_RUN_GROUP`` the sweep's name
+  and ``WANDB_TAGS`` ``sweep``: ``wandb sync`` then shows the runs grouped like a sweep. One JSON line per
+  run goes to ``OUT/runs.jsonl`` and its output to ``OUT/run-<i>.log``.
+
+Parameters are dotted fields of the config the command runs (``rlbd train CONFIG`` or ``rlbd bench
+CONFIG``); each is checked against that config before any run starts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rlbackdoor.errors import SpecError
+from rlbackdoor.specs import read_yaml
+
+METHODS = ("grid", "random", "bayes")
+DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
+KEYS = {
+    "program",
+    "command",
+    "method",
+    "metric",
+    "parameters",
+    "name",
+    "description",
+    "project",
+    "entity",
+    "early_terminate",
+    "run_cap",
+}
+DISTRIBUTIONS = (
+    "constant",
+    "categorical",
+    "int_uniform",
+    "uniform",
+    "q_uniform",
+    "log_uniform",
+    "log_uniform_values",
+    "q_log_uniform_values",
+    "normal",
+    "q_normal",
+)
+_ENVVAR = re.compile(r"\$\{envvar:([A-Z0-9_]*)\}")
+
+
+class Sweep:
+    """A validated sweep file.
+
+    :param path: the YAML file.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        data = read_yaml(self.path)
+        where = str(self.path)
+        unknown = sorted(set(data) - KEYS)
+        if unknown:
+            raise SpecError(f"{where}: unknown key '{unknown[0]}'; a W&B sweep file has {', '.join(sorted(KEYS))}")
+        self.method = data.get("method")
+        if self.method not in METHODS:
+            raise SpecError(f"{where}: method '{self.method}' is not a sweep method; use grid or random (or bayes)")
+        if self.method == "bayes":
+            raise SpecError(
+                f"{where}: method bayes needs the W&B sweep server; run it with wandb sweep + wandb agent, "
+                "or use grid or random here"
+            )
+        self.name = str(data.get("name") or self.path.stem)
+        self.program = data.get("program")
+        command = data.get("command", DEFAULT_COMMAND)
+        if not (isinstance(command, list) and command and all(isinstance(c, (str, int, float)) for c in command)):
+            raise SpecError(f"{where}: command must be a list of words, e.g. [rlbd, train, CONFIG, '${{args}}']")
+        self.command = [str(c) for c in command]
+        if "${program}" in self.command and not self.program:
+            raise SpecError(f"{where}: the command uses ${{program}} but the file has no program; add program:")
+        parameters = data.get("parameters")
+        if not isinstance(parameters, dict) or not parameters:
+            raise SpecError(f"{where}: parameters must map parameter names to {{value|values|distribution}}")
+        self.parameters: dict[str, dict[str, Any]] = {}
+        for name, spec in parameters.items():
+            self.parameters[str(name)] = _parameter(str(name), spec, self.method, where)
+        self.run_cap = data.get("run_cap")
+        self._check_fields()
+
+    def _target(self) -> tuple[str, Path]:
+        """The ``rlbd`` subcommand (``train`` or ``bench``) and config file the command runs."""
+        words = [self.program if w == "${program}" else w for w in self.command]
+        for i, word in enumerate(words[:-1]):
+            if word in ("train", "bench") and not words[i + 1].startswith("${"):
+                return word, Path(words[i + 1])
+        raise SpecError(
+            f"{self.path}: the command runs neither 'rlbd train CONFIG' nor 'rlbd bench CONFIG'; "
+            "name the subcommand and its config file in command"
+        )
+
+    def _check_fields(self) -> None:
+        """Every parameter is a field of the target config (checked with each parameter's first value)."""
+        from rlbackdoor.bench.matrix import load_bench
+        from rlbackdoor.specs import load_experiment
+
+        kind, config = self._target()
+        load = load_experiment if kind == "train" else load_bench
+        if not config.is_file():
+            raise SpecError(f"{self.path}: the command's config {config} does not exist; fix the path")
+        load(config)
+        for name, spec in self.parameters.items():
+            value = spec["values"][0] if "values" in spec else spec.get("value", spec.get("min"))
+            try:
+                load(config, [f"{name}={value}"])
+            except SpecError as err:
+                raise SpecError(
+                    f"{self.path}: parameter '{name}' does not fit {config} ({err}); use a field of that config"
+                ) from None
+
+    def points(self, count: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+        """The parameter values of each run: the whole grid (or its first ``count``), or ``count`` random draws."""
+        cap = min(c for c in (count, self.run_cap) if c is not None) if (count or self.run_cap) else None
+        if self.method == "grid":
+            names = list(self.parameters)
+            choices = [
+                self.parameters[n]["values"] if "values" in self.parameters[n] else [self.parameters[n]["value"]]
+                for n in names
+            ]
+            grid = [dict(zip(names, combo, strict=True)) for combo in itertools.product(*choices)]
+            return grid[:cap] if cap is not None else grid
+        if cap is None:
+            raise SpecError(f"{self.path}: a random sweep runs until stopped; give --count N (or run_cap: N)")
+        rng = np.random.default_rng(seed)
+        return [{n: _draw(spec, rng) for n, spec in self.parameters.items()} for _ in range(cap)]
+
+    def command_for(self, point: Mapping[str, Any]) -> list[str]:
+        """The command of one run, macros substituted as ``wandb agent`` does."""
+        variables = {
+            "env": ["/usr/bin/env"],
+            "interpreter": ["python"],
+            "program": [str(self.program)] if self.program else [],
+            "args": [f"--{k}={v}" for k, v in point.items()],
+            "args_no_hyphens": [f"{k}={v}" for k, v in point.items()],
+            "args_no_equals": [w for k, v in point.items() for w in (f"--{k}", str(v))],
+            "args_no_boolean_flags": [
+                f"--{k}" if isinstance(v, bool) else f"--{k}={v}" for k, v in point.items() if v is not False
+            ],
+            "args_json": [json.dumps(dict(point))],
+        }
+        out: list[str] = []
+        for word in self.command:
+            word = _ENVVAR.sub(lambda m: os.environ.get(m.group(1), m.group(1)), word)
+            if word.startswith("${") and word.endswith("}"):
+                out += variables.get(word[2:-1]) or []
+            else:
+                out.append(word)
+        return out
+
+
+def _parameter(name: str, spec: Any, method: str, where: str) -> dict[str, Any]:
+    if not isinstance(spec, dict):
+        raise SpecError(f"{where}: parameter '{name}' must be a mapping like {{values: [a, b]}}")
+    if "parameters" in spec:
+        raise SpecError(f"{where}: parameter '{name}' nests parameters; name nested fields with dots ({name}.key)")
+    if "values" in spec and not (isinstance(spec["values"], list) and spec["values"]):
+        raise SpecError(f"{where}: parameter '{name}': values must be a non-empty list")
+    if method == "grid" and "values" not in spec and "value" not in spec:
+        raise SpecError(f"{where}: parameter '{name}': a grid sweep needs value or values; give a list of values")
+    distribution = spec.get("distribution") or _infer(spec)
+    if distribution not in DISTRIBUTIONS:
+        raise SpecError(
+            f"{where}: parameter '{name}': distribution '{distribution}' is not supported here; "
+            f"use one of {', '.join(DISTRIBUTIONS)}"
+        )
+    needs = {"constant": ("value",), "categorical": ("values",), "normal": (), "q_normal": ()}.get(
+        distribution, ("min", "max")
+    )
+    missing = [k for k in needs if k not in spec]
+    if missing:
+        raise SpecError(f"{where}: parameter '{name}': distribution {distribution} needs '{missing[0]}'; add it")
+    return {**spec, "distribution": distribution}
+
+
+def _infer(spec: Mapping[str, Any]) -> str | None:
+    """W&B's default distribution: constant for value, categorical for values, int or float uniform for min/max."""
+    if "value" in spec:
+        return "constant"
+    if "values" in spec:
+        return "categorical"
+    if "min" in spec and "max" in spec:
+        return "int_uniform" if all(isinstance(spec[k], int) for k in ("min", "max")) else "uniform"
+    return None
+
+
+def _draw(spec: Mapping[str, Any], rng: np.random.Generator) -> Any:
+    kind = spec["distribution"]
+    if kind == "constant":
+        return spec["value"]
+    if kind == "categorical":
+        values, probs = spec["values"], spec.get("probabilities")
+        return values[int(rng.choice(len(values), p=probs))]
+    if kind == "int_uniform":
+        return int(rng.integers(spec["min"], spec["max"] + 1))
+    if kind in ("normal", "q_normal"):
+        value = float(rng.normal(spec.get("mu", 0.0), spec.get("sigma", 1.0)))
+    elif kind == "log_uniform":  # min and max are exponents (natural log)
+        value = float(np.exp(rng.uniform(spec["min"], spec["max"])))
+    elif kind in ("log_uniform_values", "q_log_uniform_values"):
+        value = float(np.exp(rng.uniform(np.log(spec["min"]), np.log(spec["max"]))))
+    else:
+        value = float(rng.uniform(spec["min"], spec["max"]))
+    if kind.startswith("q_"):
+        q = spec.get("q", 1.0)
+        value = round(value / q) * q
+    return value
+
+
+def run_command(command: list[str], env: dict[str, str], log: str) -> dict[str, Any]:
+    """Run one sweep command with its output to ``log``; return its exit code and wall seconds."""
+    start = time.monotonic()
+    with open(log, "wb") as fh:
+        code = subprocess.run(command, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False).returncode
+    return {"returncode": code, "seconds": round(time.monotonic() - start, 3)}
+
+
+def run_sweep(
+    path: str | Path,
+    out: str | Path,
+    count: int | None = None,
+    seed: int = 0,
+    workers: int = 1,
+    backend: str = "local",
+    ray_address: str | None = None,
+    on_run: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """``rlbd sweep``: run every point of a grid or random sweep as a subprocess, in the sweep's W&B group.
+
+    :param path: the sweep file.
+    :param out: the folder for ``runs.jsonl`` and the runs' logs.
+    :param count: at most this many runs (required for random sweeps without ``run_cap``).
+    :param seed: seeds the random draws.
+    :param workers: runs at a time.
+    :param backend: ``local`` or ``ray``.
+    :param ray_address: ``ray``: an existing cluster.
+    :param on_run: called with each run's record as it finishes.
+    :return: the records, in finishing order.
+    """
+    from rlbackdoor.bench.backends import check_backend, make_backend
+    from rlbackdoor.bench.runner import append_line
+
+    sweep = Sweep(path)
+    points = sweep.points(count, seed)
+    check_backend(backend, workers, ray_address)
+    root = Path(out).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "WANDB_RUN_GROUP": sweep.name, "WANDB_TAGS": "sweep"}
+    env.setdefault("WANDB_MODE", "offline")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    pool = make_backend(backend, max(1, min(workers, len(points))), ray_address)
+    records = []
+    try:
+        running = {}
+        for i, point in enumerate(points):
+            command = sweep.command_for(point)
+            handle = pool.submit(run_command, command, env, str(root / f"run-{i}.log"))
+            running[handle] = {"index": i, "params": point, "command": shlex.join(command), "group": sweep.name}
+        while running:
+            done, _ = pool.wait(running)
+            for handle in done:
+                record = running.pop(handle)
+                try:
+                    record |= pool.result(handle)
+                except Exception as err:
+                    record |= {"returncode": None, "error": f"{type(err).__name__}: {err}"}
+                append_line(root / "runs.jsonl", record)
+                records.append(record)
+                if on_run is not None:
+                    on_run(record)
+    finally:
+        pool.close()
+    return records

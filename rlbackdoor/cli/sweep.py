@@ -1,0 +1,33 @@
+"""``rlbd sweep SWEEP.yaml``: run a W&B grid or random sweep without a W&B server (see :mod:`rlbackdoor.bench.sweep`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+
+def sweep(
+    path: Path = typer.Argument(..., help="a W&B sweep file (see configs/sweeps/)"),
+    count: int | None = typer.Option(None, min=1, help="at most N runs (random sweeps need it, or run_cap)"),
+    out: Path | None = typer.Option(None, help="folder for runs.jsonl and run logs [default: sweeps/<name>]"),
+    seed: int = typer.Option(0, min=0, help="seeds the random draws"),
+    workers: int = typer.Option(1, min=1, help="runs at a time"),
+    backend: str = typer.Option("local", help="local (process pool) | ray"),
+    ray_address: str | None = typer.Option(None, help="an existing Ray cluster (host:port); default: a local one"),
+) -> None:
+    """Expand SWEEP's parameters and run its command once per point, each run logged offline in the sweep's group."""
+    from rlbackdoor.bench.sweep import Sweep, run_sweep
+
+    target = out or Path("sweeps") / Sweep(path).name
+
+    def progress(record: dict[str, Any]) -> None:
+        status = "ok" if record.get("returncode") == 0 else f"failed (exit {record.get('returncode')})"
+        typer.echo(f"run {record['index']}: {record['command']}: {status}", err=True)
+
+    records = run_sweep(path, target, count, seed, workers, backend, ray_address, progress)
+    failed = sum(r.get("returncode") != 0 for r in records)
+    typer.echo(f"{len(records)} runs, {failed} failed; log in {target / 'runs.jsonl'}")
+    if failed:
+        raise typer.Exit(1)
