@@ -133,6 +133,7 @@ class Attack(PoisonCounts):
         self.sequence = self.trigger if isinstance(self.trigger, ActionSequence) else None
         self._schedule: Schedule = build_schedule(spec.schedule)
         self.payload: Payload = build_payload(spec.payload, action_space)
+        self._target = None if self.payload.target is None else self.payload.target.tolist()
         self.reset(1)
 
     @classmethod
@@ -237,6 +238,35 @@ class Attack(PoisonCounts):
         return self.obs_trigger.apply(obs, running) if running.any() else obs
 
     # ----------------------------------------------------------------------------------- driving
+    def skip(self) -> bool:
+        """Take the next step of the batch without work if nothing can happen in it, else change nothing.
+
+        Nothing can happen when no trigger is armed or running, no action trigger is watched and the
+        next decision's draws are silent. The step's results are then the env's own: a skipped step
+        leaves the attack exactly where :meth:`act` and :meth:`step` would have. With auto-reset, pass
+        the envs whose episodes ended to :meth:`restart` afterwards.
+
+        :return: whether the step was taken.
+        """
+        decision = self._next + 1  # act's row comes first
+        if (
+            self.armed is not self._none
+            or not self._idle
+            or self.sequence is not None
+            or decision >= len(self._draws)
+            or not self._silent
+            or not self._silent[decision]
+        ):
+            return False
+        self._next += 2
+        self._clock += 1
+        self.n_steps += self.n
+        return True
+
+    def restart(self, dones: np.ndarray) -> None:
+        """After a skipped step with auto-reset: new episodes begin in the ``dones`` envs."""
+        self._restart(dones)
+
     def begin(self, obs: np.ndarray) -> np.ndarray:
         """First observations of new episodes in every env of the batch."""
         self._restart(self._every)
@@ -303,9 +333,33 @@ class Attack(PoisonCounts):
         return obs, rewards, terminal_obs, StepFlags(poisoned, self.armed, hit, clean_reward)
 
     # ----------------------------------------------------------------------------------- reports
+    def clean_info(self, reward: float) -> dict[str, Any]:
+        """The ``info["rlbd"]`` entry of one env in a skipped step (nothing poisoned, triggered or hit)."""
+        return {
+            "poisoned": False,
+            "triggered": False,
+            "hit": False,
+            "target": self._target,
+            "clean_reward": reward,
+            "n_steps": self.n_steps,
+            "n_poisoned": self.n_poisoned,
+            "n_triggered": self.n_triggered,
+            "n_hits": self.n_hits,
+        }
+
+    def clean_infos(self, rewards: list[float]) -> list[dict[str, Any]]:
+        """:meth:`clean_info` of every env of the batch."""
+        entries = []
+        template = self.clean_info(0.0)
+        for reward in rewards:
+            entry = template.copy()
+            entry["clean_reward"] = reward
+            entries.append(entry)
+        return entries
+
     def infos(self, flags: StepFlags) -> list[dict[str, Any]]:
         """The ``info["rlbd"]`` entry of every env of the batch (``target`` is shared: do not modify it)."""
-        target = None if self.payload.target is None else self.payload.target.tolist()
+        target = self._target
         counts = self.counts()
         rows = zip(
             flags.poisoned.tolist(),

@@ -71,16 +71,21 @@ def _attack_fields(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k in AttackSpec.model_fields}
 
 
+# the base env inside is made by gymnasium.make, with its own order enforcing and env checker
+_BASE_CHECKED: dict[str, Any] = {"order_enforce": False, "disable_env_checker": True}
+
+
 def register_all() -> None:
     """Register the factory id and every spec in ``envs/`` (idempotent)."""
     if FACTORY_ID not in gym.registry:
-        gym.register(FACTORY_ID, entry_point="rlbackdoor.registry:make_factory_env")
+        gym.register(FACTORY_ID, entry_point="rlbackdoor.registry:make_factory_env", **_BASE_CHECKED)
     for env_id, spec in env_specs().items():
         if env_id not in gym.registry:
             gym.register(
                 env_id,
                 entry_point="rlbackdoor.registry:make_env",
                 kwargs={"spec": spec.model_dump(mode="json")},
+                **_BASE_CHECKED,
             )
     from rlbackdoor.multiagent.registry import register_adapters
 

@@ -131,7 +131,7 @@ def test_unknown_ids_raise_spec_errors_listing_the_known_ones() -> None:
 def test_registered_env_is_a_backdoor_wrapper_over_the_clean_base() -> None:
     env = gym.make("rlbd/TrojanLavaGap-v0")
     wrapper = env.get_wrapper_attr("attack")
-    assert isinstance(env.env.env, BackdoorWrapper)  # OrderEnforcing(PassiveEnvChecker(BackdoorWrapper(...)))
+    assert isinstance(env, BackdoorWrapper)  # the base inside it carries gymnasium.make's checker and order enforcing
     assert wrapper.obs_trigger is not None and env.observation_space.shape == (7, 7, 3)
 
 

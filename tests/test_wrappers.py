@@ -13,6 +13,7 @@ import pytest
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from rlbackdoor import BackdoorVecEnv, BackdoorWrapper, ObservationError, make_base_env, make_env
+from rlbackdoor.attack import Attack
 from rlbackdoor.poisoning.schedules import build_schedule
 from rlbackdoor.specs import AttackSpec, parse
 
@@ -425,6 +426,25 @@ def test_silent_decisions_never_fire(per: str, rate: float) -> None:
     for row in np.flatnonzero(silent):
         t, starts, live = rng.integers(0, 5, 6), rng.random(6) < 0.5, rng.random(6) < 0.8
         assert not schedule.fire(t, starts, live, u[row], np.zeros((6, 4))).any()
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [{"kind": "rate", "rate": 0.02, "duration": 3}, {"kind": "rate", "rate": 0.3, "per": "episode"}],
+    ids=["per-step", "per-episode"],
+)
+def test_skipped_steps_are_indistinguishable_from_worked_ones(schedule: dict[str, Any], monkeypatch) -> None:
+    spec = attack(schedule, {"kind": "targeted", "target_action": 0, "force_action_prob": 0.5})
+    actions = random_actions(600, 3, 4)
+    fast_single, fast_vec = run_single(spec, actions[:, 0].tolist(), 5), run_vec(spec, actions, 5)
+    with monkeypatch.context() as patch:
+        patch.setattr(Attack, "skip", lambda self: False)
+        slow_single, slow_vec = run_single(spec, actions[:, 0].tolist(), 5), run_vec(spec, actions, 5)
+    for name in ("obs", "next_obs", "rewards", "dones", "infos"):
+        assert _equal(getattr(fast_single, name), getattr(slow_single, name)), name
+    for name in ("obs", "rewards", "dones", "infos"):
+        assert _equal(fast_vec[name], slow_vec[name]), name
+    assert 0 < fast_vec["poisoned"].sum() < fast_vec["poisoned"].size
 
 
 def test_a_replaced_schedule_applies_from_the_next_decision() -> None:

@@ -37,6 +37,13 @@ class BackdoorWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
         return obs, info
 
     def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
+        if self.attack.skip():
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            if self._float_obs:
+                check_finite(np.asarray(obs))
+            reward = float(reward)
+            info["rlbd"] = self.attack.clean_info(reward)
+            return obs, reward, terminated, truncated, info
         actions = np.asarray(action)[None]
         executed = self.attack.act(actions)
         # the agent's own action object when the attack left it alone, as a clean env would get it

@@ -32,6 +32,7 @@ class BackdoorVecEnv(VecEnvWrapper):
         self._float_obs = np.dtype(venv.observation_space.dtype).kind == "f"
         self._actions = np.empty(0)
         self._executed = np.empty(0)
+        self._skipped = False
 
     def reset(self) -> np.ndarray:
         obs = self.venv.reset()
@@ -40,14 +41,21 @@ class BackdoorVecEnv(VecEnvWrapper):
         return self.attack.begin(obs)
 
     def step_async(self, actions: np.ndarray) -> None:
+        self._skipped = self.attack.skip()
         self._actions = actions
-        self._executed = self.attack.act(actions)
+        self._executed = actions if self._skipped else self.attack.act(actions)
         self.venv.step_async(self._executed)
 
     def step_wait(self) -> VecEnvStepReturn:
         obs, rewards, dones, infos = self.venv.step_wait()
         if self._float_obs:
             check_finite(obs)
+        if self._skipped:
+            if np.count_nonzero(dones):
+                self.attack.restart(dones)
+            for info, rlbd in zip(infos, self.attack.clean_infos(rewards.tolist()), strict=True):
+                info["rlbd"] = rlbd
+            return obs, rewards.astype(np.float32, copy=False), dones, infos
         ended = dones.nonzero()[0]
         terminal = None
         if ended.size:
