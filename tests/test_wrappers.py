@@ -201,6 +201,15 @@ def test_budget_schedule_vec_env_spends_exactly_the_budget_within_the_horizon(
     assert poisoned.sum() == budget
 
 
+@pytest.mark.parametrize("duration", [1, 3, 4])
+def test_budget_schedule_spreads_firings_over_the_envs(duration: int) -> None:
+    """An interval that is a multiple of the number of envs must not put every firing in one env."""
+    spec = pendulum({"kind": "budget", "budget": 40, "horizon": 400, "duration": duration}, episode=200)
+    poisoned = run_vec(spec, np.zeros((100, 8, 1), np.float32))["poisoned"]
+    assert poisoned[:50].sum() == 40
+    assert (poisoned.sum(axis=0) > 0).all()
+
+
 def test_window_schedule_poisons_exactly_the_window_of_chosen_episodes() -> None:
     spec = pendulum({"kind": "window", "start": 3, "stop": 7, "rate": 0.5}, episode=12)
     run = run_single(spec, [np.zeros(1, np.float32)] * 12 * 40)

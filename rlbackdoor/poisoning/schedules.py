@@ -92,15 +92,20 @@ class BudgetScheduler(Schedule):
         self.max_poisoned = spec.budget
         self.firings = -(-spec.budget // spec.duration)
         self.interval = max(1, (spec.horizon - spec.budget + self.firings) // max(1, self.firings))
-        self._seen = 0
+        self._seen = self._decisions = 0
 
     def reset(self, n_envs: int) -> None:
         self._seen = 0
+        self._decisions = 0
 
     def fire(self, t: np.ndarray, starts: np.ndarray, live: np.ndarray, u: np.ndarray, obs: np.ndarray) -> np.ndarray:
+        # free decisions are counted from a different env on every call, so firings rotate over the envs
+        shift = self._decisions % len(live)
+        self._decisions += 1
+        live = np.roll(live, -shift)
         index = self._seen + np.cumsum(live) - 1
         self._seen += int(live.sum())
-        return live & (index % self.interval == 0) & (index // self.interval < self.firings)
+        return np.roll(live & (index % self.interval == 0) & (index // self.interval < self.firings), shift)
 
 
 class WindowScheduler(Schedule):
