@@ -32,12 +32,13 @@ def _one_line_error(err: str) -> str:
     return lines[0]
 
 
-def test_list_prints_every_registered_id(capsys: pytest.CaptureFixture[str]) -> None:
+def test_list_prints_every_registered_id(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
     assert main(["envs", "list"]) == 0
     out = capsys.readouterr().out
     for env_id, spec in env_specs().items():
         assert env_id in out
-        assert spec.base in out
+        assert spec.base[:8] in out  # a long base folds onto the next line at 80 columns
     assert "rlbd/Backdoor-v0" in out
 
 
@@ -46,7 +47,7 @@ def test_list_in_a_wide_terminal_shows_trigger_schedule_and_payload() -> None:
         [RLBD, "envs", "list"], capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"}
     )
     assert out.returncode == 0, out.stderr
-    rows = {line.split()[1]: line for line in out.stdout.splitlines() if line.startswith("│ rlbd/")}
+    rows = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("rlbd/")}
     for env_id, spec in env_specs().items():
         for word in (spec.base, spec.trigger.kind, spec.schedule.kind, spec.payload.kind):
             assert word in rows[env_id]

@@ -71,9 +71,10 @@ def test_import_does_not_load_pettingzoo_envs():
 def test_envs_list_marks_multiagent_ids(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     assert main(["envs", "list"]) == 0
-    rows = {line.split("│")[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.count("│") > 2}
-    assert "(multi-agent)" in rows[RPS] and "(multi-agent)" in rows[SPREAD]
-    assert "(multi-agent)" not in rows["rlbd/TrojanCartPole-v0"]
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("rlbd/")}
+    assert "rps_v2 *" in rows[RPS] and "simple_spread_v3 *" in rows[SPREAD]
+    assert "*" not in rows["rlbd/TrojanCartPole-v0"] and "* multi-agent" in out
 
 
 def test_envs_show_prints_a_multiagent_spec_with_its_stealth(capsys):

@@ -20,13 +20,14 @@ console = Console()
 @app.command("list")
 def list_envs() -> None:
     """Print every registered id with its base env, trigger, schedule and payload; multi-agent ids are marked."""
-    table = Table(Column("id", no_wrap=True), Column("base", no_wrap=True), "trigger", "schedule", "payload")
+    columns = [Column(name, no_wrap=True) for name in ("id", "trigger", "schedule", "payload")]
+    table = Table(*columns[:1], Column("base", overflow="fold"), *columns[1:], box=None, pad_edge=False)
+    table.caption = "* multi-agent (a PettingZoo parallel env)"
     for env_id, spec in env_specs().items():
         table.add_row(env_id, spec.base, spec.trigger.kind, spec.schedule.kind, spec.payload.kind)
     for env_id, ma_spec in parallel_env_specs().items():
-        table.add_row(
-            env_id, f"{ma_spec.base} (multi-agent)", ma_spec.trigger.kind, ma_spec.schedule.kind, ma_spec.payload.kind
-        )
+        base = f"{ma_spec.base.rsplit('.', 1)[-1]} *"
+        table.add_row(env_id, base, ma_spec.trigger.kind, ma_spec.schedule.kind, ma_spec.payload.kind)
     table.add_row(FACTORY_ID, "env_id=...", "kwargs", "kwargs", "kwargs")
     console.print(table)
 
