@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from pettingzoo.test import parallel_api_test
+from rich.console import Console
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import rlbackdoor
+from rlbackdoor.cli import envs as envs_cli
 from rlbackdoor.cli import main
 from rlbackdoor.errors import SpecError
 from rlbackdoor.multiagent import get_parallel_spec, list_parallel_envs, make_base_parallel, make_parallel
@@ -69,7 +71,7 @@ def test_import_does_not_load_pettingzoo_envs():
 
 
 def test_envs_list_marks_multiagent_ids(capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(envs_cli, "console", Console(width=200))
     assert main(["envs", "list"]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("rlbd/")}
