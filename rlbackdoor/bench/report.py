@@ -157,7 +157,8 @@ def plot_rates(rows: list[dict[str, Any]], path: Path) -> Path | None:
                 ax.set_ylim(-0.02, 1.02)
             ax.set_title(f"{env}: {metric.upper()}")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
     fig.tight_layout()
     try:
         return _save(fig, path)
@@ -189,10 +190,10 @@ def plot_roc(detector: str, records: list[dict[str, Any]], path: Path) -> Path:
 
 
 def plot_sanitizers(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """ASR before and after each sanitizer (IQM with CI), a bar pair per (env, attack, rate)."""
+    """ASR before and after each sanitizer (IQM with CI), a bar pair per (env, attack, rate); none where undefined."""
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r["kind"] == "sanitize" and r["metric"] in ("asr_before", "asr_after")]
+    rows = [r for r in rows if r["kind"] == "sanitize"]
     methods = list(dict.fromkeys(r["defense"] for r in rows))
     if not methods:
         return None
@@ -212,6 +213,7 @@ def plot_sanitizers(rows: list[dict[str, Any]], path: Path) -> Path | None:
             ax.bar(x + offset, y, width=0.4, yerr=err, capsize=3, label=f"ASR {when}")
         ax.set_xticks(x, [f"{p}\n{rate:g}" if rate is not None else p for _, p, rate in keys], fontsize=8)
         ax.set_ylim(0, 1.05)
+        ax.set_ylabel("ASR")
         ax.set_title(f"sanitizer {method}")
         ax.legend(fontsize=8)
     fig.tight_layout()

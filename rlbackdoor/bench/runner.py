@@ -2,7 +2,8 @@
 
 ``OUT/results.jsonl`` gets one line per cell as it finishes (a single ``write`` of the whole line on an
 ``O_APPEND`` descriptor, then ``fsync``), so a killed bench loses only the cells that were running. A
-restart skips every cell with an ``ok`` line; failed cells run again. A cell that fails is retried once,
+restart skips every cell with an ``ok`` line and deletes the agents a killed run left half-trained
+(``runs/.<name>-<pid>``; one bench at a time per folder); failed cells run again. A cell that fails is retried once,
 then recorded as ``{"status": "failed", "error": ...}``; the cells that need it are recorded as failed
 too, and the rest of the matrix completes.
 """
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from rlbackdoor.bench.backends import check_backend, make_backend
-from rlbackdoor.bench.cells import init_worker, run_cell
+from rlbackdoor.bench.cells import RUNS, init_worker, run_cell
 from rlbackdoor.bench.matrix import Cell
 
 RESULTS = "results.jsonl"
@@ -84,6 +86,8 @@ def run_cells(
     root = Path(out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     results = root / RESULTS
+    for partial in (root / RUNS).glob(".*"):  # agents a killed bench was training
+        shutil.rmtree(partial, ignore_errors=True)
     previous = read_results(results)
     finished = {c.id for c in cells if previous.get(c.id, {}).get("status") == "ok"}
     todo = [c for c in cells if c.id not in finished]

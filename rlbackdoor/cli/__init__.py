@@ -36,7 +36,7 @@ app.command("sweep")(sweep.sweep)
 def main(argv: list[str] | None = None) -> int:
     """Run ``rlbd``; return the exit code (2 on a project error, with a one-line message)."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # a command's typer.Exit(n) comes back as n
     except RlbdError as err:
         print(f"rlbd: error: {err}", file=sys.stderr)
         return 2
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         show = getattr(err, "format_message", None)
         print(f"rlbd: error: {show() if show else err}", file=sys.stderr)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def entry() -> None:

@@ -26,7 +26,7 @@ def bench(
     wandb_mode: WandbMode | None = typer.Option(None, help="W&B mode [default: WANDB_MODE, else online iff logged in]"),
     wandb_project: str = typer.Option("rlbackdoor", help="W&B project"),
 ) -> None:
-    """Run every unfinished cell of CONFIG's matrix into OUT, then write the tables and plots."""
+    """Run every unfinished cell of CONFIG's matrix into OUT, then write the tables and plots (exit 1 if a cell failed)."""
     from rlbackdoor.bench.runner import run_bench
 
     def progress(record: dict[str, Any]) -> None:
@@ -52,3 +52,5 @@ def bench(
     )
     for name in files:
         typer.echo(str(files[name]))
+    if summary.failed:
+        raise typer.Exit(1)

@@ -1,0 +1,147 @@
+"""``rlbd sweep``: W&B sweep files expanded locally, commands built as ``wandb agent`` builds them, real runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+from wandb_offline import offline_runs
+
+from rlbackdoor.bench.sweep import Sweep
+from rlbackdoor.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "experiments" / "cartpole_smoke.yaml"
+
+
+def write_sweep(path: Path, **fields: Any) -> Path:
+    config = {
+        "name": "smoke",
+        "program": "rlbd",
+        "command": ["rlbd", "train", str(SMOKE), "${args}"],
+        "method": "grid",
+        "parameters": {"attack.schedule.rate": {"values": [0.1, 0.2]}, "seed": {"values": [0, 1, 2]}},
+        **fields,
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_grid_expansion_and_every_macro_as_wandb_agent_builds_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RLBD_TEST_FLAG", "--no-progress")
+    command = [
+        "${env}",
+        "${interpreter}",
+        "${program}",
+        "train",
+        str(SMOKE),
+        "${envvar:RLBD_TEST_FLAG}",
+        "${args}",
+        "${args_no_hyphens}",
+        "${args_no_equals}",
+        "${args_json}",
+        "${not_a_macro}",
+        "x${args}",
+    ]
+    sweep = Sweep(write_sweep(tmp_path / "s.yaml", command=command, program="-m rlbackdoor"))
+    points = sweep.points()
+    assert points == [{"attack.schedule.rate": r, "seed": s} for r in (0.1, 0.2) for s in (0, 1, 2)]
+    assert sweep.points(count=4) == points[:4]
+    point = points[5]
+    wandb_vars = create_sweep_command_args({"args": {k: {"value": v} for k, v in point.items()}})
+    assert sweep.command_for(point) == [
+        "/usr/bin/env",
+        "python",
+        "-m rlbackdoor",
+        "train",
+        str(SMOKE),
+        "--no-progress",
+        *wandb_vars["args"],
+        *wandb_vars["args_no_hyphens"],
+        *wandb_vars["args_no_equals"],
+        *wandb_vars["args_json"],
+        "x${args}",  # only whole-word macros are replaced, as in wandb agent
+    ]
+    assert wandb_vars["args"] == ["--attack.schedule.rate=0.2", "--seed=2"]
+    assert json.loads(wandb_vars["args_json"][0]) == point
+
+
+def test_random_draws_are_seeded_and_within_bounds(tmp_path: Path) -> None:
+    parameters = {
+        "hyperparams.learning_rate": {"distribution": "log_uniform_values", "min": 1e-5, "max": 1e-2},
+        "hyperparams.n_epochs": {"min": 1, "max": 4},
+        "hyperparams.gamma": {"min": 0.9, "max": 0.99},
+        "hyperparams.ent_coef": {"values": [0.0, 0.01]},
+        "seed": {"value": 7},
+    }
+    sweep = Sweep(write_sweep(tmp_path / "s.yaml", method="random", parameters=parameters, run_cap=5))
+    points = sweep.points(count=50, seed=3)
+    assert len(points) == 5 and points == sweep.points(count=50, seed=3) and points != sweep.points(seed=4)
+    for p in points:
+        assert 1e-5 <= p["hyperparams.learning_rate"] <= 1e-2
+        assert isinstance(p["hyperparams.n_epochs"], int) and 1 <= p["hyperparams.n_epochs"] <= 4
+        assert 0.9 <= p["hyperparams.gamma"] <= 0.99 and p["hyperparams.ent_coef"] in (0.0, 0.01) and p["seed"] == 7
+    assert sweep.command_for(points[0])[-1] == "--seed=7"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"method": "bayes"}, "method bayes needs the W&B sweep server; run it with wandb sweep + wandb agent"),
+        ({"method": "hyperband"}, "method 'hyperband' is not a sweep method; use grid or random"),
+        ({"parameters": {"learning_rate": {"values": [0.1]}}}, "parameter 'learning_rate' does not fit"),
+        ({"parameters": {"attack.schedule.rte": {"values": [0.1]}}}, "parameter 'attack.schedule.rte' does not fit"),
+        ({"parameters": {"seed": {"values": [-1]}}}, "parameter 'seed' does not fit"),
+        ({"parameters": {"hyperparams": {"parameters": {"gamma": {"value": 0.9}}}}}, "name nested fields with dots"),
+        ({"parameters": {"seed": {"min": 0, "max": 3}}}, "a grid sweep needs value or values"),
+        ({"method": "random", "parameters": {"seed": {"distribution": "beta", "min": 0, "max": 1}}}, "'beta'"),
+        ({"method": "random"}, "a random sweep runs until stopped; give --count N"),
+        ({"metrics": {"name": "x"}}, "unknown key 'metrics'"),
+        ({"command": ["python", "train.py", "${args}"]}, "the command runs neither 'rlbd train CONFIG'"),
+        ({"command": ["rlbd", "train", "nowhere.yaml", "${args}"]}, "the command's config nowhere.yaml does not exist"),
+        ({"command": ["${program}", "train", str(SMOKE)], "program": None}, "uses ${program} but the file has no"),
+    ],
+)
+def test_bad_sweep_files(tmp_path: Path, capsys: pytest.CaptureFixture[str], fields: dict, message: str) -> None:
+    path = write_sweep(tmp_path / "s.yaml", **fields)
+    assert main(["sweep", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_repository_sweep_files_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)  # their commands name configs relative to the repository
+    for path in sorted((ROOT / "configs" / "sweeps").glob("*.yaml")):
+        sweep = Sweep(path)
+        command = sweep.command_for(sweep.points(count=2)[0])
+        assert command[0] == "rlbd" and command[1] in ("train", "bench") and command[-1].startswith("--"), path
+
+
+def test_two_run_sweep_runs_rlbd_train_offline_in_the_sweep_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wandb_dir = tmp_path / "wandb"
+    wandb_dir.mkdir()
+    monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
+    monkeypatch.chdir(tmp_path)  # rlbd train's default run directories land under runs/ here
+    command = ["rlbd", "train", str(SMOKE), "--no-progress", "--checkpoint-every=0", "${args}"]
+    parameters = {"attack.schedule.rate": {"values": [0.05, 0.2]}, "timesteps": {"value": 512}}
+    path = write_sweep(tmp_path / "s.yaml", name="smoke-grid", command=command, parameters=parameters)
+    assert main(["sweep", str(path), "--out", str(tmp_path / "sweep")]) == 0
+    assert "2 runs, 0 failed" in capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "sweep" / "runs.jsonl").read_text().splitlines()]
+    assert sorted(r["index"] for r in records) == [0, 1] and all(r["returncode"] == 0 for r in records)
+    cards = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs").glob("cartpole_smoke/*/card.json"))]
+    assert sorted(c["attack"]["schedule"]["rate"] for c in cards) == [0.05, 0.2]
+    assert all(c["timesteps"] == 512 for c in cards)
+    runs = offline_runs(wandb_dir)
+    assert len(runs) == 2 and all(r.run.run_group == "smoke-grid" and r.run.job_type == "train" for r in runs)
+    assert all(list(r.run.tags) == ["sweep"] for r in runs)
+    assert sorted(r.config["attack"]["schedule"]["rate"] for r in runs) == [0.05, 0.2]
