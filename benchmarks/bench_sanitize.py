@@ -4,10 +4,15 @@ For every registered single-agent env with a targeted observation trigger (and t
 one, to show where sanitization fails), trains a backdoored PPO agent (inner loop, the registered
 attack) and a clean agent of the same config (same pipeline, the attack's rate set to 0), or reuses
 them from ``--runs``. Then fits each sanitizer on the backdoored agent's own clean rollouts and
-reports ASR, CTP and ctp_ratio before and after, for a sweep of n. Writes
+reports ASR, CTP and ctp_ratio before and after, for a sweep of n.
+
+The ``train_inner`` / ``train_outer`` parts train CartPole PPO at a 1% poison rate (the
+``configs/experiments/cartpole_{inner,outer}.yaml`` attacks) with and without the training-time
+filter (``sanitize: impute``), and a clean twin per seed; they report the agents' ASR and ctp_ratio
+and the filter's precision and recall against the attacker's ground truth. Writes
 ``benchmarks/results/bench_sanitize.json``.
 
-    .venv/bin/python benchmarks/bench_sanitize.py [--only cartpole,lavagap] [--workers 2]
+    .venv/bin/python benchmarks/bench_sanitize.py [--only cartpole,lavagap,train_inner,train_outer] [--workers 2]
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
+CONFIGS = Path(__file__).parents[1] / "configs" / "experiments"
 
 CASES: dict[str, dict[str, Any]] = {
     "cartpole": {
@@ -43,6 +49,14 @@ CASES: dict[str, dict[str, Any]] = {
         "methods": {"support": [50, 200, 1000], "subspace": [200]},
     },
 }
+
+
+TRAINING: dict[str, dict[str, Any]] = {
+    "train_inner": {"config": "cartpole_inner.yaml", "rate": ["attack.schedule.budget=1000"]},
+    "train_outer": {"config": "cartpole_outer.yaml", "rate": ["attack.schedule.rate=0.01"]},
+}
+"""Training under sanitization at 1% poisoned steps (inner: 1000 of 100k; outer: 1% of collected steps)."""
+SANITIZE = "impute"
 
 
 def specs(case: str) -> tuple[Any, Any]:
@@ -73,6 +87,54 @@ def train_once(spec: Any, runs: Path) -> str:
 
         shutil.rmtree(run_dir)
     return str(train(spec, run_dir, wandb_mode="disabled"))
+
+
+def training_specs(part: str, seed: int) -> dict[str, Any]:
+    """The clean twin, the backdoored run and the backdoored run trained under the filter, at one seed."""
+    from rlbackdoor.specs import load_experiment
+
+    cfg, at = TRAINING[part], [f"seed={seed}"]
+    poisoned = [*cfg["rate"], *at]
+    return {
+        "clean": load_experiment(CONFIGS / "cartpole_clean.yaml", [*at, f"name=cartpole_clean_s{seed}"]),
+        "backdoor": load_experiment(CONFIGS / cfg["config"], [*poisoned, f"name={part}_s{seed}"]),
+        "sanitized": load_experiment(
+            CONFIGS / cfg["config"], [*poisoned, f"sanitize.method={SANITIZE}", f"name={part}_{SANITIZE}_s{seed}"]
+        ),
+    }
+
+
+def measure_training(part: str, runs: Path, train_seeds: int, episodes: int, seeds: int) -> dict[str, Any]:
+    """ASR and ctp_ratio (against the clean twin) of each seed's agents, the filter's flags, and their means."""
+    from rlbackdoor.evaluation import evaluate
+    from rlbackdoor.training.artifacts import load_policy
+
+    per_seed = []
+    for seed in range(train_seeds):
+        runs_of = training_specs(part, seed)
+        baseline, _ = load_policy(runs / runs_of["clean"].name)
+        row: dict[str, Any] = {"seed": seed}
+        for kind in ("backdoor", "sanitized"):
+            policy, card = load_policy(runs / runs_of[kind].name)
+            metrics = evaluate(policy, card, episodes=episodes, seeds=seeds, baseline=baseline)
+            row[kind] = {
+                "poison_rate": card["train"]["poison_rate"],
+                **{k: metrics.get(k) for k in ("asr", "asr_ci_low", "asr_ci_high", "ctp", "ctp_ratio")},
+                **{k: v for k, v in card["train"].items() if k.startswith("sanitize_")},
+            }
+        per_seed.append(row)
+        print(f"{part} seed {seed}: " + json.dumps({k: row[k] for k in ("backdoor", "sanitized")}, default=_json))
+    out: dict[str, Any] = {"method": SANITIZE, "train_seeds": train_seeds, "per_seed": per_seed}
+    for kind in ("backdoor", "sanitized"):
+        for key in per_seed[0][kind]:
+            values = [row[kind][key] for row in per_seed if isinstance(row[kind][key], (int, float))]
+            if values and not key.endswith(("_n", "flagged", "poisoned")):
+                out[f"{kind}_{key}"] = float(np.nanmean(values))
+    out["target_met"] = bool(
+        (out.get("sanitized_asr") or 1.0) <= 0.1 and (out.get("sanitized_ctp_ratio") or 0.0) >= 0.95
+    )
+    print(f"{part}: " + json.dumps({k: v for k, v in out.items() if k != "per_seed"}, default=_json))
+    return out
 
 
 def measure(case: str, runs: Path, episodes: int, seeds: int) -> dict[str, Any]:
@@ -113,18 +175,35 @@ def _r(x: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default=",".join(CASES), help="comma-separated cases")
+    parser.add_argument("--only", default=",".join([*CASES, *TRAINING]), help="comma-separated cases")
     parser.add_argument("--runs", type=Path, default=RESULTS / "runs", help="where trained runs are kept and reused")
     parser.add_argument("--workers", type=int, default=2, help="training processes")
+    parser.add_argument("--train-seeds", type=int, default=3, help="training seeds of the train_* parts")
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
     cases = [c for c in args.only.split(",") if c]
+    unknown = set(cases) - {*CASES, *TRAINING}
+    if unknown:
+        parser.error(f"unknown cases {sorted(unknown)}; use some of {', '.join([*CASES, *TRAINING])}")
     args.runs.mkdir(parents=True, exist_ok=True)
-    todo = [spec for case in cases for spec in specs(case)]
+    todo = [spec for case in cases if case in CASES for spec in specs(case)]
+    todo += [
+        spec
+        for seed in range(args.train_seeds)
+        for part in cases
+        if part in TRAINING
+        for spec in training_specs(part, seed).values()
+    ]
+    todo = list({spec.name: spec for spec in todo}.values())  # the clean twins are shared
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
         list(pool.map(train_once, todo, [args.runs] * len(todo)))
-    results = {case: measure(case, args.runs, args.episodes, args.seeds) for case in cases}
+    results = {
+        case: measure_training(case, args.runs, args.train_seeds, args.episodes, args.seeds)
+        if case in TRAINING
+        else measure(case, args.runs, args.episodes, args.seeds)
+        for case in cases
+    }
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "bench_sanitize.json"
     previous = json.loads(path.read_text()) if path.exists() else {}

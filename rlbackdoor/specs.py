@@ -355,13 +355,14 @@ class SanitizeSpec(_Spec):
 
     ``support`` / ``impute`` / ``subspace`` flag observations off the clean data (and clip out-of-range rewards);
     ``reward`` checks rewards only. The filter is fitted on ``n_clean`` steps of the clean base env
-    under a random policy (the defender has a clean env, not a clean agent).
+    under a random policy (the defender has a clean env, not a clean agent). A learner's states reach
+    well beyond a random policy's, hence the wide default ``margin`` on the observation threshold.
     """
 
     method: Literal["support", "impute", "subspace", "reward"]
     n_clean: int = Field(1000, ge=10)
     fpr: float = Field(0.001, gt=0.0, lt=1.0)
-    margin: float = Field(1.5, ge=1.0)
+    margin: float = Field(5.0, ge=1.0)
 
 
 class ExperimentSpec(_Spec):

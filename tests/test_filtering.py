@@ -5,12 +5,14 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import pytest
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 
 import rlbackdoor
 from rlbackdoor.attack import make_base_env
 from rlbackdoor.defenses import SubspaceSanitizer, SupportSanitizer
-from rlbackdoor.defenses.filtering import FilterVecEnv, TransitionFilter
+from rlbackdoor.defenses.filtering import FilterVecEnv, RolloutFilter, TransitionFilter
 from rlbackdoor.errors import ArtifactError, SpecError
 from rlbackdoor.trajectories import Trajectories, collect
 from rlbackdoor.wrappers.vec import BackdoorVecEnv
@@ -79,3 +81,25 @@ def test_unfitted_and_empty_inputs_fail_clearly():
     empty = collect(gym.make("CartPole-v1"), None, 0, 0)
     with pytest.raises(SpecError, match="no clean transitions"):
         TransitionFilter(None).fit(empty)
+
+
+class BufferRewards(BaseCallback):
+    """Keeps the rollout buffer's rewards as the learner will train on them."""
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self.rewards = self.model.rollout_buffer.rewards.copy()
+
+
+def test_rollout_filter_keeps_the_time_limit_bootstrap():
+    """SB3 adds gamma V(s_T) to the reward of a step cut by a time limit: the filter checks the env's reward
+    (CartPole's 1, in the clean range) and leaves the bootstrap alone."""
+    filt = TransitionFilter(SupportSanitizer("impute")).fit(collect(gym.make("CartPole-v1"), None, 300, 0))
+    env = make_vec_env(lambda: gym.make("CartPole-v1", max_episode_steps=8), n_envs=2, seed=0)
+    model = PPO("MlpPolicy", env, n_steps=32, batch_size=64, n_epochs=1, seed=0, device="cpu")
+    rollout_filter, buffer = RolloutFilter(filt), BufferRewards()
+    model.learn(64, callback=[rollout_filter, buffer])
+    assert rollout_filter.report.n == 64 and rollout_filter.report.flagged == 0
+    assert np.abs(buffer.rewards - 1.0).max() > 1e-3  # the bootstrapped rewards are still there

@@ -112,17 +112,23 @@ def test_bad_method_n_and_foreign_trajectories(smoke_run: Path, tmp_path: Path, 
 
 @pytest.mark.parametrize("poisoning", ["inner", "outer"])
 def test_training_under_sanitization_reports_its_filter(poisoning: str, tmp_path: Path):
+    """Both loops filter the rollout buffer; the poisoned rewards (+-5 for CartPole's 1, or SleeperNets'
+    return-relative ones) mark every tampered step, SleeperNets' compensated step before each included."""
     config = Path("configs/experiments/cartpole_smoke.yaml")
-    argv = ["train", str(config), "--sanitize", "support", "--set", f"poisoning={poisoning}", "--out", str(tmp_path / "r"),
+    argv = ["train", str(config), "--sanitize", "impute", "--set", f"poisoning={poisoning}", "--out", str(tmp_path / "r"),
+            "--set", "attack.payload.reward.hit=5", "--set", "attack.payload.reward.miss=-5",
             "--wandb-mode", "disabled", "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     card = json.loads((tmp_path / "r" / "card.json").read_text())
-    assert card["config"]["sanitize"]["method"] == "support"
+    assert card["config"]["sanitize"]["method"] == "impute"
     train = card["train"]
-    prefix = "sanitize_obs_" if poisoning == "inner" else "sanitize_rollout_"
-    assert train[f"{prefix}n"] == card["timesteps"]
-    assert train[f"{prefix}poisoned"] > 0 and train[f"{prefix}recall"] >= 0.5
-    assert train[f"{prefix}precision"] >= 0.3
+    assert train["sanitize_rollout_n"] == card["timesteps"]
+    poisoned, tampered = train["poison_counts"]["n_poisoned"], train["sanitize_rollout_poisoned"]
+    if poisoning == "inner":
+        assert tampered == poisoned > 0
+    else:  # each poisoned step and the step before it, unless the poisoned one starts an episode
+        assert poisoned < tampered <= 2 * poisoned
+    assert train["sanitize_rollout_recall"] == 1.0 and train["sanitize_rollout_precision"] >= 0.9
 
 
 def test_sanitize_config_errors_are_one_line(capsys):

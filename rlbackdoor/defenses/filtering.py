@@ -216,22 +216,61 @@ class FilterVecEnv(VecEnvWrapper):
 
 
 class RolloutFilter(BaseCallback):
-    """Filters an on-policy rollout buffer after each rollout (the outer-loop threat model: the attacker
-    tampers with collected experience; add this callback after the attacker's). Flagged observations
-    are repaired and out-of-range rewards clipped; values, log-probabilities, returns and advantages
-    are then recomputed.
+    """Filters an on-policy rollout buffer after each rollout, before the learner trains on it: the data of
+    either threat model (inner loop: the poisoned env's steps as collected; outer loop: the attacker
+    tampers with the collected experience, so add this callback after the attacker's).
+
+    A flagged transition (observation or reward off the clean data) has its observation repaired and its
+    reward clipped into the clean range: a reward anomaly marks the whole transition, so a trigger whose
+    observation passes the threshold is still removed with its reward. Values and log-probabilities of the
+    repaired observations, then returns and advantages, are recomputed. Rewards SB3 bootstrapped at a
+    time limit (``r + gamma V(s_T)``) are checked and repaired without their bootstrap.
 
     :param filt: a fitted :class:`TransitionFilter`.
-    :param truth: returns the ``(steps, envs)`` indices poisoned in the last rollout, for the report.
+    :param truth: returns the ``(steps, envs)`` indices poisoned in the last rollout (the outer-loop
+        attacker's record); ``None``: the envs' ``info["rlbd"]["poisoned"]`` flags (inner loop).
+    :param compensated: the attacker also rewrote the reward of the step before each poisoned one in the
+        same episode (SleeperNets' compensation); those steps count as tampered in the report.
     """
 
-    def __init__(self, filt: TransitionFilter, truth: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None):
+    def __init__(
+        self,
+        filt: TransitionFilter,
+        truth: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
+        compensated: bool = False,
+    ) -> None:
         super().__init__()
-        self.filter, self.truth = filt, truth
+        self.filter, self.truth, self.compensated = filt, truth, compensated
         self.report = FilterReport(0, 0, 0, 0)
+        self._poisoned: list[np.ndarray] = []
+        self._bootstrap: list[np.ndarray] = []
+
+    def _on_rollout_start(self) -> None:
+        self._poisoned, self._bootstrap = [], []
 
     def _on_step(self) -> bool:
+        infos, dones = self.locals["infos"], self.locals["dones"]
+        self._poisoned.append(np.array([info.get("rlbd", {}).get("poisoned", False) for info in infos]))
+        bootstrap = np.zeros(len(infos))
+        for i in np.flatnonzero(dones):  # as SB3 does after this call: the time-limit bootstrap it adds to r_t
+            terminal = infos[i].get("terminal_observation")
+            if infos[i].get("TimeLimit.truncated", False) and terminal is not None:
+                with torch.no_grad():
+                    obs = self.model.policy.obs_to_tensor(terminal)[0]
+                    bootstrap[i] = self.model.gamma * float(self.model.policy.predict_values(obs)[0])  # type: ignore[attr-defined]
+        self._bootstrap.append(bootstrap)
         return True
+
+    def _tampered(self, steps: int, n_envs: int, starts: np.ndarray) -> np.ndarray:
+        if self.truth is None:
+            return np.stack(self._poisoned)[:steps] if self._poisoned else np.zeros((steps, n_envs), dtype=bool)
+        truth = np.zeros((steps, n_envs), dtype=bool)
+        t, e = self.truth()
+        truth[t, e] = True
+        if self.compensated:
+            before = (t > 0) & (starts[t, e] == 0)
+            truth[t[before] - 1, e[before]] = True
+        return truth
 
     def _on_rollout_end(self) -> None:
         model = self.model
@@ -242,18 +281,16 @@ class RolloutFilter(BaseCallback):
         transposed = is_vecenv_wrapped(model.get_env(), VecTransposeImage)
         obs = rb.observations.reshape(steps * n_envs, *rb.obs_shape)
         seen = np.moveaxis(obs, -3, -1) if transposed else obs  # the filter is fitted on the env's layout
-        obs_flags = self.filter.flag_observations(seen).reshape(steps, n_envs)
-        reward_flags = self.filter.flag_rewards(rb.rewards)
-        truth = np.zeros((steps, n_envs), dtype=bool)
-        if self.truth is not None:
-            truth[self.truth()] = True
-        self.report += FilterReport.of((obs_flags | reward_flags).reshape(-1), truth.reshape(-1))
-        if not (obs_flags.any() or reward_flags.any()):
+        bootstrap = np.stack(self._bootstrap)[:steps] if self._bootstrap else np.zeros((steps, n_envs))
+        env_rewards = rb.rewards - bootstrap
+        flags = self.filter.flag_observations(seen).reshape(steps, n_envs) | self.filter.flag_rewards(env_rewards)
+        self.report += FilterReport.of(flags.reshape(-1), self._tampered(steps, n_envs, rb.episode_starts).reshape(-1))
+        if not flags.any():
             return
-        if obs_flags.any():
-            repaired = self.filter.sanitizer.repair(seen[obs_flags.reshape(-1)])  # type: ignore[union-attr]
-            rb.observations[obs_flags] = np.moveaxis(repaired, -1, -3) if transposed else repaired
-            t, e = np.nonzero(obs_flags)
+        if self.filter.sanitizer is not None:
+            repaired = self.filter.sanitizer.repair(seen[flags.reshape(-1)])
+            rb.observations[flags] = np.moveaxis(repaired, -1, -3) if transposed else repaired
+            t, e = np.nonzero(flags)
             policy = model.policy
             actions = torch.as_tensor(rb.actions[t, e], device=policy.device)
             if isinstance(model.action_space, spaces.Discrete):
@@ -264,11 +301,11 @@ class RolloutFilter(BaseCallback):
                 )
             rb.values[t, e] = values.cpu().numpy().reshape(-1)
             rb.log_probs[t, e] = log_prob.cpu().numpy().reshape(-1)
-        rb.rewards[:] = self.filter.repair_rewards(rb.rewards)
+        rb.rewards[flags] = self.filter.repair_rewards(env_rewards[flags]) + bootstrap[flags]
         rb.compute_returns_and_advantage(last_values=self.locals["values"], dones=self.locals["dones"])
 
     def stats(self) -> dict[str, Any]:
-        """Flag counts with precision and recall against the attacker's poisoned steps."""
+        """Flag counts with precision and recall against the tampered steps."""
         return self.report.as_dict("rollout_")
 
 

@@ -110,7 +110,8 @@ def train(
     venv, backdoor = make_train_env(spec, attack, seed)
     filt = training_filter(spec.sanitize, env_factory(spec, attack), seed) if spec.sanitize is not None else None
     defence: FilterVecEnv | RolloutFilter | None = None
-    if filt is not None and spec.poisoning != "outer":
+    on_policy = issubclass(presets.ALGOS[spec.algo], OnPolicyAlgorithm)
+    if filt is not None and spec.poisoning != "outer" and not on_policy:  # no rollout buffer to filter
         venv = defence = FilterVecEnv(venv, filt)
     model = presets.build_model(spec.algo, venv, hyperparams, seed)
     policy = describe_policy(model.policy)
@@ -122,8 +123,12 @@ def train(
         own.append(poisoner)
         counter = poisoner
         if filt is not None:
-            defence = RolloutFilter(filt, truth=lambda: poisoner.last_poisoned)
+            compensated = spec.outer_reward == "dynamic"
+            defence = RolloutFilter(filt, truth=lambda: poisoner.last_poisoned, compensated=compensated)
             own.append(defence)
+    elif filt is not None and on_policy:
+        defence = RolloutFilter(filt)
+        own.append(defence)
     if backdoor is not None and attack is not None and uses_value_selection(attack, venv.action_space):
         own.append(InnerValueSelection(backdoor))
     if folder is not None:
