@@ -21,10 +21,12 @@ ZOOS = "zoos"
 
 
 def init_worker() -> None:
-    """Per-process setup of a worker: one torch thread (the cells of a bench run side by side)."""
+    """Per-process setup of a worker: one torch, BLAS and OpenMP thread (the cells of a bench run side by side)."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(1)
+    threadpool_limits(1)
 
 
 def artifact(root: Path, name: str, experiment: dict[str, Any]) -> Path:

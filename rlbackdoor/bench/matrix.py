@@ -145,7 +145,7 @@ def load_bench(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
 def _env_base(entry: str, root: Path, source: str) -> tuple[str, dict[str, Any]]:
     """The label and experiment fields of one ``envs`` entry (a registered id or an experiment YAML)."""
     from rlbackdoor.multiagent.registry import is_multiagent, list_parallel_envs
-    from rlbackdoor.registry import env_specs, registered_attack
+    from rlbackdoor.registry import env_specs
 
     if entry.endswith((".yaml", ".yml")):
         path = Path(entry) if Path(entry).is_file() else root / entry
@@ -161,13 +161,18 @@ def _env_base(entry: str, root: Path, source: str) -> tuple[str, dict[str, Any]]
         raise SpecError(
             f"{source}: envs: unknown env '{entry}'; use a registered id ({known}) or an experiment config YAML"
         )
-    attack = registered_attack(env_id).model_dump(mode="json")
-    return env_id, {"env": attack["base"], "attack": attack}
+    return env_id, {"env": env_id}
 
 
 def _with_rate(fields: dict[str, Any], rate: float | None, where: str) -> dict[str, Any]:
+    """``fields`` with the attack's schedule set to ``rate`` (a registered id becomes its inline attack)."""
+    from rlbackdoor.registry import registered_attack
+
     if rate is None:
         return fields
+    if "attack" not in fields and str(fields.get("env", "")).startswith("rlbd/"):
+        attack = registered_attack(fields["env"]).model_dump(mode="json")
+        fields = {**fields, "env": attack["base"], "attack": attack}
     attack = fields.get("attack")
     if not isinstance(attack, dict):
         raise SpecError(f"{where}: poison_rates need an attack block to set the rate of; drop poison_rates")
@@ -268,7 +273,13 @@ def _check_attack(attack: dict[str, Any], where: str) -> None:
 
 
 def _rate_of(experiment: dict[str, Any]) -> float | None:
-    schedule = (experiment.get("attack") or {}).get("schedule") or {}
+    """The poison rate an experiment's attack schedule sets (budget / horizon for a budget schedule)."""
+    from rlbackdoor.registry import env_specs
+
+    attack = experiment.get("attack")
+    if attack is None and experiment["env"] in env_specs():
+        attack = env_specs()[experiment["env"]].model_dump(mode="json")
+    schedule = (attack or {}).get("schedule") or {}
     if schedule.get("kind") == "rate":
         return float(schedule["rate"])
     if schedule.get("kind") == "budget":
