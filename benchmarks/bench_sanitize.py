@@ -35,7 +35,12 @@ CASES: dict[str, dict[str, Any]] = {
         "env": "rlbd/TrojanCartPole-v1",
         "timesteps": 100_000,
         "hyperparams": {"learning_rate": 0.001, "clip_range": 0.2, "ent_coef": 0.01},
-        "methods": {"impute": [10, 20, 50, 100, 200], "support": [10, 50, 200], "subspace": [8, 50]},
+        "methods": {
+            "track": [10, 20, 50],
+            "impute": [10, 20, 50, 100, 200],
+            "support": [10, 50, 200],
+            "subspace": [8, 50],
+        },
     },
     "acrobot": {"env": "rlbd/TrojanAcrobot-v0", "timesteps": 100_000, "methods": {"support": [14, 25, 50, 100, 200]}},
     "lavagap": {

@@ -11,7 +11,9 @@ import pytest
 
 import rlbackdoor
 from rlbackdoor.cli import main
-from rlbackdoor.defenses.sanitize import sanitize_agent
+from rlbackdoor.defenses.sanitize import sanitize_agent, tracked_metrics
+from rlbackdoor.defenses.support import TrackingPolicy
+from rlbackdoor.errors import SpecError
 from rlbackdoor.specs import ExperimentSpec
 from rlbackdoor.trajectories import Trajectories, collect
 
@@ -43,6 +45,16 @@ def test_support_sanitizer_removes_a_value_backdoor_and_keeps_the_task():
     assert result["ctp_after_ci_low"] <= result["ctp_after"] <= result["ctp_after_ci_high"]
     assert [p["n_clean"] for p in result["curve"]] == [10, 50, 200]
     assert all(p["asr_after"] <= 0.05 for p in result["curve"])  # the target, from n = 10 on
+
+
+def test_tracking_restores_the_overwritten_feature_from_the_dynamics():
+    """The trigger overwrites the angular velocity, which the last observation and action predict: the
+    tracked agent acts as on the true state, where a single-observation repair can only guess."""
+    result = sanitize_agent(Backdoored(), CARD, "track", n_clean=20, episodes=3, seeds=1)
+    assert result["asr_before"] == 1.0 and result["asr_after"] <= 0.02
+    assert result["ctp_after"] >= 0.99 * result["ctp_before"]
+    with pytest.raises(SpecError, match="no attack"):
+        tracked_metrics(TrackingPolicy(Backdoored(), None, None), {"env": "CartPole-v1", "attack": None})
 
 
 def test_subspace_cannot_help_on_full_rank_observations():

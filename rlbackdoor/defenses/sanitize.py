@@ -12,20 +12,28 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 
+from rlbackdoor.attack import Attack
 from rlbackdoor.defenses.base import SanitizedPolicy, Sanitizer
 from rlbackdoor.defenses.subspace import SubspaceSanitizer
-from rlbackdoor.defenses.support import SupportSanitizer
+from rlbackdoor.defenses.support import SupportSanitizer, TrackingPolicy, TransitionModel
 from rlbackdoor.errors import SpecError
 from rlbackdoor.evaluation import evaluate
 from rlbackdoor.evaluation.envs import run_env
+from rlbackdoor.evaluation.metrics import ctp_ratio
+from rlbackdoor.evaluation.rollouts import RandomPolicy, episode_seeds, rollout
+from rlbackdoor.evaluation.stats import estimate, ratio
+from rlbackdoor.specs import TargetedPayload
 from rlbackdoor.trajectories import collect
 
 METHODS: dict[str, str] = {
     "subspace": "safe-subspace projection onto the clean span (Bharti et al.); for rank-deficient observations",
     "support": "out-of-support features clipped into the clean box + Mahalanobis shrinkage; low-dim full-rank obs",
     "impute": "out-of-support features replaced by their clean conditional mean + shrinkage; low-dim full-rank obs",
+    "track": "impute, but off-support features predicted from the last observation and action (linear clean "
+    "dynamics); stateful, discrete actions",
 }
 CLEAN_SEED = 10_000
 """Seed of the defender's clean rollouts (apart from the evaluation seeds)."""
@@ -39,25 +47,97 @@ def make_sanitizer(method: str, dim: int | None = None) -> Sanitizer:
     """
     if method == "subspace":
         return SubspaceSanitizer(dim=dim)
-    if method in ("support", "impute"):
+    if method in ("support", "impute", "track"):
         if dim is not None:
             raise SpecError("sanitize: --dim applies to the subspace method only; drop it")
         return SupportSanitizer(repair="clip" if method == "support" else "impute")
     raise SpecError(f"sanitize: unknown method '{method}'; use one of {', '.join(METHODS)}")
 
 
-def clean_observations(
+def clean_transitions(
     policy: Any, card: Mapping[str, Any], n: int, seed: int = CLEAN_SEED, min_steps: int = 2000
-) -> np.ndarray:
-    """``n`` observations drawn uniformly from the agent's own rollouts on its run's clean env.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` transitions ``(s, a, s', has_next)`` drawn uniformly from the agent's own rollouts on its run's
+    clean env (an episode's last step has no successor: ``has_next`` is ``False`` and ``s'`` is ``s``).
 
     The rollouts run for at least ``min_steps`` steps so that the sample spans several episodes.
     """
     if n < 2:
         raise SpecError(f"sanitize: n_clean={n} is too small; use at least 2 (typically 2x the observation size)")
     steps = max(n, min_steps)
-    observations = collect(run_env(card).make(), policy, steps, seed).observations
-    return observations[np.random.default_rng(seed).permutation(steps)[:n]]
+    data = collect(run_env(card).make(), policy, steps + 1, seed)
+    pick = np.random.default_rng(seed).permutation(steps)[:n]
+    has_next = ~data.dones[pick].astype(bool)
+    return data.observations[pick], data.actions[pick], data.observations[np.where(has_next, pick + 1, pick)], has_next
+
+
+def clean_observations(
+    policy: Any, card: Mapping[str, Any], n: int, seed: int = CLEAN_SEED, min_steps: int = 2000
+) -> np.ndarray:
+    """The observations of :func:`clean_transitions`."""
+    return clean_transitions(policy, card, n, seed, min_steps)[0]
+
+
+def tracked_metrics(
+    tracker: TrackingPolicy,
+    card: Mapping[str, Any],
+    baseline: Any = None,
+    episodes: int = 10,
+    seeds: int | Sequence[int] = 3,
+    rate: float = 0.1,
+) -> dict[str, Any]:
+    """``asr``, ``ctp`` and ``ctp_ratio`` of an agent behind a stateful :class:`TrackingPolicy`, with the
+    evaluation's definitions and episode seeds.
+
+    CTP: episodes played on the tracker's observations. ASR: in episodes where the agent executes its
+    own action on the true state, each step carries the trigger with probability ``rate``; over those
+    whose clean action misses the target, the share whose action through the tracker hits it.
+    """
+    seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    env, resets, groups = run_env(card), episode_seeds(seeds, episodes), np.repeat(seeds, episodes)
+    if env.attack is None:
+        raise SpecError("sanitize: the run has no attack to measure; use a backdoored run")
+    game = env.make()
+    attack = Attack.for_env(env.attack, game)
+    if attack.obs_trigger is None or not isinstance(env.attack.payload, TargetedPayload):
+        raise SpecError("sanitize: track measures targeted observation triggers; use another method")
+    rng = np.random.default_rng(CLEAN_SEED)
+    returns, flips, eligible = np.zeros(len(resets)), np.zeros(len(resets)), np.zeros(len(resets))
+    for i, reset in enumerate(resets):
+        for attacked in (False, True):
+            obs, _ = game.reset(seed=int(reset))
+            tracker.reset()
+            done = False
+            while not done:
+                triggered = attacked and rng.random() < rate
+                seen = tracker.sanitize(attack.obs_trigger.apply(obs[None])[0] if triggered else obs)
+                action = tracker.policy.predict(seen[None], deterministic=True)[0][0]
+                if attacked:
+                    own = tracker.policy.predict(obs[None], deterministic=True)[0][0] if triggered else action
+                    if triggered and not attack.payload.hits(np.asarray([own]))[0]:
+                        eligible[i] += 1
+                        flips[i] += bool(attack.payload.hits(np.asarray([action]))[0])
+                    action = own
+                tracker.observe(seen, action)
+                obs, reward, terminated, truncated, _ = game.step(action)
+                returns[i] += 0.0 if attacked else float(reward)
+                done = terminated or truncated
+    out = {**estimate("ctp", [returns], groups), **estimate("asr", [flips, eligible], groups, ratio)}
+    if baseline is not None:
+        base = rollout(baseline, env.make, resets).returns
+        random = rollout(RandomPolicy(game.action_space, CLEAN_SEED), env.make, resets).returns
+        out.update(estimate("ctp_ratio", [returns, base, random], groups, ctp_ratio))
+    game.close()
+    return out
+
+
+def _n_actions(card: Mapping[str, Any]) -> int:
+    env = run_env(card).make()
+    space = env.action_space
+    env.close()
+    if not isinstance(space, gym.spaces.Discrete):
+        raise SpecError(f"sanitize: track models discrete actions, the run's env has {space}; use impute")
+    return int(space.n)
 
 
 _KEYS = ("asr", "ctp", "ctp_ratio")
@@ -96,13 +176,20 @@ def sanitize_agent(
     :param curve: other values of n to report ``asr_after`` and ``ctp_after`` for.
     """
     sizes = sorted({*curve, n_clean})
-    pool = clean_observations(policy, card, max(sizes))  # a random order: each prefix is a uniform sample
+    pool = clean_transitions(policy, card, max(sizes))  # a random order: each prefix is a uniform sample
     before = evaluate(policy, card, episodes=episodes, seeds=seeds, baseline=baseline)
     out: dict[str, Any] = {"method": method, **_pick(before, "before")}
     points = []
     for n in sizes:
-        sanitizer = make_sanitizer(method, dim).fit(pool[:n])
-        after = evaluate(SanitizedPolicy(policy, sanitizer), card, episodes=episodes, seeds=seeds, baseline=baseline)
+        sanitizer = make_sanitizer(method, dim).fit(pool[0][:n])
+        if method == "track":
+            obs, actions, next_obs, has_next = (part[:n] for part in pool)
+            model = TransitionModel(_n_actions(card)).fit(obs[has_next], actions[has_next], next_obs[has_next])
+            after = tracked_metrics(TrackingPolicy(policy, sanitizer, model), card, baseline, episodes, seeds)
+        else:
+            after = evaluate(
+                SanitizedPolicy(policy, sanitizer), card, episodes=episodes, seeds=seeds, baseline=baseline
+            )
         point = {"n_clean": n, **sanitizer.params(), **_pick(after, "after")}
         points.append(point)
         if n == n_clean:

@@ -68,8 +68,14 @@ class SupportSanitizer(Sanitizer):
         self.precision = np.linalg.pinv(self.cov)
         self.threshold = float(self._score(clean).max() * self.margin + 1e-9)
 
+    def _outside(self, obs: np.ndarray) -> np.ndarray:
+        return (obs < self.outer_low) | (obs > self.outer_high)
+
+    def _far(self, obs: np.ndarray) -> np.ndarray:
+        return self._outside(obs).any(axis=1) | (self._score(obs) > self.threshold)
+
     def _transform(self, obs: np.ndarray) -> np.ndarray:
-        far = ((obs < self.outer_low) | (obs > self.outer_high)).any(axis=1) | (self._score(obs) > self.threshold)
+        far = self._far(obs)
         if not far.any():
             return obs
         out = obs.copy()
@@ -78,7 +84,7 @@ class SupportSanitizer(Sanitizer):
 
     def _repair(self, obs: np.ndarray) -> np.ndarray:
         out = obs.copy()
-        outside = (obs < self.outer_low) | (obs > self.outer_high)
+        outside = self._outside(obs)
         patterns, which = np.unique(outside, axis=0, return_inverse=True)
         for k, bad in enumerate(patterns):
             if not bad.any():
@@ -107,3 +113,74 @@ class SupportSanitizer(Sanitizer):
 
     def params(self) -> dict[str, Any]:
         return {"threshold": self.threshold, "features": len(self.mean)}
+
+
+class TransitionModel:
+    """Linear one-step model of the clean dynamics, ``s' = [s, onehot(a), 1] W`` (least squares), discrete actions.
+
+    :param n_actions: size of the discrete action space.
+    """
+
+    def __init__(self, n_actions: int) -> None:
+        self.n_actions = n_actions
+        self.weights = np.empty((0, 0))
+
+    def _design(self, obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        onehot = np.eye(self.n_actions)[np.asarray(actions, dtype=np.int64).reshape(-1)]
+        return np.hstack([obs.reshape(len(obs), -1), onehot, np.ones((len(obs), 1))])
+
+    def fit(self, obs: np.ndarray, actions: np.ndarray, next_obs: np.ndarray) -> TransitionModel:
+        """Fit on clean transitions ``(s, a, s')``."""
+        if len(obs) < 2:
+            raise SpecError(f"sanitizer: {len(obs)} clean transitions are too few for a dynamics model; use more")
+        design = self._design(np.asarray(obs, np.float64), actions)
+        self.weights = np.linalg.lstsq(design, next_obs.reshape(len(obs), -1).astype(np.float64), rcond=None)[0]
+        return self
+
+    def predict(self, obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """Predicted next observations (flat rows)."""
+        return self._design(np.asarray(obs, np.float64), actions) @ self.weights
+
+
+class TrackingPolicy:
+    """Run-time repair with memory, one episode at a time: an observation off the clean support has its
+    off-box features replaced by their one-step prediction from the previous observation the agent acted
+    on and the action taken (a :class:`TransitionModel` of clean transitions); the first observation of
+    an episode, or one off the support in none of its features, gets the support sanitizer's repair.
+    Where a trigger overwrites a feature the dynamics determine (a cart's position follows from the last
+    position and velocity), this restores the true value, which no single-observation repair can.
+
+    Call :meth:`reset` at each episode start and :meth:`observe` after each executed action.
+
+    :param policy: the agent (SB3 ``predict``).
+    :param sanitizer: a fitted support sanitizer (detects, and repairs where there is no prediction).
+    :param model: a fitted transition model.
+    """
+
+    def __init__(self, policy: Any, sanitizer: SupportSanitizer, model: TransitionModel) -> None:
+        self.policy, self.sanitizer, self.model = policy, sanitizer, model
+        self.previous: tuple[np.ndarray, Any] | None = None
+
+    def reset(self) -> None:
+        """Forget the episode."""
+        self.previous = None
+
+    def sanitize(self, obs: np.ndarray) -> np.ndarray:
+        """The observation the agent acts on."""
+        flat = self.sanitizer._flat(np.asarray(obs)[None])
+        if not self.sanitizer._far(flat)[0]:
+            return np.asarray(obs)
+        outside = self.sanitizer._outside(flat)[0]
+        if self.previous is None or not outside.any():
+            return self.sanitizer.repair(np.asarray(obs)[None])[0]
+        predicted = self.model.predict(self.previous[0].reshape(1, -1), np.asarray([self.previous[1]]))[0]
+        flat[0, outside] = predicted[outside]
+        return flat.reshape(np.shape(obs)).astype(np.asarray(obs).dtype)
+
+    def observe(self, acted_on: np.ndarray, action: Any) -> None:
+        """Remember the observation the agent acted on and the action executed."""
+        self.previous = (np.asarray(acted_on, dtype=np.float64), action)
+
+    def predict(self, obs: np.ndarray) -> Any:
+        """The agent's deterministic action on one sanitized observation."""
+        return self.policy.predict(self.sanitize(obs)[None], deterministic=True)[0][0]
