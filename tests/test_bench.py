@@ -105,6 +105,8 @@ def test_rates_of_a_budget_schedule_from_an_experiment_config(tmp_path: Path) ->
         ("poison_rates=[0]", "poison_rates [0.0] must lie in (0, 1]"),
         ("poisoning=[sideways]", "poisoning.0: Input should be 'inner' or 'outer'"),
         ("algo=null", "env rlbd/TrojanCartPole-v1: algo: Field required (fix: add this field)"),
+        ("seeds=[0, 0]", "seeds: seeds lists 0 twice; name each once"),
+        ("defenses.detectors=[probe, probe]", "detectors lists probe twice"),
         ("envs=[rlbd/TrojanRPS-v0]", "is multi-agent; poison_rates, sanitizers and detectors apply to single-agent"),
     ],
 )

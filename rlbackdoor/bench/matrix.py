@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from rlbackdoor.errors import SpecError
 from rlbackdoor.specs import ExperimentSpec, _Spec, apply_overrides, parse, read_yaml
@@ -53,6 +53,13 @@ class DefenseSettings(_Spec):
     sanitizers: list[str] = Field(default_factory=list)
     detectors: list[str] = Field(default_factory=list)
     n_clean: int = Field(256, ge=16, description="clean observations each defense is fitted on")
+
+    @field_validator("sanitizers", "detectors")
+    @classmethod
+    def _unique(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"{info.field_name} lists {next(x for x in v if v.count(x) > 1)} twice; name each once")
+        return v
 
     @field_validator("sanitizers")
     @classmethod
@@ -89,6 +96,14 @@ class BenchSpec(_Spec):
     seeds: int | list[int] = 2
     eval: EvalSettings = EvalSettings()
     defenses: DefenseSettings = DefenseSettings()
+
+    @field_validator("envs", "poisoning", "poison_rates", "seeds")
+    @classmethod
+    def _unique(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, list) and len(set(v)) != len(v):
+            twice = next(x for x in v if v.count(x) > 1)
+            raise ValueError(f"{info.field_name} lists {twice} twice; name each once")
+        return v
 
     @field_validator("poison_rates")
     @classmethod
