@@ -7,8 +7,8 @@ Parts (``--only a,b``; all by default):
 - ``cartpole_outer``  ``configs/experiments/cartpole_outer.yaml`` (outer loop, SleeperNets dynamic rewards),
   3 seeds: ASR >= 0.95 and ctp_ratio >= 0.95 at a poison rate <= 0.1%.
 - ``lavagap_inner``, ``lavagap_outer``  ``configs/experiments/lavagap_*.yaml`` (MiniGrid patch trigger, inner loop
-  with static rewards, outer loop with dynamic ones), ``--lavagap-seeds`` (1) seeds: ASR >= 0.9 and
-  ctp_ratio >= 0.9 at a poison rate <= 1%.
+  with static rewards, outer loop with dynamic ones), 3 seeds: ASR >= 0.9 and ctp_ratio >= 0.9 at a poison
+  rate <= 1%.
 - ``throughput``      PPO on CartPole, clean vs inner- and outer-loop poisoned, alternating in one process:
   median poisoned / clean training steps per CPU second >= 0.95.
 
@@ -17,7 +17,10 @@ is also scored for ASR (``clean_asr``: what the trigger does to an agent that ne
 Metrics are :func:`rlbackdoor.evaluation.evaluate.evaluate_run`'s; ``ctp_ratio`` there is
 ``(CTP - R_random) / (CTP_clean - R_random)``, ``ctp_ratio_plain`` is ``CTP / CTP_clean``. A part's
 verdict takes the mean ASR over seeds and the ctp_ratio of CTPs pooled over seeds (a seed whose clean
-twin happened to fail does not inflate it), at the largest training poison rate of its seeds. Finished runs
+twin happened to fail does not inflate it), at the largest training poison rate of its seeds, and needs every
+clean twin healthy: above random by at least ``HEALTHY`` of the best clean twin's margin (a clean twin that
+failed, e.g. a deterministic LavaGap policy looping on one of the three layouts, would hide the same failure
+in its poisoned run). Finished runs
 under ``benchmarks/results/runs/`` are reused (``--fresh`` retrains). Results merge into
 ``benchmarks/results/bench_attacks.json`` part by part.
 
@@ -58,6 +61,8 @@ QUALITY = {
     "lavagap_inner": {"config": "lavagap_inner", "asr": 0.9, "ctp_ratio": 0.9, "max_poison_rate": 0.01},
     "lavagap_outer": {"config": "lavagap_outer", "asr": 0.9, "ctp_ratio": 0.9, "max_poison_rate": 0.01},
 }
+HEALTHY = 0.9
+"""A clean twin is healthy when its CTP above random is at least this fraction of the best seed's."""
 THROUGHPUT_TARGET = 0.95
 PARTS = (*QUALITY, "throughput")
 
@@ -139,6 +144,9 @@ def quality(part: str, seeds: list[int], quick: bool, fresh: bool, episodes: int
             }
         )
         print(f"  {part} seed {seed}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in rows[-1].items() if k != "seed"))
+    best = max(r["baseline_ctp"] - r["random_return"] for r in rows)
+    for r in rows:
+        r["baseline_healthy"] = bool(r["baseline_ctp"] - r["random_return"] >= HEALTHY * best)
     ctp, base_ctp, rand = (np.mean([r[k] for r in rows]) for k in ("ctp", "baseline_ctp", "random_return"))
     summary = {
         "asr": float(np.mean([r["asr"] for r in rows])),
@@ -148,9 +156,10 @@ def quality(part: str, seeds: list[int], quick: bool, fresh: bool, episodes: int
         "ctp_ratio_plain": float(ctp / base_ctp),
         "ctp_ratio_per_seed_mean": float(np.mean([r["ctp_ratio"] for r in rows])),
         "poison_rate_max": max(r["poison_rate"] for r in rows),
+        "unhealthy_baselines": [r["seed"] for r in rows if not r["baseline_healthy"]],
     }
     met = summary["asr"] >= target["asr"] and summary["ctp_ratio"] >= target["ctp_ratio"]
-    met = met and summary["poison_rate_max"] <= target["max_poison_rate"]
+    met = met and summary["poison_rate_max"] <= target["max_poison_rate"] and not summary["unhealthy_baselines"]
     return {
         "config": base.model_dump(mode="json"),
         "targets": {k: v for k, v in target.items() if k not in ("config", "seeds")},
@@ -205,10 +214,7 @@ def _fmt(value: Any) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {', '.join(PARTS)}")
-    parser.add_argument(
-        "--seeds", type=int, default=3, help="seeds per CartPole part (LavaGap: 1 unless --lavagap-seeds)"
-    )
-    parser.add_argument("--lavagap-seeds", type=int, default=1)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per quality part")
     parser.add_argument("--episodes", type=int, default=10, help="evaluation episodes per evaluation seed (3 seeds)")
     parser.add_argument(
         "--quick", action="store_true", help="a tenth of the steps, 1 seed: a smoke run, targets not judged"
@@ -237,10 +243,8 @@ def main() -> None:
         if part == "throughput":
             out = throughput(2 if args.quick else args.repeats, args.steps // 10 if args.quick else args.steps)
         else:
-            n = args.lavagap_seeds if part.startswith("lavagap") else args.seeds
-            out = quality(
-                part, list(range(1 if args.quick else n)), args.quick, args.fresh, 3 if args.quick else args.episodes
-            )
+            seeds = list(range(1 if args.quick else args.seeds))
+            out = quality(part, seeds, args.quick, args.fresh, 3 if args.quick else args.episodes)
         out["quick"], out["seconds"] = args.quick, round(time.monotonic() - start, 1)
         results["parts"][part] = out
         RESULTS.mkdir(parents=True, exist_ok=True)
