@@ -206,7 +206,9 @@ class Attack(PoisonCounts):
         if self._idle and self._silent is not None and self._silent[row]:
             self.armed = self._none  # nothing running and nothing can fire: no work
             return obs
-        free = live & (self.left == 0) & (self.inject < 0)  # no trigger running: a firing here is never lost
+        free = live & (self.left == 0)  # no trigger running: a firing here is never lost
+        if self.sequence is not None:
+            free &= self.inject < 0
         fire = self._schedule.fire(self.t, starts, free, self._draws[row, :, 0], obs)
         if self.sequence is not None:
             self.inject[fire] = 0

@@ -82,6 +82,8 @@ class Targeted(Payload):
         return np.where(poisoned, np.where(self.hits(actions), self.hit_reward, self.miss_reward), rewards)
 
     def force(self, actions: np.ndarray, triggered: np.ndarray, u: np.ndarray) -> np.ndarray:
+        if not self.force_action_prob:
+            return actions
         forced = triggered & (u < self.force_action_prob)
         if not forced.any():
             return actions
