@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 from wandb_offline import offline_runs
 
+from rlbackdoor.bench.cells import run_cell
 from rlbackdoor.bench.matrix import expand, load_bench
 from rlbackdoor.bench.runner import read_results
 from rlbackdoor.cli import main
@@ -178,6 +180,12 @@ def test_bench_killed_midway_resumes_without_recomputing(
     assert 0.0 <= poisoned["metrics"]["asr_raw"] <= 1.0 and poisoned["metrics"]["ctp_ratio"] is not None
     detect = next(r for r in records.values() if r["kind"] == "detect")
     assert 0.0 <= detect["metrics"]["auroc"] <= 1.0 and len(detect["metrics"]["scores"]) == 2
+
+    # a cell's result does not depend on what its worker ran before (the sanitizer's clean rollouts sample actions)
+    sanitized = next(c for c in json.loads((out / "bench.json").read_text())["cells"] if c["kind"] == "sanitize")
+    torch.rand(7)
+    again = run_cell(sanitized, str(out))
+    assert again["status"] == "ok" and again["metrics"] == records[sanitized["id"]]["metrics"]
 
     rows = list(csv.DictReader((out / "results.csv").open()))
     metrics = {(r["kind"], r["poisoning"], r["metric"]): r for r in rows}

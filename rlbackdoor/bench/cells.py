@@ -105,12 +105,30 @@ def _detect(root: Path, cell_id: str, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def seed_globals(cell_id: str) -> None:
+    """Seed Python's, numpy's and torch's global generators from the cell id.
+
+    Library code that draws from them (SB3's stochastic ``predict`` in the defender's clean rollouts)
+    then gives a cell the same result whichever cells its worker ran before.
+    """
+    import random
+
+    import numpy as np
+    import torch
+
+    seed = int(cell_id, 16) % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def run_cell(cell: dict[str, Any], root: str) -> dict[str, Any]:
     """Run one cell (a :class:`~rlbackdoor.bench.matrix.Cell` as a dict) under the bench folder ``root``.
 
     :return: ``status`` (``ok`` or ``failed``), ``metrics`` or ``error``, and when and where it ran.
     """
     init_worker()
+    seed_globals(cell["id"])
     start, wall = datetime.now(timezone.utc), time.monotonic()
     path, kind, config = Path(root), cell["kind"], cell["config"]
     out: dict[str, Any] = {"started": start.isoformat(timespec="seconds"), "host": socket.gethostname()}

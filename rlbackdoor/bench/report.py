@@ -211,7 +211,11 @@ def plot_sanitizers(rows: list[dict[str, Any]], path: Path) -> Path | None:
                 err[0].append(0.0 if not r or r["ci_low"] is None else value - r["ci_low"])
                 err[1].append(0.0 if not r or r["ci_high"] is None else r["ci_high"] - value)
             ax.bar(x + offset, y, width=0.4, yerr=err, capsize=3, label=f"ASR {when}")
-        ax.set_xticks(x, [f"{p}\n{rate:g}" if rate is not None else p for _, p, rate in keys], fontsize=8)
+        several = len({env for env, _, _ in keys}) > 1
+        names = [
+            (f"{env}\n" if several else "") + (f"{p}\n{rate:g}" if rate is not None else p) for env, p, rate in keys
+        ]
+        ax.set_xticks(x, names, fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("ASR")
         ax.set_title(f"sanitizer {method}")
