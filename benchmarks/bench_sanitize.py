@@ -42,7 +42,11 @@ CASES: dict[str, dict[str, Any]] = {
             "subspace": [8, 50],
         },
     },
-    "acrobot": {"env": "rlbd/TrojanAcrobot-v0", "timesteps": 100_000, "methods": {"support": [14, 25, 50, 100, 200]}},
+    "acrobot": {
+        "env": "rlbd/TrojanAcrobot-v0",
+        "timesteps": 100_000,
+        "methods": {"support": [14, 50, 200], "impute": [14, 50, 200], "track": [50, 200]},
+    },
     "lavagap": {
         "env": "rlbd/TrojanLavaGap-v0",
         "timesteps": 200_000,
@@ -51,7 +55,7 @@ CASES: dict[str, dict[str, Any]] = {
     "acrobot_indist": {
         "env": "rlbd/TrojanAcrobotInDist-v0",
         "timesteps": 100_000,
-        "methods": {"support": [50, 200, 1000], "subspace": [200]},
+        "methods": {"support": [50, 200, 1000], "impute": [200], "subspace": [200]},
     },
 }
 

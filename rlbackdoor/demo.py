@@ -67,9 +67,9 @@ def run(timesteps: int, out: Path, episodes: int, seeds: int, n_clean: int, wand
         "clean agent": evaluate(clean_policy, card, episodes, seeds, baseline=clean_policy, card=clean_card),
         "backdoored agent": evaluate(policy, card, episodes, seeds, baseline=clean_policy),
     }
-    console.print(f"sanitizing the backdoored agent (impute sanitizer, {n_clean} clean observations) ...")
-    defended = sanitize_agent(policy, card, "impute", n_clean, baseline=clean_policy, episodes=episodes, seeds=seeds)
-    rows["backdoored + impute sanitizer"] = {
+    console.print(f"sanitizing the backdoored agent (track sanitizer, {n_clean} clean transitions) ...")
+    defended = sanitize_agent(policy, card, "track", n_clean, baseline=clean_policy, episodes=episodes, seeds=seeds)
+    rows["backdoored + track sanitizer"] = {
         key.replace("_after", ""): value for key, value in defended.items() if "_after" in key
     } | {"poison_rate": rows["backdoored agent"].get("poison_rate")}
     results = {"runs": {"clean": str(clean_dir), "backdoored": str(backdoor_dir)}, "rows": rows}

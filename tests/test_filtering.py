@@ -84,13 +84,31 @@ def test_unfitted_and_empty_inputs_fail_clearly():
 
 
 class BufferRewards(BaseCallback):
-    """Keeps the rollout buffer's rewards as the learner will train on them."""
+    """Keeps the rollout buffer's rewards, advantages and returns as the learner will train on them."""
 
     def _on_step(self) -> bool:
         return True
 
     def _on_rollout_end(self) -> None:
-        self.rewards = self.model.rollout_buffer.rewards.copy()
+        rb = self.model.rollout_buffer
+        self.rewards, self.advantages, self.returns = rb.rewards.copy(), rb.advantages.copy(), rb.returns.copy()
+        self.values = rb.values.copy()
+
+
+@pytest.mark.parametrize("mode", ["drop", "repair"])
+def test_rollout_filter_drops_or_repairs_the_poisoned_steps(mode: str):
+    """Inner loop: the env's ``poisoned`` flags are the truth; a -1 reward (CartPole pays 1) marks the step."""
+    spec = rlbackdoor.get_env_spec("rlbd/TrojanCartPole-v0")
+    filt = TransitionFilter(SupportSanitizer("impute")).fit(collect(make_base_env(spec), None, 300, 0, spec.base))
+    env = BackdoorVecEnv(make_vec_env(lambda: make_base_env(spec), n_envs=4, seed=0), spec, 0)
+    model = PPO("MlpPolicy", env, n_steps=256, batch_size=256, n_epochs=1, seed=0, device="cpu")
+    rollout_filter, buffer = RolloutFilter(filt, mode=mode), BufferRewards()
+    model.learn(1024, callback=[rollout_filter, buffer])
+    report = rollout_filter.report
+    assert report.poisoned > 0 and report.recall >= 0.5 and report.precision == 1.0
+    assert buffer.rewards.min() >= filt.reward_low  # every reward back in the clean range
+    dropped = (buffer.advantages == 0) & (buffer.returns == buffer.values)  # out of the loss; one rollout here
+    assert dropped.sum() == (report.flagged if mode == "drop" else 0)
 
 
 def test_rollout_filter_keeps_the_time_limit_bootstrap():
@@ -99,7 +117,7 @@ def test_rollout_filter_keeps_the_time_limit_bootstrap():
     filt = TransitionFilter(SupportSanitizer("impute")).fit(collect(gym.make("CartPole-v1"), None, 300, 0))
     env = make_vec_env(lambda: gym.make("CartPole-v1", max_episode_steps=8), n_envs=2, seed=0)
     model = PPO("MlpPolicy", env, n_steps=32, batch_size=64, n_epochs=1, seed=0, device="cpu")
-    rollout_filter, buffer = RolloutFilter(filt), BufferRewards()
+    rollout_filter, buffer = RolloutFilter(filt, mode="repair"), BufferRewards()
     model.learn(64, callback=[rollout_filter, buffer])
     assert rollout_filter.report.n == 64 and rollout_filter.report.flagged == 0
     assert np.abs(buffer.rewards - 1.0).max() > 1e-3  # the bootstrapped rewards are still there

@@ -231,6 +231,11 @@ class RolloutFilter(BaseCallback):
         attacker's record); ``None``: the envs' ``info["rlbd"]["poisoned"]`` flags (inner loop).
     :param compensated: the attacker also rewrote the reward of the step before each poisoned one in the
         same episode (SleeperNets' compensation); those steps count as tampered in the report.
+    :param mode: ``drop`` takes the flagged transitions out of the loss (advantage 0, value target = value),
+        keeping the repair only for their neighbours' bootstraps; ``repair`` trains on them. A repaired
+        observation is a guess (CartPole's imputed cart position), and PPO learned from those guesses:
+        with ``repair`` 2 of 3 CartPole agents under a fully caught 1% outer-loop attack still pushed left
+        at x = 4 (a flipped position feedback), with ``drop`` none did (``bench_sanitize.py``).
     """
 
     def __init__(
@@ -238,9 +243,12 @@ class RolloutFilter(BaseCallback):
         filt: TransitionFilter,
         truth: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
         compensated: bool = False,
+        mode: str = "drop",
     ) -> None:
         super().__init__()
-        self.filter, self.truth, self.compensated = filt, truth, compensated
+        if mode not in ("drop", "repair"):
+            raise SpecError(f"filter: mode '{mode}' is unknown; use drop or repair")
+        self.filter, self.truth, self.compensated, self.mode = filt, truth, compensated, mode
         self.report = FilterReport(0, 0, 0, 0)
         self._poisoned: list[np.ndarray] = []
         self._bootstrap: list[np.ndarray] = []
@@ -303,6 +311,9 @@ class RolloutFilter(BaseCallback):
             rb.log_probs[t, e] = log_prob.cpu().numpy().reshape(-1)
         rb.rewards[flags] = self.filter.repair_rewards(env_rewards[flags]) + bootstrap[flags]
         rb.compute_returns_and_advantage(last_values=self.locals["values"], dones=self.locals["dones"])
+        if self.mode == "drop":
+            rb.advantages[flags] = 0.0
+            rb.returns[flags] = rb.values[flags]
 
     def stats(self) -> dict[str, Any]:
         """Flag counts with precision and recall against the tampered steps."""

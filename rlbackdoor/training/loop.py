@@ -124,10 +124,10 @@ def train(
         counter = poisoner
         if filt is not None:
             compensated = spec.outer_reward == "dynamic"
-            defence = RolloutFilter(filt, truth=lambda: poisoner.last_poisoned, compensated=compensated)
+            defence = RolloutFilter(filt, lambda: poisoner.last_poisoned, compensated, spec.sanitize.mode)
             own.append(defence)
     elif filt is not None and on_policy:
-        defence = RolloutFilter(filt)
+        defence = RolloutFilter(filt, mode=spec.sanitize.mode)
         own.append(defence)
     if backdoor is not None and attack is not None and uses_value_selection(attack, venv.action_space):
         own.append(InnerValueSelection(backdoor))
