@@ -36,7 +36,7 @@ CASES: dict[str, dict[str, Any]] = {
         "timesteps": 100_000,
         "hyperparams": {"learning_rate": 0.001, "clip_range": 0.2, "ent_coef": 0.01},
         "methods": {
-            "track": [10, 20, 50],
+            "track": [10, 20, 50, 200],
             "impute": [10, 20, 50, 100, 200],
             "support": [10, 50, 200],
             "subspace": [8, 50],
@@ -45,6 +45,7 @@ CASES: dict[str, dict[str, Any]] = {
     "acrobot": {
         "env": "rlbd/TrojanAcrobot-v0",
         "timesteps": 100_000,
+        "reward": {"hit": 10.0, "miss": -10.0},  # the registered +-1 leaves no backdoor in 100k steps (ASR 0.005)
         "methods": {"support": [14, 50, 200], "impute": [14, 50, 200], "track": [50, 200]},
     },
     "lavagap": {
@@ -55,6 +56,7 @@ CASES: dict[str, dict[str, Any]] = {
     "acrobot_indist": {
         "env": "rlbd/TrojanAcrobotInDist-v0",
         "timesteps": 100_000,
+        "reward": {"hit": 10.0, "miss": -10.0},
         "methods": {"support": [50, 200, 1000], "impute": [200], "subspace": [200]},
     },
 }
@@ -76,8 +78,12 @@ def specs(case: str) -> tuple[Any, Any]:
     cfg = CASES[case]
     common = {"algo": "ppo", "timesteps": cfg["timesteps"], "n_envs": 8, "seed": 0, "poisoning": "inner"}
     common["hyperparams"] = cfg.get("hyperparams", {})
-    backdoor = ExperimentSpec(name=f"{case}_backdoor", env=cfg["env"], **common)
     attack = get_env_spec(cfg["env"]).model_dump(mode="json", exclude={"id", "description"})
+    if "reward" in cfg:  # the registered attack with a stronger payload, inline
+        attack["payload"]["reward"] = cfg["reward"]
+        backdoor = ExperimentSpec(name=f"{case}_backdoor", env=attack["base"], attack=attack, **common)
+    else:
+        backdoor = ExperimentSpec(name=f"{case}_backdoor", env=cfg["env"], **common)
     attack["schedule"] = {"kind": "rate", "rate": 0.0}
     clean = ExperimentSpec(name=f"{case}_clean", env=attack["base"], attack=attack, **common)
     return backdoor, clean
@@ -137,7 +143,7 @@ def measure_training(part: str, runs: Path, train_seeds: int, episodes: int, see
     for kind in ("backdoor", "sanitized"):
         for key in per_seed[0][kind]:
             values = [row[kind][key] for row in per_seed if isinstance(row[kind][key], (int, float))]
-            if values and not key.endswith(("_n", "flagged", "poisoned")):
+            if values and "_ci_" not in key and not key.endswith(("_n", "flagged", "poisoned")):
                 out[f"{kind}_{key}"] = float(np.nanmean(values))
     out["target_met"] = bool(
         (out.get("sanitized_asr") or 1.0) <= 0.1 and (out.get("sanitized_ctp_ratio") or 0.0) >= 0.95
@@ -155,6 +161,7 @@ def measure(case: str, runs: Path, episodes: int, seeds: int) -> dict[str, Any]:
     policy, card = load_policy(runs / backdoor.name)
     baseline, _ = load_policy(runs / clean.name)
     out: dict[str, Any] = {"env": CASES[case]["env"], "poison_rate": card["train"]["poison_rate"], "methods": {}}
+    out["payload_reward"] = card["attack"]["payload"]["reward"]
     for method, sizes in CASES[case]["methods"].items():
         t0 = time.monotonic()
         result = sanitize_agent(policy, card, method, max(sizes), None, baseline, episodes, seeds, sizes)
