@@ -6,7 +6,8 @@ included, the report excluded). The speedup of a backend is (1-worker seconds) /
 the target is >= 1.7 on a 2-core machine. Wall time is what parallelism buys, so other jobs on a shared
 machine depress the figure: the load average before and after each run is recorded next to it, and
 ``concurrency`` (the cells' summed wall seconds / the run's) shows how many cells the backend kept
-running at once, whatever each of them was slowed by. The
+running at once, whatever each of them was slowed by; training CPU seconds against training wall seconds
+show whether the cells were slowed by a lack of free cores (wall grows, CPU does not). The
 cells' results are checked to be identical across the four runs (same seeds, same numbers).
 Writes ``benchmarks/results/bench_scale.json``.
 
@@ -53,6 +54,12 @@ def run(config: Path, overrides: list[str], backend: str, workers: int) -> dict[
         "cell_seconds_sum": round(sum(cell_seconds), 2),
         "cell_seconds_min": round(min(cell_seconds), 2),
         "concurrency": round(sum(cell_seconds) / seconds, 2),
+        "train_cpu_seconds_sum": round(
+            sum((r.get("metrics", {}).get("train") or {}).get("cpu_seconds") or 0.0 for r in records.values()), 2
+        ),
+        "train_seconds_sum": round(
+            sum((r.get("metrics", {}).get("train") or {}).get("seconds") or 0.0 for r in records.values()), 2
+        ),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "metrics": {cid: {k: r.get("metrics", {}).get(k) for k in _SCALARS} for cid, r in sorted(records.items())},
@@ -77,7 +84,8 @@ def main() -> None:
             print(
                 f"{backend:<5} workers={workers}: {result['seconds']:.1f} s "
                 f"({result['cells']['computed']} cells, {result['cell_seconds_sum']:.0f} cell-seconds, "
-                f"{result['concurrency']:.2f} cells at a time; "
+                f"{result['concurrency']:.2f} cells at a time; training {result['train_seconds_sum']:.0f} s wall, "
+                f"{result['train_cpu_seconds_sum']:.0f} s CPU; "
                 f"load {result['loadavg_before'][0]:.1f} -> {result['loadavg_after'][0]:.1f})",
                 flush=True,
             )
