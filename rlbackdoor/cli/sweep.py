@@ -11,7 +11,7 @@ import typer
 def sweep(
     path: Path = typer.Argument(..., help="a W&B sweep file (see configs/sweeps/)"),
     count: int | None = typer.Option(None, min=1, help="at most N runs (random sweeps need it, or run_cap)"),
-    out: Path | None = typer.Option(None, help="folder for runs.jsonl and run logs [default: sweeps/<name>]"),
+    out: Path | None = typer.Option(None, help="folder for runs.jsonl and run logs [default: runs/sweeps/<name>]"),
     seed: int = typer.Option(0, min=0, help="seeds the random draws"),
     workers: int = typer.Option(1, min=1, help="runs at a time"),
     backend: str = typer.Option("local", help="local (process pool) | ray"),
@@ -20,7 +20,7 @@ def sweep(
     """Expand SWEEP's parameters and run its command once per point, each run logged offline in the sweep's group."""
     from rlbackdoor.bench.sweep import Sweep, run_sweep
 
-    target = out or Path("sweeps") / Sweep(path).name
+    target = out or Path("runs") / "sweeps" / Sweep(path).name
 
     def progress(record: dict[str, Any]) -> None:
         status = "ok" if record.get("returncode") == 0 else f"failed (exit {record.get('returncode')})"
