@@ -139,7 +139,8 @@ def measure_training(part: str, runs: Path, train_seeds: int, episodes: int, see
             }
         per_seed.append(row)
         print(f"{part} seed {seed}: " + json.dumps({k: row[k] for k in ("backdoor", "sanitized")}, default=_json))
-    out: dict[str, Any] = {"method": SANITIZE, "train_seeds": train_seeds, "per_seed": per_seed}
+    mode = training_specs(part, 0)["sanitized"].sanitize.mode
+    out: dict[str, Any] = {"method": SANITIZE, "mode": mode, "train_seeds": train_seeds, "per_seed": per_seed}
     for kind in ("backdoor", "sanitized"):
         for key in per_seed[0][kind]:
             values = [row[kind][key] for row in per_seed if isinstance(row[kind][key], (int, float))]

@@ -357,14 +357,14 @@ class SanitizeSpec(_Spec):
     ``reward`` checks rewards only. The filter is fitted on ``n_clean`` steps of the clean base env
     under a random policy (the defender has a clean env, not a clean agent). A learner's states reach
     well beyond a random policy's, hence the wide default ``margin`` on the observation threshold.
-    ``mode``: flagged transitions are repaired, then ``drop``-ped from the loss or trained on (``repair``).
+    ``mode``: flagged transitions are repaired and trained on (``repair``) or dropped from the loss (``drop``).
     """
 
     method: Literal["support", "impute", "subspace", "reward"]
     n_clean: int = Field(1000, ge=10)
     fpr: float = Field(0.001, gt=0.0, lt=1.0)
     margin: float = Field(5.0, ge=1.0)
-    mode: Literal["drop", "repair"] = "drop"
+    mode: Literal["repair", "drop"] = "repair"
 
 
 class ExperimentSpec(_Spec):

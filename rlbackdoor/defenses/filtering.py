@@ -231,11 +231,10 @@ class RolloutFilter(BaseCallback):
         attacker's record); ``None``: the envs' ``info["rlbd"]["poisoned"]`` flags (inner loop).
     :param compensated: the attacker also rewrote the reward of the step before each poisoned one in the
         same episode (SleeperNets' compensation); those steps count as tampered in the report.
-    :param mode: ``drop`` takes the flagged transitions out of the loss (advantage 0, value target = value),
-        keeping the repair only for their neighbours' bootstraps; ``repair`` trains on them. A repaired
-        observation is a guess (CartPole's imputed cart position), and PPO learned from those guesses:
-        with ``repair`` 2 of 3 CartPole agents under a fully caught 1% outer-loop attack still pushed left
-        at x = 4 (a flipped position feedback), with ``drop`` none did (``bench_sanitize.py``).
+    :param mode: ``repair`` trains on the repaired transitions; ``drop`` takes them out of the loss
+        (advantage 0, value target = value), keeping the repair only for their neighbours' bootstraps.
+        On CartPole at 1% poisoning (``bench_sanitize.py``) drop did not lower the resulting ASR and
+        lost more of the clean task, so repair is the default.
     """
 
     def __init__(
@@ -243,7 +242,7 @@ class RolloutFilter(BaseCallback):
         filt: TransitionFilter,
         truth: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
         compensated: bool = False,
-        mode: str = "drop",
+        mode: str = "repair",
     ) -> None:
         super().__init__()
         if mode not in ("drop", "repair"):
