@@ -429,13 +429,16 @@ def test_cli_train_with_set_and_sweep_style_overrides(tmp_path: Path, capsys: py
         "--no-progress",
         "--set",
         "timesteps=512",
-        "--hyperparams.n_steps=32",
-        "--seed=3",
+        "--hyperparams.n_steps=32",  # ${args}
+        "seed=3",  # ${args_no_hyphens}
+        "--hyperparams.n_epochs",  # ${args_no_equals}
+        "2",
     ]
     assert main(argv) == 0
     assert capsys.readouterr().out.strip() == str(out)
     card = read_card(out)
-    assert card["seed"] == 3 and card["hyperparams"]["n_steps"] == 32 and card["timesteps"] == 512
+    assert card["seed"] == 3 and card["timesteps"] == 512
+    assert card["hyperparams"]["n_steps"] == 32 and card["hyperparams"]["n_epochs"] == 2
 
 
 @pytest.mark.parametrize(
@@ -449,6 +452,8 @@ def test_cli_train_with_set_and_sweep_style_overrides(tmp_path: Path, capsys: py
         (["--set", "env=NoSuchEnv-v0", "--set", "poisoning=null", "--set", "attack=null"], "NoSuchEnv"),
         (["--resume", "{tmp}"], "no checkpoint"),
         (["stray"], "unexpected argument"),
+        (["--seed"], "unexpected argument '--seed'"),
+        (["-x=1"], "unexpected argument '-x=1'"),
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(

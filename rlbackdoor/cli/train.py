@@ -1,7 +1,8 @@
 """``rlbd train CONFIG.yaml``: train one experiment (clean, inner- or outer-loop poisoned) into a run directory.
 
-Overrides come as ``--set a.b=value`` (repeatable) or as ``--a.b=value``, the form ``wandb agent``
-passes, so a W&B sweep can run ``rlbd train CONFIG.yaml ${args}``. Values are parsed as YAML.
+Overrides come as ``--set a.b=value`` (repeatable) or in any form ``wandb agent`` passes (``--a.b=value``,
+``a.b=value``, ``--a.b value``), so a W&B sweep can run ``rlbd train CONFIG.yaml ${args}`` (or the
+``${args_no_hyphens}`` / ``${args_no_equals}`` macros). Values are parsed as YAML.
 """
 
 from __future__ import annotations
@@ -24,11 +25,22 @@ class WandbMode(str, Enum):
 
 
 def sweep_overrides(args: list[str]) -> list[str]:
-    """The ``--a.b=value`` arguments left over by the option parser, as ``a.b=value`` overrides."""
-    bad = [a for a in args if not (a.startswith("--") and "=" in a)]
-    if bad:
-        raise SpecError(f"unexpected argument '{bad[0]}'; write overrides as --set key.path=value or --key.path=value")
-    return [a.removeprefix("--") for a in args]
+    """The arguments left over by the option parser, as ``a.b=value`` overrides.
+
+    Accepts the three forms ``wandb agent`` builds: ``--a.b=value`` (``${args}``), ``a.b=value``
+    (``${args_no_hyphens}``) and ``--a.b value`` (``${args_no_equals}``).
+    """
+    out, rest = [], iter(args)
+    for arg in rest:
+        if "=" in arg and (arg.startswith("--") or not arg.startswith("-")):
+            out.append(arg.removeprefix("--"))
+        elif arg.startswith("--") and len(arg) > 2 and (value := next(rest, None)) is not None:
+            out.append(f"{arg[2:]}={value}")
+        else:
+            raise SpecError(
+                f"unexpected argument '{arg}'; write overrides as --set key.path=value, --key.path=value or key.path=value"
+            )
+    return out
 
 
 def train(
