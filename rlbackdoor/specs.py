@@ -372,7 +372,7 @@ class ExperimentSpec(_Spec):
 
     .. code-block:: yaml
 
-        name: cartpole_outer          # run name: W&B group, default run dir runs/<name>/<timestamp>
+        name: cartpole_outer          # run name: W&B group, default run dir runs/<name>/<timestamp>-<pid>
         env: CartPole-v1              # a Gymnasium id, or a registered rlbd/<Name>-v0 (its attack)
         attack:                       # inline attack on env (base defaults to env); omit for rlbd/ ids
           trigger: {kind: value, indices: [3], values: [2.5]}

@@ -47,7 +47,7 @@ def train(
     ctx: typer.Context,
     config: Path = typer.Argument(..., help="experiment YAML (see configs/experiments/)"),
     set_: list[str] = typer.Option([], "--set", help="override key.path=value (repeatable)"),
-    out: Path | None = typer.Option(None, help="run directory [default: runs/<name>/<timestamp>]"),
+    out: Path | None = typer.Option(None, help="run directory [default: runs/<name>/<timestamp>-<pid>]"),
     resume: Path | None = typer.Option(None, help="continue this interrupted run directory"),
     wandb_mode: WandbMode | None = typer.Option(None, help="W&B mode [default: WANDB_MODE, else online iff logged in]"),
     wandb_project: str = typer.Option("rlbackdoor", help="W&B project"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -34,8 +35,8 @@ LOG_EVERY = 1000
 
 
 def default_run_dir(name: str, root: Path = Path("runs")) -> Path:
-    """``runs/<name>/<timestamp>``, with a numeric suffix when that directory exists."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    """``runs/<name>/<timestamp>-<pid>`` (runs started in parallel never share one), suffixed when it exists."""
+    stamp = f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     candidate, n = root / name / stamp, 1
     while candidate.exists():
         candidate, n = root / name / f"{stamp}-{n}", n + 1
@@ -82,7 +83,7 @@ def train(
     train the remaining steps.
 
     :param spec: the experiment.
-    :param out: the run directory (must be empty or absent); default ``runs/<name>/<timestamp>``.
+    :param out: the run directory (must be empty or absent); default ``runs/<name>/<timestamp>-<pid>``.
     :param resume: an interrupted run directory of the same experiment to continue (``out`` is ignored).
     :param wandb_mode: ``online``, ``offline`` or ``disabled``; ``None``: see :mod:`rlbackdoor.tracking`.
     :param wandb_project: the W&B project.
