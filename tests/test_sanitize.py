@@ -8,10 +8,11 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 
 import rlbackdoor
 from rlbackdoor.cli import main
-from rlbackdoor.defenses.sanitize import sanitize_agent, tracked_metrics
+from rlbackdoor.defenses.sanitize import clean_observations, sanitize_agent, tracked_metrics
 from rlbackdoor.defenses.support import TrackingPolicy
 from rlbackdoor.errors import SpecError
 from rlbackdoor.specs import ExperimentSpec
@@ -55,6 +56,14 @@ def test_tracking_restores_the_overwritten_feature_from_the_dynamics():
     assert result["ctp_after"] >= 0.99 * result["ctp_before"]
     with pytest.raises(SpecError, match="no attack"):
         tracked_metrics(TrackingPolicy(Backdoored(), None, None), {"env": "CartPole-v1", "attack": None})
+
+
+def test_clean_rollouts_of_a_sampling_agent_are_reproducible(smoke_run: Path):
+    policy, card = rlbackdoor.load_policy(smoke_run)
+    first = clean_observations(policy, card, 50, min_steps=200)
+    torch.rand(1)  # whatever else draws from torch in between
+    np.testing.assert_array_equal(first, clean_observations(policy, card, 50, min_steps=200))
+    assert not np.array_equal(first, clean_observations(policy, card, 50, seed=1, min_steps=200))
 
 
 def test_subspace_cannot_help_on_full_rank_observations():
