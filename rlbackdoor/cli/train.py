@@ -54,7 +54,7 @@ def train(
     checkpoint_every: int = typer.Option(10_000, min=0, help="steps between checkpoints (0: none)"),
     progress: bool = typer.Option(True, help="show a progress bar on stderr"),
     sanitize: str | None = typer.Option(
-        None, help="train under trajectory sanitization: support | subspace | reward (sets sanitize.method)"
+        None, help="train under trajectory sanitization: support | impute | subspace | reward (sets sanitize.method)"
     ),
 ) -> None:
     """Train an agent as CONFIG describes; print the run directory."""
