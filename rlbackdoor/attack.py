@@ -203,7 +203,11 @@ class Attack(PoisonCounts):
     def _decide(self, obs: np.ndarray, starts: np.ndarray, live: np.ndarray) -> np.ndarray:
         """Choose which ``live`` envs' next observation is triggered; stamp it; return the observations."""
         row = self._row()
-        if self._idle and self._silent is not None and self._silent[row]:
+        if self._idle and (
+            self._silent[row]
+            if self._silent is not None
+            else self._schedule.quiet(self.n if live is self._every else int(np.count_nonzero(live)))
+        ):
             self.armed = self._none  # nothing running and nothing can fire: no work
             return obs
         free = live & (self.left == 0)  # no trigger running: a firing here is never lost
@@ -361,6 +365,8 @@ class Attack(PoisonCounts):
 
     def infos(self, flags: StepFlags) -> list[dict[str, Any]]:
         """The ``info["rlbd"]`` entry of every env of the batch (``target`` is shared: do not modify it)."""
+        if flags.poisoned is self._none and flags.triggered is self._none:
+            return self.clean_infos(flags.clean_reward.tolist())
         target = self._target
         counts = self.counts()
         rows = zip(

@@ -456,6 +456,29 @@ def test_skipped_steps_are_indistinguishable_from_worked_ones(schedule: dict[str
     assert 0 < fast_vec["poisoned"].sum() < fast_vec["poisoned"].size
 
 
+@pytest.mark.parametrize(("budget", "horizon", "duration"), [(7, 200, 1), (40, 400, 4), (10, 10, 2)])
+def test_quiet_budget_decisions_are_exactly_the_ones_that_fire_nowhere(
+    budget: int, horizon: int, duration: int
+) -> None:
+    data = _spec_data({"kind": "budget", "budget": budget, "horizon": horizon, "duration": duration})
+    firing, quiet = (build_schedule(parse(AttackSpec, data, "t").schedule) for _ in range(2))
+    firing.reset(6)
+    quiet.reset(6)
+    rng = np.random.default_rng(0)
+    n_quiet = 0
+    for _ in range(150):
+        live = rng.random(6) < 0.7
+        args = (np.zeros(6, int), np.zeros(6, bool), live, rng.random(6), np.zeros((6, 4)))
+        fired = firing.fire(*args)
+        if quiet.quiet(int(live.sum())):
+            n_quiet += 1
+            assert not fired.any()
+        else:
+            np.testing.assert_array_equal(quiet.fire(*args), fired)
+            assert fired.any()
+    assert n_quiet > 50
+
+
 def test_a_replaced_schedule_applies_from_the_next_decision() -> None:
     spec = attack({"kind": "rate", "rate": 0.0})
     env = make_env(spec)

@@ -43,6 +43,11 @@ class Schedule(ABC):
         """
         return None
 
+    def quiet(self, n_live: int) -> bool:
+        """Whether the next decision, with ``n_live`` envs free to fire and whatever its draws, ``t``,
+        ``starts`` and ``obs``, fires in no env; if so the schedule has taken it (as :meth:`fire` would)."""
+        return False
+
 
 class RateScheduler(Schedule):
     """Fire with probability ``rate`` per step, or per episode at its first step.
@@ -97,6 +102,15 @@ class BudgetScheduler(Schedule):
     def reset(self, n_envs: int) -> None:
         self._seen = 0
         self._decisions = 0
+
+    def quiet(self, n_live: int) -> bool:
+        # this decision's free envs get indices seen .. seen + n_live - 1; it fires if one of them is a firing's
+        due = -(-self._seen // self.interval) * self.interval
+        if n_live and due < self._seen + n_live and due // self.interval < self.firings:
+            return False
+        self._seen += n_live
+        self._decisions += 1
+        return True
 
     def fire(self, t: np.ndarray, starts: np.ndarray, live: np.ndarray, u: np.ndarray, obs: np.ndarray) -> np.ndarray:
         # free decisions are counted from a different env on every call, so firings rotate over the envs
