@@ -117,9 +117,16 @@ def markdown(spec: BenchSpec, rows: list[dict[str, Any]], records: dict[str, Any
 
 
 def _save(fig: Any, path: Path) -> Path:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    atomic_write(path, buffer.getvalue())
+    """Lay ``fig`` out, write it to ``path`` as a PNG (atomically) and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+        atomic_write(path, buffer.getvalue())
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -159,11 +166,7 @@ def plot_rates(rows: list[dict[str, Any]], path: Path) -> Path | None:
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _save(fig, path)
 
 
 def plot_roc(detector: str, records: list[dict[str, Any]], path: Path) -> Path:
@@ -183,10 +186,7 @@ def plot_roc(detector: str, records: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("true positive rate")
     ax.set_title(f"detector {detector}: backdoored vs clean agents")
     ax.legend(fontsize=7, loc="lower right")
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _save(fig, path)
 
 
 def plot_sanitizers(rows: list[dict[str, Any]], path: Path) -> Path | None:
@@ -220,11 +220,7 @@ def plot_sanitizers(rows: list[dict[str, Any]], path: Path) -> Path | None:
         ax.set_ylabel("ASR")
         ax.set_title(f"sanitizer {method}")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _save(fig, path)
 
 
 def write_report(
