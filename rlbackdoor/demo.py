@@ -19,6 +19,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -43,14 +44,14 @@ def _fmt(metrics: dict[str, Any], key: str, digits: int = 2) -> str:
         return "-"
     low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
     text = f"{value:.{digits}f}"
-    return text + (f" [{low:.{digits}f}, {high:.{digits}f}]" if low is not None and high is not None else "")
+    return text + (f"\n[{low:.{digits}f}, {high:.{digits}f}]" if low is not None and high is not None else "")
 
 
 def run(timesteps: int, out: Path, episodes: int, seeds: int, n_clean: int, wandb_mode: str | None) -> dict[str, Any]:
     """Train, evaluate, defend; return every figure of the table."""
     from rlbackdoor.defenses.sanitize import sanitize_agent
     from rlbackdoor.evaluation import evaluate
-    from rlbackdoor.training.artifacts import load_policy
+    from rlbackdoor.training.artifacts import atomic_write, load_policy
 
     common = {"env": ENV, "algo": "ppo", "timesteps": timesteps, "n_envs": 8, "seed": 0, "hyperparams": HYPERPARAMS}
     clean_spec = ExperimentSpec(name="demo_clean", poisoning=None, **common)
@@ -73,20 +74,21 @@ def run(timesteps: int, out: Path, episodes: int, seeds: int, n_clean: int, wand
         key.replace("_after", ""): value for key, value in defended.items() if "_after" in key
     } | {"poison_rate": rows["backdoored agent"].get("poison_rate")}
     results = {"runs": {"clean": str(clean_dir), "backdoored": str(backdoor_dir)}, "rows": rows}
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    atomic_write(out / "results.json", json.dumps(results, indent=2, default=str).encode())
     return results
 
 
 def table(results: dict[str, Any]) -> Table:
     """The demo's table: CTP, ctp_ratio and ASR with 95% CIs, training poison rate."""
-    t = Table(title="CartPole-v1, PPO: clean vs backdoored (95% bootstrap CIs)")
-    for col in ("agent", "CTP", "ctp_ratio", "ASR", "poison rate"):
-        t.add_column(col, justify="left" if col == "agent" else "right")
+    t = Table(title="CartPole-v1, PPO: clean vs backdoored (95% bootstrap CIs)", box=box.SIMPLE_HEAD)
+    t.add_column("agent")  # the one column that wraps in a narrow terminal
+    for col in ("CTP", "ctp_ratio", "ASR", "poison rate"):
+        t.add_column(col, justify="right", no_wrap=True)
     for name, m in results["rows"].items():
         rate = m.get("poison_rate")
         t.add_row(
             name,
-            _fmt(m, "ctp", 1),
+            _fmt(m, "ctp", 0),
             _fmt(m, "ctp_ratio"),
             _fmt(m, "asr"),
             "-" if rate is None or name == "clean agent" else f"{100 * rate:.2f}%",
@@ -104,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb-mode", default=None, help="online | offline | disabled (default: see README)")
     args = parser.parse_args(argv)
     out = args.out or Path("runs/demo") / time.strftime("%Y%m%d-%H%M%S")
+    least = {"timesteps": 1, "episodes": 1, "seeds": 1, "n_clean": 2}  # checked before minutes of training
+    for name, low in least.items():
+        if getattr(args, name) < low:
+            option = "--" + name.replace("_", "-")
+            print(f"rlbackdoor.demo: error: {option} must be at least {low}; pass a larger value", file=sys.stderr)
+            return 2
     try:
         results = run(args.timesteps, out, args.episodes, args.seeds, args.n_clean, args.wandb_mode)
     except RlbdError as err:
