@@ -118,7 +118,8 @@ class Attack(PoisonCounts):
     :param clean: clean observations (needed by in-distribution triggers; also the stealth reference).
     """
 
-    DRAWS = 256
+    BLOCK = 16384
+    """Uniform draws per pre-drawn block (two per env and step): fewer, larger blocks cost less per step."""
 
     def __init__(
         self,
@@ -186,7 +187,7 @@ class Attack(PoisonCounts):
     def _row(self) -> int:
         """Index of the next row of two uniform draws per env (schedule, forced action) in the pre-drawn block."""
         if self._next >= len(self._draws):
-            self._draws = self.rng.random((self.DRAWS, self.n, 2))
+            self._draws = self.rng.random((max(64, self.BLOCK // (2 * self.n)), self.n, 2))
             self._silent = self._schedule.silent(self._draws[:, :, 0])
             self._next = 0
         self._next += 1
