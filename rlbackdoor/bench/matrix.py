@@ -61,24 +61,18 @@ class DefenseSettings(_Spec):
             raise ValueError(f"{info.field_name} lists {next(x for x in v if v.count(x) > 1)} twice; name each once")
         return v
 
-    @field_validator("sanitizers")
+    @field_validator("sanitizers", "detectors")
     @classmethod
-    def _sanitizers(cls, v: list[str]) -> list[str]:
+    def _known(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        from rlbackdoor.defenses.detectors import DETECTORS
         from rlbackdoor.defenses.sanitize import METHODS
 
+        known, command = {"sanitizers": (METHODS, "sanitize"), "detectors": (DETECTORS, "detect")}[info.field_name]
         for name in v:
-            if name not in METHODS:
-                raise ValueError(f"unknown sanitizer '{name}'; use one of {', '.join(METHODS)} (rlbd sanitize --list)")
-        return v
-
-    @field_validator("detectors")
-    @classmethod
-    def _detectors(cls, v: list[str]) -> list[str]:
-        from rlbackdoor.defenses.detectors import DETECTORS
-
-        for name in v:
-            if name not in DETECTORS:
-                raise ValueError(f"unknown detector '{name}'; use one of {', '.join(DETECTORS)} (rlbd detect --list)")
+            if name not in known:
+                raise ValueError(
+                    f"unknown {info.field_name[:-1]} '{name}'; use one of {', '.join(known)} (rlbd {command} --list)"
+                )
         return v
 
 
