@@ -341,7 +341,7 @@ class Attack(PoisonCounts):
 
     # ----------------------------------------------------------------------------------- reports
     def clean_info(self, reward: float) -> dict[str, Any]:
-        """The ``info["rlbd"]`` entry of one env in a skipped step (nothing poisoned, triggered or hit)."""
+        """The ``info["rlbd"]`` entry of one env in a step with nothing poisoned, triggered or hit."""
         return {
             "poisoned": False,
             "triggered": False,
