@@ -11,8 +11,10 @@ import logging
 import multiprocessing
 import os
 import socket
-from collections.abc import Callable, Iterable
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlparse
 
@@ -69,6 +71,20 @@ def check_address(address: str) -> None:
         ) from None
 
 
+@contextmanager
+def _silenced_stderr() -> Iterator[None]:
+    """Send file descriptor 2 (native libraries' logging included) to /dev/null for the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class RayBackend:
     """Ray tasks of one CPU each: on the cluster at ``address``, else on a local instance of ``workers`` CPUs.
 
@@ -89,10 +105,11 @@ class RayBackend:
             "ignore_reinit_error": True,
         }
         try:
-            if address is not None:
-                ray.init(address=address, **kwargs)
-            else:
-                ray.init(num_cpus=workers, **kwargs)
+            with _silenced_stderr():  # Ray's C++ core logs every failed connection attempt to fd 2
+                if address is not None:
+                    ray.init(address=address, **kwargs)
+                else:
+                    ray.init(num_cpus=workers, **kwargs)
         except Exception as err:
             where = f"the Ray cluster at {address}" if address else "a local Ray instance"
             message = " ".join(str(err).split())
