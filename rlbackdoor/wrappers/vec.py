@@ -53,9 +53,17 @@ class BackdoorVecEnv(VecEnvWrapper):
         if self._skipped:
             if np.count_nonzero(dones):
                 self.attack.restart(dones)
-            for info, rlbd in zip(infos, self.attack.clean_infos(rewards.tolist()), strict=True):
-                info["rlbd"] = rlbd
-            return obs, rewards.astype(np.float32, copy=False), dones, infos
+            entries = self.attack.clean_infos(rewards.tolist())
+        else:
+            obs, rewards, entries = self._poison(obs, rewards, dones, infos)
+        for info, rlbd in zip(infos, entries, strict=True):
+            info["rlbd"] = rlbd
+        return obs, rewards.astype(np.float32, copy=False), dones, infos
+
+    def _poison(
+        self, obs: np.ndarray, rewards: np.ndarray, dones: np.ndarray, infos: list[dict[str, Any]]
+    ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+        """The attack's step on the batch; stamps running triggers into ``terminal_observation``s."""
         ended = dones.nonzero()[0]
         terminal = None
         if ended.size:
@@ -68,6 +76,4 @@ class BackdoorVecEnv(VecEnvWrapper):
         if stamped is not terminal:
             for i in ended:
                 infos[i]["terminal_observation"] = stamped[i]
-        for info, rlbd in zip(infos, self.attack.infos(flags), strict=True):
-            info["rlbd"] = rlbd
-        return obs, rewards.astype(np.float32, copy=False), dones, infos
+        return obs, rewards, self.attack.infos(flags)
