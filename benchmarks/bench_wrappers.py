@@ -8,7 +8,7 @@ rotates every repetition) and a reported ratio is the median over repetitions of
 steps per second. Time is this process's CPU time, so other work on a shared machine does not count.
 For (a), a pass-through wrapper that only adds an ``info`` entry around ``gymnasium.make("CartPole-v1")``
 (which is how a registered id wraps its base) is the reference: what any wrapper costs before the attack
-does work.
+does work; for (b), a pass-through ``VecEnvWrapper`` that adds an entry to every env's ``info``.
 Writes ``benchmarks/results/bench_wrappers.json``.
 
     .venv/bin/python benchmarks/bench_wrappers.py [--repeats 9] [--steps 20000]
@@ -27,7 +27,8 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from stable_baselines3.common.vec_env import DummyVecEnv
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
 import rlbackdoor
 from rlbackdoor import BackdoorVecEnv, get_env_spec
@@ -70,6 +71,19 @@ class PassThrough(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
+class PassThroughVec(VecEnvWrapper):
+    """Adds an empty ``info["rlbd"]`` to every env: the reference cost of a ``VecEnvWrapper``."""
+
+    def reset(self) -> np.ndarray:
+        return self.venv.reset()
+
+    def step_wait(self) -> VecEnvStepReturn:
+        obs, rewards, dones, infos = self.venv.step_wait()
+        for info in infos:
+            info["rlbd"] = {}
+        return obs, rewards, dones, infos
+
+
 def _reference() -> gym.Env:
     """The pass-through wrapper where a registered id puts the ``BackdoorWrapper``."""
     return PassThrough(gym.make("CartPole-v1"))
@@ -109,7 +123,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     single_actions = rng.integers(0, 2, args.steps).tolist()
     vec_actions = rng.integers(0, 2, (args.steps // N_ENVS, N_ENVS))
     single = {"clean": gym.make("CartPole-v1"), "poisoned": gym.make(f"rlbackdoor:{ENV_ID}"), "reference": _reference()}
-    vec = {"clean": _cartpoles(), "poisoned": BackdoorVecEnv(_cartpoles(), get_env_spec(ENV_ID), seed=0)}
+    vec = {
+        "clean": _cartpoles(),
+        "poisoned": BackdoorVecEnv(_cartpoles(), get_env_spec(ENV_ID), seed=0),
+        "reference": PassThroughVec(_cartpoles()),
+    }
     results = {
         "single": compare(single, single_rate, single_actions, args.repeats),
         "vec": compare(vec, vec_rate, vec_actions, args.repeats),

@@ -178,6 +178,21 @@ class Attack(PoisonCounts):
         self._draws = np.empty((0, n_envs, 2))
         self._silent: list[bool] | None = None
         self._next = 0
+        self._recount()
+
+    def _recount(self) -> None:
+        """Refresh the template of clean ``info["rlbd"]`` entries after the counts other than ``n_steps`` changed."""
+        self._clean = {
+            "poisoned": False,
+            "triggered": False,
+            "hit": False,
+            "target": self._target,
+            "clean_reward": 0.0,
+            "n_steps": self.n_steps,
+            "n_poisoned": self.n_poisoned,
+            "n_triggered": self.n_triggered,
+            "n_hits": self.n_hits,
+        }
 
     @property
     def t(self) -> np.ndarray:
@@ -211,6 +226,8 @@ class Attack(PoisonCounts):
         ):
             self.armed = self._none  # nothing running and nothing can fire: no work
             return obs
+        if self._idle and self.obs_trigger is not None and self._schedule.max_poisoned is None:
+            return self._start(obs, starts, live, row)
         free = live & (self.left == 0)  # no trigger running: a firing here is never lost
         if self.sequence is not None:
             free &= self.inject < 0
@@ -230,6 +247,7 @@ class Attack(PoisonCounts):
             self.left[armed] -= 1
             self.armed = armed
             self.n_triggered += n_armed
+            self._recount()
             if self.obs_trigger is not None:
                 obs = self.obs_trigger.apply(obs, armed)
         self._idle = not np.count_nonzero(self.left) and (
@@ -237,12 +255,29 @@ class Attack(PoisonCounts):
         )
         return obs
 
+    def _start(self, obs: np.ndarray, starts: np.ndarray, live: np.ndarray, row: int) -> np.ndarray:
+        """:meth:`_decide` with nothing running and no cap, the common case: every live env is free and
+        the firing envs are the armed ones."""
+        armed = self._schedule.fire(self.t, starts, live, self._draws[row, :, 0], obs)
+        n_armed = int(np.count_nonzero(armed))
+        if not n_armed:
+            self.armed = self._none
+            return obs
+        if self._schedule.duration > 1:
+            self.left[armed] = self._schedule.duration - 1
+            self._idle = False
+        self.armed = armed
+        self.n_triggered += n_armed
+        self._recount()
+        return self.obs_trigger.apply(obs, armed)
+
+    def running(self, mask: np.ndarray) -> bool:
+        """Whether a trigger is still running in one of the ``mask`` envs (their final observations carry it)."""
+        return not self._idle and self.obs_trigger is not None and bool(np.count_nonzero(mask & (self.left > 0)))
+
     def _continuing(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Stamp final observations of episodes whose trigger was still running (not a decision)."""
-        if self._idle or self.obs_trigger is None:
-            return obs
-        running = mask & (self.left > 0)
-        return self.obs_trigger.apply(obs, running) if running.any() else obs
+        return self.obs_trigger.apply(obs, mask & (self.left > 0)) if self.running(mask) else obs
 
     # ----------------------------------------------------------------------------------- driving
     def skip(self) -> bool:
@@ -320,6 +355,7 @@ class Attack(PoisonCounts):
             rewards = self.payload.reward(rewards, actions, poisoned)
             self.n_poisoned += int(np.count_nonzero(poisoned))
             self.n_hits += int(np.count_nonzero(hit))
+            self._recount()
         self.n_steps += self.n
         if self.sequence is not None:
             matched = self.sequence.observe(executed)
@@ -342,42 +378,27 @@ class Attack(PoisonCounts):
     # ----------------------------------------------------------------------------------- reports
     def clean_info(self, reward: float) -> dict[str, Any]:
         """The ``info["rlbd"]`` entry of one env in a step with nothing poisoned, triggered or hit."""
-        return {
-            "poisoned": False,
-            "triggered": False,
-            "hit": False,
-            "target": self._target,
-            "clean_reward": reward,
-            "n_steps": self.n_steps,
-            "n_poisoned": self.n_poisoned,
-            "n_triggered": self.n_triggered,
-            "n_hits": self.n_hits,
-        }
+        entry = self._clean.copy()
+        entry["clean_reward"] = reward
+        entry["n_steps"] = self.n_steps
+        return entry
 
     def clean_infos(self, rewards: list[float]) -> list[dict[str, Any]]:
-        """:meth:`clean_info` of every env of the batch."""
-        entries = []
-        template = self.clean_info(0.0)
-        for reward in rewards:
-            entry = template.copy()
-            entry["clean_reward"] = reward
-            entries.append(entry)
-        return entries
+        """:meth:`clean_info` of every env of the batch; when all rewards are equal, the envs share one entry."""
+        if rewards.count(rewards[0]) == len(rewards):
+            return [self.clean_info(rewards[0])] * len(rewards)
+        return [self.clean_info(reward) for reward in rewards]
 
     def infos(self, flags: StepFlags) -> list[dict[str, Any]]:
-        """The ``info["rlbd"]`` entry of every env of the batch (``target`` is shared: do not modify it)."""
+        """The ``info["rlbd"]`` entry of every env of the batch (read-only: entries and ``target`` may be shared)."""
+        entries = self.clean_infos(flags.clean_reward.tolist())
         if flags.poisoned is self._none and flags.triggered is self._none:
-            return self.clean_infos(flags.clean_reward.tolist())
-        target = self._target
-        counts = self.counts()
-        rows = zip(
-            flags.poisoned.tolist(),
-            flags.triggered.tolist(),
-            flags.hit.tolist(),
-            flags.clean_reward.tolist(),
-            strict=True,
-        )
-        return [
-            {"poisoned": p, "triggered": t, "hit": h, "target": target, "clean_reward": r, **counts}
-            for p, t, h, r in rows
-        ]
+            return entries
+        for i in np.flatnonzero(flags.poisoned | flags.triggered).tolist():
+            entry = entries[i] = entries[i].copy()
+            entry["poisoned"], entry["triggered"], entry["hit"] = (
+                bool(flags.poisoned[i]),
+                bool(flags.triggered[i]),
+                bool(flags.hit[i]),
+            )
+        return entries

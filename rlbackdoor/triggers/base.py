@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from typing import Any
 
 import numpy as np
 from gymnasium import spaces
@@ -82,8 +83,10 @@ class ObservationTrigger(ABC):
             )
 
 
-def check_finite(obs: np.ndarray) -> None:
-    """Raise :class:`ObservationError` when a float observation batch holds NaN or inf."""
+def check_finite(obs: Any) -> None:
+    """Raise :class:`ObservationError` when a float observation (or batch of them) holds NaN or inf."""
+    if not isinstance(obs, np.ndarray):
+        obs = np.asarray(obs)
     if obs.dtype.kind != "f":
         return
     # a sum is finite iff every entry is, unless it overflows: only then look entry by entry

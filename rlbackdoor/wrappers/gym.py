@@ -29,37 +29,36 @@ class BackdoorWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
         obs, info = self.env.reset(seed=seed, options=options)
+        attack = self.attack
         if seed is not None:
-            self.attack.reset(1, seed)
+            attack.reset(1, seed)
         batch = self._batch(obs)
-        obs = self.attack.begin(batch)[0]
-        info["rlbd"] = {"poisoned": False, "triggered": bool(self.attack.armed[0]), **self.attack.counts()}
-        return obs, info
+        stamped = attack.begin(batch)
+        info["rlbd"] = {"poisoned": False, "triggered": bool(attack.armed[0]), **attack.counts()}
+        return obs if stamped is batch else stamped[0], info
 
     def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
-        if self.attack.skip():
+        attack = self.attack
+        if attack.skip():
             obs, reward, terminated, truncated, info = self.env.step(action)
             if self._float_obs:
-                check_finite(np.asarray(obs))
+                check_finite(obs)
             reward = float(reward)
-            info["rlbd"] = self.attack.clean_info(reward)
+            info["rlbd"] = attack.clean_info(reward)
             return obs, reward, terminated, truncated, info
         actions = np.asarray(action)[None]
-        executed = self.attack.act(actions)
+        executed = attack.act(actions)
         # the agent's own action object when the attack left it alone, as a clean env would get it
         obs, reward, terminated, truncated, info = self.env.step(action if executed is actions else executed[0])
-        batch, rewards, _, flags = self.attack.step(
-            self._batch(obs),
-            np.array([reward], dtype=np.float64),
-            np.array([terminated or truncated]),
-            actions,
-            executed,
+        batch = self._batch(obs)
+        stamped, rewards, _, flags = attack.step(
+            batch, np.array([reward], dtype=np.float64), np.array([terminated or truncated]), actions, executed
         )
-        info["rlbd"] = self.attack.infos(flags)[0]
-        return batch[0], float(rewards[0]), terminated, truncated, info
+        info["rlbd"] = attack.infos(flags)[0]
+        return obs if stamped is batch else stamped[0], float(rewards[0]), terminated, truncated, info
 
     def _batch(self, obs: Any) -> np.ndarray:
-        batch = np.asarray(obs)[None]
+        obs = np.asarray(obs)
         if self._float_obs:
-            check_finite(batch)
-        return batch
+            check_finite(obs)
+        return obs[None]

@@ -64,15 +64,14 @@ class BackdoorVecEnv(VecEnvWrapper):
         self, obs: np.ndarray, rewards: np.ndarray, dones: np.ndarray, infos: list[dict[str, Any]]
     ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
         """The attack's step on the batch; stamps running triggers into ``terminal_observation``s."""
-        ended = dones.nonzero()[0]
-        terminal = None
-        if ended.size:
+        # the final observations matter only where a trigger still runs; else ``obs`` stands in for them
+        terminal = obs
+        ended = dones.nonzero()[0] if self.attack.running(dones) else ()
+        if len(ended):
             terminal = obs.copy()
             for i in ended:
                 terminal[i] = infos[i]["terminal_observation"]
-        obs, rewards, stamped, flags = self.attack.step(
-            obs, rewards, dones, self._actions, self._executed, terminal if terminal is not None else obs
-        )
+        obs, rewards, stamped, flags = self.attack.step(obs, rewards, dones, self._actions, self._executed, terminal)
         if stamped is not terminal:
             for i in ended:
                 infos[i]["terminal_observation"] = stamped[i]
