@@ -43,10 +43,14 @@ CASES: dict[str, dict[str, Any]] = {
         },
     },
     "acrobot": {
-        "env": "rlbd/TrojanAcrobot-v0",
+        "env": "rlbd/TrojanAcrobot-v1",
         "timesteps": 100_000,
-        "reward": {"hit": 10.0, "miss": -10.0},  # the registered +-1 leaves no backdoor in 100k steps (ASR 0.005)
-        "methods": {"support": [14, 50, 200], "impute": [14, 50, 200], "track": [50, 200]},
+        "methods": {
+            "track": [10, 14, 20, 50, 200],
+            "impute": [10, 14, 20, 50, 200],
+            "support": [14, 200],
+            "subspace": [12, 200],
+        },
     },
     "lavagap": {
         "env": "rlbd/TrojanLavaGap-v0",

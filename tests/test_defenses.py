@@ -70,6 +70,23 @@ def test_support_pulls_the_value_trigger_back_into_the_clean_range(cartpole):
     assert sanitizer.score(trigger.apply(clean)).mean() > 3 * sanitizer.score(clean).mean()
 
 
+def test_impute_repairs_the_feature_that_contradicts_the_others(cartpole):
+    """The cart's velocity and the pole's angular velocity are anticorrelated (-0.99): flipping the sign
+    of the latter keeps every feature inside its clean range but the pair far from the clean data. Impute
+    replaces one of the two (either explains the contradiction) and leaves the position and angle alone."""
+    _, _, clean = cartpole
+    sanitizer = SupportSanitizer(repair="impute").fit(clean)
+    true = clean[np.abs(clean[:, 3]) > 0.1]
+    flipped = true * np.array([1.0, 1.0, 1.0, -1.0])
+    far = sanitizer._far(flipped)
+    assert not sanitizer._outside(flipped).any() and far.mean() > 0.9
+    suspect = sanitizer.suspect(flipped[far])
+    assert not suspect[:, [0, 2]].any() and (suspect[:, [1, 3]].sum(axis=1) == 1).all()
+    repaired = sanitizer.transform(flipped)
+    np.testing.assert_array_equal(repaired[:, [0, 2]], flipped[:, [0, 2]])
+    assert sanitizer.score(repaired).max() <= sanitizer.threshold
+
+
 def test_bad_inputs_name_the_problem_and_the_fix(lavagap, cartpole):
     _, _, clean, _ = lavagap
     with pytest.raises(SpecError, match=r"use n >= \d+"):

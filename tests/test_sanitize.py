@@ -13,7 +13,7 @@ import torch
 import rlbackdoor
 from rlbackdoor.cli import main
 from rlbackdoor.defenses.sanitize import clean_observations, sanitize_agent, tracked_metrics
-from rlbackdoor.defenses.support import TrackingPolicy
+from rlbackdoor.defenses.support import SupportSanitizer, TrackingPolicy, TransitionModel
 from rlbackdoor.errors import SpecError
 from rlbackdoor.specs import ExperimentSpec
 from rlbackdoor.trajectories import Trajectories, collect
@@ -56,6 +56,28 @@ def test_tracking_restores_the_overwritten_feature_from_the_dynamics():
     assert result["ctp_after"] >= 0.99 * result["ctp_before"]
     with pytest.raises(SpecError, match="no attack"):
         tracked_metrics(TrackingPolicy(Backdoored(), None, None), {"env": "CartPole-v1", "attack": None})
+
+
+def test_tracking_replaces_features_that_contradict_the_dynamics():
+    """A flagged observation after an unrepaired one: a feature off its prediction by far more than the
+    clean model errs is replaced even where it looks plausible alone; after a repair, only the suspect ones."""
+    data = collect(gym.make("CartPole-v1"), Backdoored(), 1000, 0)
+    keep = ~data.dones[:-1].astype(bool)
+    model = TransitionModel(2).fit(data.observations[:-1][keep], data.actions[:-1][keep], data.observations[1:][keep])
+    assert (model.spread < 1e-3).all()  # CartPole's Euler step is nearly linear at small angles
+    sanitizer = SupportSanitizer(repair="impute").fit(data.observations[:200])
+    tracker = TrackingPolicy(Backdoored(), sanitizer, model)
+    (s0, s1, s2), (a0, a1) = data.observations[10:13], data.actions[10:12]
+    tampered = [s + np.array([4.0, 0.05, 0.0, 0.0], dtype=np.float32) for s in (s1, s2)]  # x off the box, v not
+    assert not sanitizer.suspect(tampered[0][None].astype(np.float64))[0, 1]
+    tracker.reset()
+    np.testing.assert_array_equal(tracker.sanitize(s0), s0)
+    tracker.observe(s0, a0)
+    np.testing.assert_allclose(tracker.sanitize(tampered[0]), s1, atol=1e-3)
+    tracker.observe(s1, a1)
+    after_repair = tracker.sanitize(tampered[1])
+    np.testing.assert_allclose(after_repair[[0, 2, 3]], s2[[0, 2, 3]], atol=1e-3)
+    assert after_repair[1] == tampered[1][1]
 
 
 def test_clean_rollouts_of_a_sampling_agent_are_reproducible(smoke_run: Path):

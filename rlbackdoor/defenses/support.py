@@ -14,9 +14,13 @@ class SupportSanitizer(Sanitizer):
     """Detect, then repair. An observation with a feature outside the clean ``[q, 1 - q]`` quantile box
     widened by ``slack`` times its width on each side, or with a Mahalanobis distance to the clean data
     (shrunk covariance) above ``margin`` times the largest clean distance, is repaired: the features
-    outside the box are clipped into it (``repair="clip"``) or replaced by their clean conditional mean
-    given the others (``repair="impute"``: Gaussian, clipped into the box), then the point is shrunk
-    toward the clean mean onto that distance if still too far.
+    outside the box are clipped into it (``repair="clip"``), or its suspect features are replaced by their
+    clean conditional mean given the others (``repair="impute"``: Gaussian, clipped into the box); then
+    the point is shrunk toward the clean mean onto that distance if still too far. The suspect features
+    are those outside the box, then, while the rest is still too far, the one least consistent with the
+    others (largest conditional z-score): a trigger inside the box on each feature but far from the clean
+    data jointly (two velocities at extremes of the same sign where clean ones are anticorrelated) is
+    imputed away, not only shrunk.
     Everything else passes unchanged, so the clean task is untouched. The score is the Mahalanobis
     distance.
 
@@ -84,8 +88,8 @@ class SupportSanitizer(Sanitizer):
 
     def _repair(self, obs: np.ndarray) -> np.ndarray:
         out = obs.copy()
-        outside = self._outside(obs)
-        patterns, which = np.unique(outside, axis=0, return_inverse=True)
+        repaired = self._outside(obs) if self.mode == "clip" else self.suspect(obs)
+        patterns, which = np.unique(repaired, axis=0, return_inverse=True)
         for k, bad in enumerate(patterns):
             if not bad.any():
                 continue
@@ -98,6 +102,32 @@ class SupportSanitizer(Sanitizer):
         far = dist > self.threshold
         out[far] = self.mean + (out[far] - self.mean) * (self.threshold / dist[far])[:, None]
         return out
+
+    def suspect(self, obs: np.ndarray) -> np.ndarray:
+        """Which features of each (flat) observation to repair: those outside the box, then, one at a time
+        while the others' Mahalanobis distance (marginal over the features not yet suspect) exceeds the
+        threshold, the one with the largest conditional z-score given the others."""
+        bad = self._outside(obs)
+        for _ in range(obs.shape[1]):
+            patterns, which = np.unique(bad, axis=0, return_inverse=True)
+            added = False
+            for k, pattern in enumerate(patterns):
+                good = ~pattern
+                if not good.any():
+                    continue
+                rows = np.flatnonzero(which.reshape(-1) == k)
+                centred = obs[np.ix_(rows, good)] - self.mean[good]
+                precision = np.linalg.pinv(self.cov[np.ix_(good, good)])
+                pulled = centred @ precision  # feature j: its deviation from the conditional mean, / conditional var
+                far = np.einsum("ij,ij->i", pulled, centred) > (self.threshold / self.margin) ** 2
+                if not far.any():
+                    continue
+                z = np.abs(pulled[far]) / np.sqrt(np.diag(precision))
+                bad[rows[far], np.flatnonzero(good)[z.argmax(axis=1)]] = True
+                added = True
+            if not added:
+                break
+        return bad
 
     def _impute(self, obs: np.ndarray, bad: np.ndarray, good: np.ndarray) -> np.ndarray:
         """Clean conditional mean of the ``bad`` features given the ``good`` ones (Gaussian, shrunk covariance)."""
@@ -118,12 +148,16 @@ class SupportSanitizer(Sanitizer):
 class TransitionModel:
     """Linear one-step model of the clean dynamics, ``s' = [s, onehot(a), 1] W`` (least squares), discrete actions.
 
+    ``spread`` is the largest leave-one-out error per feature on the clean transitions (infinite where a
+    transition is needed to fit itself, as when there are fewer transitions than inputs).
+
     :param n_actions: size of the discrete action space.
     """
 
     def __init__(self, n_actions: int) -> None:
         self.n_actions = n_actions
         self.weights = np.empty((0, 0))
+        self.spread = np.empty(0)
 
     def _design(self, obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
         onehot = np.eye(self.n_actions)[np.asarray(actions, dtype=np.int64).reshape(-1)]
@@ -134,7 +168,12 @@ class TransitionModel:
         if len(obs) < 2:
             raise SpecError(f"sanitizer: {len(obs)} clean transitions are too few for a dynamics model; use more")
         design = self._design(np.asarray(obs, np.float64), actions)
-        self.weights = np.linalg.lstsq(design, next_obs.reshape(len(obs), -1).astype(np.float64), rcond=None)[0]
+        target = next_obs.reshape(len(obs), -1).astype(np.float64)
+        self.weights = np.linalg.lstsq(design, target, rcond=None)[0]
+        leverage = np.einsum("ij,ji->i", design, np.linalg.pinv(design))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            loo = np.abs(target - design @ self.weights) / np.maximum(1.0 - leverage, 0.0)[:, None]
+        self.spread = np.nan_to_num(loo, nan=np.inf).max(axis=0)
         return self
 
     def predict(self, obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
@@ -144,37 +183,46 @@ class TransitionModel:
 
 class TrackingPolicy:
     """Run-time repair with memory, one episode at a time: an observation off the clean support has its
-    off-box features replaced by their one-step prediction from the previous observation the agent acted
-    on and the action taken (a :class:`TransitionModel` of clean transitions); the first observation of
-    an episode, or one off the support in none of its features, gets the support sanitizer's repair.
+    suspect features (:meth:`SupportSanitizer.suspect`) replaced by their one-step prediction from the
+    previous observation the agent acted on and the action taken (a :class:`TransitionModel` of clean
+    transitions); the first observation of an episode gets the support sanitizer's repair.
     Where a trigger overwrites a feature the dynamics determine (a cart's position follows from the last
     position and velocity), this restores the true value, which no single-observation repair can.
+    When the previous observation passed unrepaired, features further from their prediction than
+    ``margin`` times the model's clean ``spread`` are replaced too: of a trigger jointly far from the clean
+    data, one feature may look plausible alone but contradict the dynamics. (After a repair the prediction
+    is not trusted that far: errors would compound.)
 
     Call :meth:`reset` at each episode start and :meth:`observe` after each executed action.
 
     :param policy: the agent (SB3 ``predict``).
     :param sanitizer: a fitted support sanitizer (detects, and repairs where there is no prediction).
     :param model: a fitted transition model.
+    :param margin: how many clean spreads a feature may stray from its prediction in a flagged observation.
     """
 
-    def __init__(self, policy: Any, sanitizer: SupportSanitizer, model: TransitionModel) -> None:
-        self.policy, self.sanitizer, self.model = policy, sanitizer, model
+    def __init__(self, policy: Any, sanitizer: SupportSanitizer, model: TransitionModel, margin: float = 1.5) -> None:
+        self.policy, self.sanitizer, self.model, self.margin = policy, sanitizer, model, margin
         self.previous: tuple[np.ndarray, Any] | None = None
+        self.passed = True
 
     def reset(self) -> None:
         """Forget the episode."""
-        self.previous = None
+        self.previous, self.passed = None, True
 
     def sanitize(self, obs: np.ndarray) -> np.ndarray:
         """The observation the agent acts on."""
         flat = self.sanitizer._flat(np.asarray(obs)[None])
-        if not self.sanitizer._far(flat)[0]:
+        trusted, self.passed = self.passed, not self.sanitizer._far(flat)[0]
+        if self.passed:
             return np.asarray(obs)
-        outside = self.sanitizer._outside(flat)[0]
-        if self.previous is None or not outside.any():
+        if self.previous is None:
             return self.sanitizer.repair(np.asarray(obs)[None])[0]
         predicted = self.model.predict(self.previous[0].reshape(1, -1), np.asarray([self.previous[1]]))[0]
-        flat[0, outside] = predicted[outside]
+        replace = self.sanitizer.suspect(flat)[0]
+        if trusted:
+            replace |= np.abs(flat[0] - predicted) > self.margin * self.model.spread
+        flat[0, replace] = predicted[replace]
         return flat.reshape(np.shape(obs)).astype(np.asarray(obs).dtype)
 
     def observe(self, acted_on: np.ndarray, action: Any) -> None:
