@@ -46,8 +46,8 @@ CASES: dict[str, dict[str, Any]] = {
         "env": "rlbd/TrojanAcrobot-v1",
         "timesteps": 100_000,
         "methods": {
-            "track": [10, 14, 20, 50, 200],
-            "impute": [10, 14, 20, 50, 200],
+            "track": [8, 10, 14, 20, 50, 200],
+            "impute": [8, 10, 14, 20, 50, 200],
             "support": [14, 200],
             "subspace": [12, 200],
         },
@@ -59,9 +59,16 @@ CASES: dict[str, dict[str, Any]] = {
     },
     "acrobot_indist": {
         "env": "rlbd/TrojanAcrobotInDist-v0",
-        "timesteps": 100_000,
-        "reward": {"hit": 10.0, "miss": -10.0},
-        "methods": {"support": [50, 200, 1000], "impute": [200], "subspace": [200]},
+        "timesteps": 200_000,
+        # the registered +-1 leaves no backdoor (ASR 0.003 at 200k); +-3 gives 0.16 and +-5 0.54 at 100k, +-7 and
+        # +-10 collapse the agent onto the target action
+        "reward": {"hit": 5.0, "miss": -5.0},
+        "methods": {
+            "subspace": [12, 200],
+            "support": [14, 200, 1000],
+            "impute": [14, 200, 1000],
+            "track": [14, 200, 1000],
+        },
     },
 }
 

@@ -119,7 +119,7 @@ class SupportSanitizer(Sanitizer):
                 centred = obs[np.ix_(rows, good)] - self.mean[good]
                 precision = np.linalg.pinv(self.cov[np.ix_(good, good)])
                 pulled = centred @ precision  # feature j: its deviation from the conditional mean, / conditional var
-                far = np.einsum("ij,ij->i", pulled, centred) > (self.threshold / self.margin) ** 2
+                far = np.einsum("ij,ij->i", pulled, centred) > self.threshold**2
                 if not far.any():
                     continue
                 z = np.abs(pulled[far]) / np.sqrt(np.diag(precision))
