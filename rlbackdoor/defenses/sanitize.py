@@ -32,9 +32,9 @@ from rlbackdoor.trajectories import collect
 METHODS: dict[str, str] = {
     "subspace": "safe-subspace projection onto the clean span (Bharti et al.); for rank-deficient observations",
     "support": "out-of-support features clipped into the clean box + Mahalanobis shrinkage; low-dim full-rank obs",
-    "impute": "out-of-support features replaced by their clean conditional mean + shrinkage; low-dim full-rank obs",
-    "track": "impute, but off-support features predicted from the last observation and action (linear clean "
-    "dynamics); stateful, discrete actions",
+    "impute": "suspect features replaced by their clean conditional mean + shrinkage; low-dim full-rank obs",
+    "track": "impute, but suspect features (and ones contradicting the dynamics) predicted from the last "
+    "observation and action (linear clean dynamics); stateful, discrete actions",
 }
 CLEAN_SEED = 10_000
 """Seed of the defender's clean rollouts (apart from the evaluation seeds)."""

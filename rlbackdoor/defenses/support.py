@@ -170,9 +170,8 @@ class TransitionModel:
         design = self._design(np.asarray(obs, np.float64), actions)
         target = next_obs.reshape(len(obs), -1).astype(np.float64)
         self.weights = np.linalg.lstsq(design, target, rcond=None)[0]
-        leverage = np.einsum("ij,ji->i", design, np.linalg.pinv(design))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            loo = np.abs(target - design @ self.weights) / np.maximum(1.0 - leverage, 0.0)[:, None]
+        free = 1.0 - np.einsum("ij,ji->i", design, np.linalg.pinv(design))  # 1 - leverage
+        loo = np.abs(target - design @ self.weights) / np.where(free > 1e-9, free, np.nan)[:, None]
         self.spread = np.nan_to_num(loo, nan=np.inf).max(axis=0)
         return self
 
