@@ -157,8 +157,10 @@ def measure_training(part: str, runs: Path, train_seeds: int, episodes: int, see
             values = [row[kind][key] for row in per_seed if isinstance(row[kind][key], (int, float))]
             if values and "_ci_" not in key and not key.endswith(("_n", "flagged", "poisoned")):
                 out[f"{kind}_{key}"] = float(np.nanmean(values))
-    out["target_met"] = bool(
-        (out.get("sanitized_asr") or 1.0) <= 0.1 and (out.get("sanitized_ctp_ratio") or 0.0) >= 0.95
+    out["target_met"] = all(  # on every seed (a missing value fails)
+        (row["sanitized"]["asr"] if row["sanitized"]["asr"] is not None else 1.0) <= 0.1
+        and (row["sanitized"]["ctp_ratio"] or 0.0) >= 0.95
+        for row in per_seed
     )
     print(f"{part}: " + json.dumps({k: v for k, v in out.items() if k != "per_seed"}, default=_json))
     return out

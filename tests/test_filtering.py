@@ -5,6 +5,7 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
@@ -121,3 +122,83 @@ def test_rollout_filter_keeps_the_time_limit_bootstrap():
     model.learn(64, callback=[rollout_filter, buffer])
     assert rollout_filter.report.n == 64 and rollout_filter.report.flagged == 0
     assert np.abs(buffer.rewards - 1.0).max() > 1e-3  # the bootstrapped rewards are still there
+
+
+def test_rollout_filter_allows_float32_rounding_of_large_bootstraps():
+    """A value near CartPole's 1 / (1 - gamma) = 100 makes ``r + gamma V`` a float32 whose rounding exceeds 1e-6: the
+    env's reward is still 1 and nothing is flagged."""
+    filt = TransitionFilter(None).fit(collect(gym.make("CartPole-v1"), None, 300, 0))
+    env = make_vec_env(lambda: gym.make("CartPole-v1", max_episode_steps=8), n_envs=2, seed=0)
+    model = PPO("MlpPolicy", env, n_steps=32, batch_size=64, n_epochs=1, seed=0, device="cpu")
+    with torch.no_grad():
+        model.policy.value_net.bias.fill_(99.37)
+    rollout_filter, buffer = RolloutFilter(filt, mode="repair"), BufferRewards()
+    model.learn(64, callback=[rollout_filter, buffer])
+    assert buffer.rewards.max() > 90  # bootstrapped rewards were in the buffer
+    assert rollout_filter.report.flagged == 0
+
+
+def test_repair_predicts_a_stamped_observation_from_the_previous_step():
+    """With a dynamics model, a flagged observation that follows another in its episode becomes the one-step
+    prediction: CartPole's true position comes back; without a predecessor the sanitizer's guess is all there is."""
+    filt = TransitionFilter(SupportSanitizer("impute"), margin=5.0, n_actions=2)
+    filt.fit(collect(gym.make("CartPole-v1"), None, 1000, 0))
+    data = collect(gym.make("CartPole-v1"), None, 400, 1)
+    follows = np.flatnonzero(~data.dones[:-1])
+    truth = data.observations[follows + 1]
+    stamped = truth.copy()
+    stamped[:, 0] = 4.0
+    flags = filt.flag_observations(stamped)
+    assert flags.all()
+    repaired = filt.repair_observations(stamped, flags, data.observations[follows], data.actions[follows])
+    np.testing.assert_allclose(repaired, truth, atol=0.02)
+    guessed = filt.repair_observations(stamped, flags)
+    assert np.abs(guessed[:, 0] - truth[:, 0]).max() > 0.05
+    kept = filt.repair_observations(stamped, flags, data.observations[follows], data.actions[follows], ~flags)
+    np.testing.assert_array_equal(kept, guessed)
+
+
+def test_online_filter_shows_the_agent_the_predicted_observation():
+    """Inner loop: the trigger overwrites the pole's angular velocity; the learner sees the one-step prediction
+    instead, e.g. x_t = x_{t-1} + tau v_{t-1} (CartPole's Euler step)."""
+    spec = rlbackdoor.get_env_spec("rlbd/TrojanCartPole-v0")
+    clean = collect(make_base_env(spec), None, 1000, 0, spec.base)
+    filt = TransitionFilter(SupportSanitizer("impute"), n_actions=2).fit(clean)
+    venv = FilterVecEnv(BackdoorVecEnv(make_vec_env(lambda: make_base_env(spec), n_envs=4, seed=0), spec, 0), filt)
+    previous = venv.reset()
+    rng, checked = np.random.default_rng(0), 0
+    for _ in range(1000):
+        obs, _, dones, infos = venv.step(rng.integers(0, 2, size=4))
+        for i in np.flatnonzero(venv.flagged & ~dones):
+            assert obs[i, 0] == pytest.approx(previous[i, 0] + 0.02 * previous[i, 1], abs=1e-4)
+            assert obs[i, 3] != spec.trigger.values[0]
+            checked += infos[i]["rlbd"]["triggered"]
+        previous = obs
+    assert checked > 10
+
+
+def test_rollout_filter_keeps_the_behaviour_log_probabilities():
+    """Inner loop without the on-line filter: the agent drew its action on the triggered observation. The repaired
+    step keeps that log-probability, so PPO's ratio weighs it as the off-policy sample it is."""
+    spec = rlbackdoor.get_env_spec("rlbd/TrojanCartPole-v0")
+    clean = collect(make_base_env(spec), None, 1000, 0, spec.base)
+    filt = TransitionFilter(SupportSanitizer("impute"), n_actions=2).fit(clean)
+    env = BackdoorVecEnv(make_vec_env(lambda: make_base_env(spec), n_envs=4, seed=0), spec, 0)
+    model = PPO("MlpPolicy", env, n_steps=256, batch_size=256, n_epochs=1, seed=0, device="cpu")
+
+    class Behaviour(BaseCallback):
+        def _on_rollout_start(self) -> None:
+            self.drawn: list[np.ndarray] = []
+
+        def _on_step(self) -> bool:
+            self.drawn.append(self.locals["log_probs"].numpy().copy())
+            return True
+
+        def _on_rollout_end(self) -> None:
+            rb = self.model.rollout_buffer
+            self.log_probs = rb.log_probs.copy()
+
+    rollout_filter, behaviour = RolloutFilter(filt), Behaviour()
+    model.learn(1024, callback=[rollout_filter, behaviour])
+    assert rollout_filter.report.true_positives > 5  # repaired steps, yet every log-probability is the drawn one
+    np.testing.assert_array_equal(behaviour.log_probs, np.stack(behaviour.drawn))

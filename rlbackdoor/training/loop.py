@@ -111,9 +111,10 @@ def train(
     venv, backdoor = make_train_env(spec, attack, seed)
     filt = training_filter(spec.sanitize, env_factory(spec, attack), seed) if spec.sanitize is not None else None
     defence: FilterVecEnv | RolloutFilter | None = None
+    online: FilterVecEnv | None = None
     on_policy = issubclass(presets.ALGOS[spec.algo], OnPolicyAlgorithm)
-    if filt is not None and spec.poisoning != "outer" and not on_policy:  # no rollout buffer to filter
-        venv = defence = FilterVecEnv(venv, filt)
+    if filt is not None and spec.poisoning != "outer":  # the agent acts on repaired observations
+        venv = defence = online = FilterVecEnv(venv, filt, rewards=not on_policy)
     model = presets.build_model(spec.algo, venv, hyperparams, seed)
     policy = describe_policy(model.policy)
     own: list[BaseCallback] = []
@@ -128,7 +129,7 @@ def train(
             defence = RolloutFilter(filt, lambda: poisoner.last_poisoned, compensated, spec.sanitize.mode)
             own.append(defence)
     elif filt is not None and on_policy:
-        defence = RolloutFilter(filt, mode=spec.sanitize.mode)
+        defence = RolloutFilter(filt, mode=spec.sanitize.mode, online=online)
         own.append(defence)
     if backdoor is not None and attack is not None and uses_value_selection(attack, venv.action_space):
         own.append(InnerValueSelection(backdoor))
