@@ -70,6 +70,16 @@ CASES: dict[str, dict[str, Any]] = {
             "track": [14, 200, 1000],
         },
     },
+    "acrobot_indist_v1": {
+        "env": "rlbd/TrojanAcrobotInDist-v1",
+        "timesteps": 200_000,
+        "methods": {
+            "subspace": [12, 200],
+            "support": [14, 200, 1000],
+            "impute": [14, 200, 1000],
+            "track": [14, 200, 1000],
+        },
+    },
 }
 
 
