@@ -13,8 +13,9 @@ dropped. In a rollout, a flagged vector observation with a predecessor in its ep
 its one-step prediction from that (repaired) observation and the action taken, from a linear model
 of the clean transitions: on a wrongly flagged clean step this is close to the identity, where a
 single-observation repair moves a learner's legitimate states (a cart far from the centre) back into
-the random-policy data and erases what the learner needs to see there. :class:`FilterVecEnv` applies the filter on-line between a (possibly poisoned) VecEnv and
-the learner and scores its flags against the ground-truth ``info["rlbd"]`` flags.
+the random-policy data and erases what the learner needs to see there. :class:`FilterVecEnv` applies
+the filter on-line between a (possibly poisoned) VecEnv and the learner and scores its flags against
+the ground-truth ``info["rlbd"]`` flags.
 """
 
 from __future__ import annotations
