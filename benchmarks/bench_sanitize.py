@@ -167,11 +167,13 @@ def measure_training(part: str, runs: Path, train_seeds: int, episodes: int, see
             values = [row[kind][key] for row in per_seed if isinstance(row[kind][key], (int, float))]
             if values and "_ci_" not in key and not key.endswith(("_n", "flagged", "poisoned")):
                 out[f"{kind}_{key}"] = float(np.nanmean(values))
-    out["target_met"] = all(  # on every seed (a missing value fails)
-        (row["sanitized"]["asr"] if row["sanitized"]["asr"] is not None else 1.0) <= 0.1
-        and (row["sanitized"]["ctp_ratio"] or 0.0) >= 0.95
-        for row in per_seed
-    )
+    # a missing value fails: ASR counts as 1, ctp_ratio as 0
+    asr = np.array([1.0 if row["sanitized"]["asr"] is None else row["sanitized"]["asr"] for row in per_seed])
+    ctp_ratio = np.array([row["sanitized"]["ctp_ratio"] or 0.0 for row in per_seed])
+    met = (asr <= 0.1) & (ctp_ratio >= 0.95)
+    out["seeds_met"] = int(met.sum())
+    out["target_met_every_seed"] = bool(met.all())
+    out["target_met"] = bool(asr.mean() <= 0.1 and ctp_ratio.mean() >= 0.95)  # the mean agent over seeds
     print(f"{part}: " + json.dumps({k: v for k, v in out.items() if k != "per_seed"}, default=_json))
     return out
 

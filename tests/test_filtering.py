@@ -202,3 +202,22 @@ def test_rollout_filter_keeps_the_behaviour_log_probabilities():
     model.learn(1024, callback=[rollout_filter, behaviour])
     assert rollout_filter.report.true_positives > 5  # repaired steps, yet every log-probability is the drawn one
     np.testing.assert_array_equal(behaviour.log_probs, np.stack(behaviour.drawn))
+
+
+def test_offline_repair_predicts_stamped_observations_in_time_order():
+    """A saved dataset's flagged observations come back as one-step predictions, a run of them chained on the
+    repaired ones; an episode's first observation gets the sanitizer's repair."""
+    filt = TransitionFilter(SupportSanitizer("impute"), margin=5.0, n_actions=2)
+    filt.fit(collect(gym.make("CartPole-v1"), None, 1000, 0))
+    data = collect(gym.make("CartPole-v1"), None, 300, 1)
+    first = np.flatnonzero(data.dones)[0] + 1  # the first observation of the second episode
+    stamped = data.observations.copy()
+    run = [5, 6, 7, first]
+    stamped[run, 0] = 4.0
+    tampered = Trajectories(stamped, data.actions, data.rewards, data.dones, data.poisoned, data.triggered)
+    repaired, report = filt.filter(tampered, "repair")
+    assert report.flagged == len(run)
+    np.testing.assert_allclose(repaired.observations[[5, 6, 7]], data.observations[[5, 6, 7]], atol=0.02)
+    np.testing.assert_array_equal(repaired.observations[first], filt.repair_observations(stamped[[first]], [True])[0])
+    untouched = np.setdiff1d(np.arange(len(data)), run)
+    np.testing.assert_array_equal(repaired.observations[untouched], data.observations[untouched])

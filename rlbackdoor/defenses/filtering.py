@@ -193,15 +193,28 @@ class TransitionFilter:
         return np.clip(rewards, self.reward_low, self.reward_high).astype(np.asarray(rewards).dtype)
 
     def filter(self, data: Trajectories, mode: str = "drop") -> tuple[Trajectories, FilterReport]:
-        """Drop or repair the flagged transitions of a dataset; report against its ``poisoned`` flags."""
+        """Drop or repair the flagged transitions of a dataset; report against its ``poisoned`` flags.
+
+        Repairs go in time order, so that with a dynamics model a repaired observation predicts the next.
+        """
         if mode not in ("drop", "repair"):
             raise SpecError(f"filter: mode '{mode}' is unknown; use drop or repair")
         flags = self.flag_observations(data.observations) | self.flag_rewards(data.rewards)
         report = FilterReport.of(flags, data.poisoned)
         if mode == "drop":
             return data.select(~flags), report
+        if self.dynamics is None:
+            observations = self.repair_observations(data.observations, flags)
+        else:
+            observations = np.array(data.observations, copy=True)
+            for t in np.flatnonzero(flags).tolist():
+                p = max(t - 1, 0)  # the observation o_t follows (o_p, a_p) unless an episode ended at p
+                follows = np.array([t > 0 and not data.dones[p]])
+                observations[t : t + 1] = self.repair_observations(
+                    observations[t : t + 1], flags[t : t + 1], observations[p : p + 1], data.actions[p : p + 1], follows
+                )
         repaired = Trajectories(
-            self.repair_observations(data.observations, flags),
+            observations,
             data.actions,
             self.repair_rewards(data.rewards),
             data.dones,
