@@ -30,6 +30,14 @@ import numpy as np
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = Path(__file__).parents[1] / "configs" / "experiments"
 
+INDIST_METHODS = {
+    "subspace": [12, 200],
+    "support": [14, 200, 1000],
+    "impute": [14, 200, 1000],
+    "track": [14, 200, 1000],
+}
+"""What the in-distribution cases try: every run-time method, from few clean observations to many."""
+
 CASES: dict[str, dict[str, Any]] = {
     "cartpole": {
         "env": "rlbd/TrojanCartPole-v1",
@@ -63,22 +71,12 @@ CASES: dict[str, dict[str, Any]] = {
         # the registered +-1 leaves no backdoor (ASR 0.003 at 200k); +-3 gives 0.16 and +-5 0.54 at 100k, +-7 and
         # +-10 collapse the agent onto the target action
         "reward": {"hit": 5.0, "miss": -5.0},
-        "methods": {
-            "subspace": [12, 200],
-            "support": [14, 200, 1000],
-            "impute": [14, 200, 1000],
-            "track": [14, 200, 1000],
-        },
+        "methods": INDIST_METHODS,
     },
     "acrobot_indist_v1": {
         "env": "rlbd/TrojanAcrobotInDist-v1",
         "timesteps": 200_000,
-        "methods": {
-            "subspace": [12, 200],
-            "support": [14, 200, 1000],
-            "impute": [14, 200, 1000],
-            "track": [14, 200, 1000],
-        },
+        "methods": INDIST_METHODS,
     },
 }
 

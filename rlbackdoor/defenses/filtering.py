@@ -188,6 +188,24 @@ class TransitionFilter:
             out[rest] = self.sanitizer.repair(out[rest])
         return out
 
+    def repair_in_order(
+        self,
+        obs: np.ndarray,
+        actions: np.ndarray,
+        flags: np.ndarray,
+        follows: np.ndarray,
+        before: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
+        """Repair the flagged observations of ``(steps, envs, ...)`` arrays in place, in time order, so that a
+        repaired observation predicts the next (:meth:`repair_observations`).
+
+        :param follows: ``(steps, envs)``: the observation continues the episode of the one before it.
+        :param before: the observations and actions preceding step 0, if any.
+        """
+        for t in np.flatnonzero(flags.any(axis=1)).tolist():
+            previous, acted = (before or (None, None)) if t == 0 else (obs[t - 1], actions[t - 1])
+            obs[t] = self.repair_observations(obs[t], flags[t], previous, acted, follows[t])
+
     def repair_rewards(self, rewards: np.ndarray) -> np.ndarray:
         """Rewards clipped into the clean range."""
         return np.clip(rewards, self.reward_low, self.reward_high).astype(np.asarray(rewards).dtype)
@@ -205,14 +223,10 @@ class TransitionFilter:
             return data.select(~flags), report
         if self.dynamics is None:
             observations = self.repair_observations(data.observations, flags)
-        else:
+        else:  # one stream: o_t follows (o_{t-1}, a_{t-1}) unless an episode ended at t - 1
             observations = np.array(data.observations, copy=True)
-            for t in np.flatnonzero(flags).tolist():
-                p = max(t - 1, 0)  # the observation o_t follows (o_p, a_p) unless an episode ended at p
-                follows = np.array([t > 0 and not data.dones[p]])
-                observations[t : t + 1] = self.repair_observations(
-                    observations[t : t + 1], flags[t : t + 1], observations[p : p + 1], data.actions[p : p + 1], follows
-                )
+            follows = np.concatenate([[False], ~np.asarray(data.dones[:-1], dtype=bool)])
+            self.repair_in_order(observations[:, None], data.actions[:, None], flags[:, None], follows[:, None])
         repaired = Trajectories(
             observations,
             data.actions,
@@ -407,7 +421,7 @@ class RolloutFilter(BaseCallback):
     def _repair_observations(self, rb: Any, flags: np.ndarray, seen: np.ndarray, transposed: bool) -> None:
         """Flagged observations repaired in the buffer, their values and log-probabilities refreshed."""
         if self.filter.dynamics is not None:
-            self._predict(rb, flags)
+            self.filter.repair_in_order(rb.observations, rb.actions, flags, rb.episode_starts == 0, self._last)
         elif self.filter.sanitizer is not None:
             repaired = self.filter.sanitizer.repair(seen[flags.reshape(-1)])
             rb.observations[flags] = np.moveaxis(repaired, -1, -3) if transposed else repaired
@@ -419,14 +433,6 @@ class RolloutFilter(BaseCallback):
             values = policy.predict_values(obs_as_tensor(rb.observations[t, e], policy.device))  # type: ignore[attr-defined]
         rb.values[t, e] = values.cpu().numpy().reshape(-1)
         rb.log_probs[t, e] = np.stack(self._behaviour)[t, e]
-
-    def _predict(self, rb: Any, flags: np.ndarray) -> None:
-        """Flagged observations repaired in time order, so that a repaired observation predicts the next."""
-        for t in np.flatnonzero(flags.any(axis=1)):
-            previous, actions = (self._last or (None, None)) if t == 0 else (rb.observations[t - 1], rb.actions[t - 1])
-            rb.observations[t] = self.filter.repair_observations(
-                rb.observations[t], flags[t], previous, actions, follows=rb.episode_starts[t] == 0
-            )
 
     def stats(self) -> dict[str, Any]:
         """Flag counts with precision and recall against the tampered steps."""
