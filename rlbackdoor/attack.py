@@ -154,6 +154,7 @@ class Attack(PoisonCounts):
     def schedule(self, schedule: Schedule) -> None:
         self._schedule = schedule
         self._silent = schedule.silent(self._draws[:, :, 0])
+        self._skippable = self._calm = False
 
     # ------------------------------------------------------------------------------------- state
     def reset(self, n_envs: int, seed: int | None = None) -> None:
@@ -172,6 +173,8 @@ class Attack(PoisonCounts):
         self._every.flags.writeable = False
         self.armed = self._none
         self._idle = True  # no trigger running and no action sequence being injected, in any env
+        self._skippable = False  # the silent draws are known and no action trigger is watched
+        self._calm = False  # skippable, with no trigger armed or running: the next step may be skipped
         self._schedule.reset(n_envs)
         if self.sequence is not None:
             self.sequence.reset(n_envs)
@@ -204,6 +207,7 @@ class Attack(PoisonCounts):
         if self._next >= len(self._draws):
             self._draws = self.rng.random((max(64, self.BLOCK // (2 * self.n)), self.n, 2))
             self._silent = self._schedule.silent(self._draws[:, :, 0])
+            self._skippable = self._silent is not None and self.sequence is None
             self._next = 0
         self._next += 1
         return self._next - 1
@@ -225,6 +229,7 @@ class Attack(PoisonCounts):
             else self._schedule.quiet(self.n if live is self._every else int(np.count_nonzero(live)))
         ):
             self.armed = self._none  # nothing running and nothing can fire: no work
+            self._calm = self._skippable
             return obs
         if self._idle and self.obs_trigger is not None and self._schedule.max_poisoned is None:
             return self._start(obs, starts, live, row)
@@ -253,6 +258,7 @@ class Attack(PoisonCounts):
         self._idle = not np.count_nonzero(self.left) and (
             self.sequence is None or not np.count_nonzero(self.inject >= 0)
         )
+        self._calm = self._skippable and self._idle and not n_armed
         return obs
 
     def _start(self, obs: np.ndarray, starts: np.ndarray, live: np.ndarray, row: int) -> np.ndarray:
@@ -262,7 +268,9 @@ class Attack(PoisonCounts):
         n_armed = int(np.count_nonzero(armed))
         if not n_armed:
             self.armed = self._none
+            self._calm = self._skippable
             return obs
+        self._calm = False
         if self._schedule.duration > 1:
             self.left[armed] = self._schedule.duration - 1
             self._idle = False
@@ -280,37 +288,37 @@ class Attack(PoisonCounts):
         return self.obs_trigger.apply(obs, mask & (self.left > 0)) if self.running(mask) else obs
 
     # ----------------------------------------------------------------------------------- driving
-    def skip(self) -> bool:
+    def skip(self) -> dict[str, Any] | None:
         """Take the next step of the batch without work if nothing can happen in it, else change nothing.
 
         Nothing can happen when no trigger is armed or running, no action trigger is watched and the
         next decision's draws are silent. The step's results are then the env's own: a skipped step
         leaves the attack exactly where :meth:`act` and :meth:`step` would have. With auto-reset, pass
-        the envs whose episodes ended to :meth:`restart` afterwards.
+        the step's rewards and episode ends to :meth:`skipped` afterwards.
 
-        :return: whether the step was taken.
+        :return: the step's clean ``info["rlbd"]`` entry (``clean_reward`` still to fill in), or ``None``
+            when the step was not taken.
         """
         decision = self._next + 1  # act's row comes first
-        if (
-            self.armed is not self._none
-            or not self._idle
-            or self.sequence is not None
-            or decision >= len(self._draws)
-            or not self._silent
-            or not self._silent[decision]
-        ):
-            return False
+        if not self._calm or decision >= len(self._silent) or not self._silent[decision]:
+            return None
         self._next += 2
         self._clock += 1
         self.n_steps += self.n
-        return True
+        return self._entry()
 
-    def restart(self, dones: np.ndarray) -> None:
-        """After a skipped step with auto-reset: new episodes begin in the ``dones`` envs."""
-        self._restart(dones)
+    def skipped(self, entry: dict[str, Any], rewards: list[float], dones: np.ndarray) -> list[dict[str, Any]]:
+        """Finish a step of an auto-resetting batch that :meth:`skip` took: new episodes begin in the ``dones``
+        envs; return every env's ``info["rlbd"]`` entry (see :meth:`clean_infos`)."""
+        self._origin[dones] = self._clock  # nothing runs while steps are skipped: only the episode clocks restart
+        return self.clean_infos(rewards, entry)
 
     def begin(self, obs: np.ndarray) -> np.ndarray:
         """First observations of new episodes in every env of the batch."""
+        if self._calm and self._next < len(self._silent) and self._silent[self._next]:
+            self._next += 1  # a silent decision with nothing running: the episodes just start
+            self._origin.fill(self._clock)
+            return obs
         self._restart(self._every)
         return self._decide(obs, self._every, self._every)
 
@@ -319,7 +327,9 @@ class Attack(PoisonCounts):
         row = self._row()
         if self.armed is self._none and self._idle:
             return actions
-        executed = self.payload.force(actions, self.armed, self._draws[row, :, 1])
+        executed = actions
+        if self.payload.force_action_prob:
+            executed = self.payload.force(actions, self.armed, self._draws[row, :, 1])
         if self.sequence is not None and (self.inject >= 0).any():
             inj = self.inject >= 0
             executed = np.array(executed, copy=True)
@@ -376,29 +386,36 @@ class Attack(PoisonCounts):
         return obs, rewards, terminal_obs, StepFlags(poisoned, self.armed, hit, clean_reward)
 
     # ----------------------------------------------------------------------------------- reports
-    def clean_info(self, reward: float) -> dict[str, Any]:
-        """The ``info["rlbd"]`` entry of one env in a step with nothing poisoned, triggered or hit."""
+    def _entry(self) -> dict[str, Any]:
+        """A fresh clean ``info["rlbd"]`` entry of this step (``clean_reward`` still to fill in)."""
         entry = self._clean.copy()
-        entry["clean_reward"] = reward
         entry["n_steps"] = self.n_steps
         return entry
 
-    def clean_infos(self, rewards: list[float]) -> list[dict[str, Any]]:
-        """:meth:`clean_info` of every env of the batch; when all rewards are equal, the envs share one entry."""
+    def clean_infos(self, rewards: list[float], entry: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """The ``info["rlbd"]`` entries of a step with nothing poisoned, triggered or hit, one per env.
+
+        :param rewards: each env's reward.
+        :param entry: the step's clean entry (from :meth:`skip`); a fresh one when ``None``.
+        :return: the entries; when all rewards are equal, the envs share ``entry``.
+        """
+        entry = self._entry() if entry is None else entry
         if rewards.count(rewards[0]) == len(rewards):
-            return [self.clean_info(rewards[0])] * len(rewards)
-        return [self.clean_info(reward) for reward in rewards]
+            entry["clean_reward"] = rewards[0]
+            return [entry] * len(rewards)
+        entries = []
+        for reward in rewards:
+            entries.append(entry.copy())
+            entries[-1]["clean_reward"] = reward
+        return entries
 
     def infos(self, flags: StepFlags) -> list[dict[str, Any]]:
         """The ``info["rlbd"]`` entry of every env of the batch (read-only: entries and ``target`` may be shared)."""
         entries = self.clean_infos(flags.clean_reward.tolist())
         if flags.poisoned is self._none and flags.triggered is self._none:
             return entries
-        for i in np.flatnonzero(flags.poisoned | flags.triggered).tolist():
+        poisoned, triggered, hit = flags.poisoned.tolist(), flags.triggered.tolist(), flags.hit.tolist()
+        for i in (flags.poisoned | flags.triggered).nonzero()[0].tolist():
             entry = entries[i] = entries[i].copy()
-            entry["poisoned"], entry["triggered"], entry["hit"] = (
-                bool(flags.poisoned[i]),
-                bool(flags.triggered[i]),
-                bool(flags.hit[i]),
-            )
+            entry["poisoned"], entry["triggered"], entry["hit"] = poisoned[i], triggered[i], hit[i]
         return entries

@@ -45,7 +45,7 @@ class ObservationTrigger(ABC):
                 "pass a batch with a leading axis"
             )
         out = np.array(obs, dtype=self.space.dtype, copy=True)
-        rows = np.arange(len(out)) if mask is None else np.flatnonzero(mask)
+        rows = np.arange(len(out)) if mask is None else np.asarray(mask).nonzero()[0]
         if rows.size:
             self._stamp(out, rows)
         return out
@@ -83,6 +83,20 @@ class ObservationTrigger(ABC):
             )
 
 
+SMALL = 64
+"""Observations (or batches) of up to this many entries are checked by their sum as Python floats."""
+
+
+def finite_sum(obs: Any) -> bool:
+    """Whether ``obs``, an array of at most :data:`SMALL` entries, sums to a finite value as Python floats.
+
+    If so, every entry is finite: a NaN or inf entry makes the sum NaN or inf. The cheapest test of a
+    small observation; when it fails (also on an overflowing sum of finite float64 entries),
+    :func:`check_finite` looks entry by entry.
+    """
+    return type(obs) is np.ndarray and math.isfinite(sum(obs.ravel().tolist()))
+
+
 def check_finite(obs: Any) -> None:
     """Raise :class:`ObservationError` when a float observation (or batch of them) holds NaN or inf."""
     if not isinstance(obs, np.ndarray):
@@ -91,6 +105,7 @@ def check_finite(obs: Any) -> None:
         return
     # a sum is finite iff every entry is, unless it overflows: only then look entry by entry
     # (a few entries sum fastest as Python floats, more as squares in one BLAS call)
-    total = sum(obs.tolist()) if obs.ndim == 1 and obs.size <= 64 else np.vdot(obs, obs)
+    flat = obs.ravel()
+    total = sum(flat.tolist()) if flat.size <= SMALL else np.vdot(flat, flat)
     if not math.isfinite(total) and not np.isfinite(obs).all():
         raise ObservationError("observation contains NaN or inf; fix the environment or its preprocessing")

@@ -9,7 +9,7 @@ import numpy as np
 
 from rlbackdoor.attack import Attack
 from rlbackdoor.specs import AttackSpec, parse
-from rlbackdoor.triggers import check_finite
+from rlbackdoor.triggers import SMALL, check_finite, finite_sum
 
 
 class BackdoorWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
@@ -25,7 +25,9 @@ class BackdoorWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
         gym.Wrapper.__init__(self, env)
         self.spec_ = spec
         self.attack = Attack.for_env(spec, env)
-        self._float_obs = np.dtype(env.observation_space.dtype).kind == "f" if env.observation_space.dtype else False
+        space = env.observation_space
+        self._float_obs = space.dtype is not None and np.dtype(space.dtype).kind == "f"
+        self._small_obs = self._float_obs and space.shape is not None and int(np.prod(space.shape)) <= SMALL
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
         obs, info = self.env.reset(seed=seed, options=options)
@@ -39,12 +41,13 @@ class BackdoorWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
     def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
         attack = self.attack
-        if attack.skip():
+        entry = attack.skip()
+        if entry is not None:
             obs, reward, terminated, truncated, info = self.env.step(action)
-            if self._float_obs:
+            if self._float_obs and not (self._small_obs and finite_sum(obs)):
                 check_finite(obs)
-            reward = float(reward)
-            info["rlbd"] = attack.clean_info(reward)
+            entry["clean_reward"] = reward = float(reward)
+            info["rlbd"] = entry
             return obs, reward, terminated, truncated, info
         actions = np.asarray(action)[None]
         executed = attack.act(actions)
@@ -59,6 +62,6 @@ class BackdoorWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
     def _batch(self, obs: Any) -> np.ndarray:
         obs = np.asarray(obs)
-        if self._float_obs:
+        if self._float_obs and not (self._small_obs and finite_sum(obs)):
             check_finite(obs)
         return obs[None]

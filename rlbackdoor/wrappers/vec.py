@@ -10,7 +10,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
 from rlbackdoor.attack import Attack, make_base_env, sample_observations
 from rlbackdoor.specs import AttackSpec, InDistributionTrigger, parse
-from rlbackdoor.triggers import check_finite
+from rlbackdoor.triggers import SMALL, check_finite, finite_sum
 
 
 class BackdoorVecEnv(VecEnvWrapper):
@@ -29,10 +29,12 @@ class BackdoorVecEnv(VecEnvWrapper):
             clean = sample_observations(make_base_env(self.spec), self.spec.trigger.fit_steps, self.spec.seed)
         self.attack = Attack(self.spec, venv.observation_space, venv.action_space, clean)
         self.attack.reset(venv.num_envs, seed)
-        self._float_obs = np.dtype(venv.observation_space.dtype).kind == "f"
+        space = venv.observation_space
+        self._float_obs = space.dtype is not None and np.dtype(space.dtype).kind == "f"
+        self._small_obs = self._float_obs and int(np.prod(space.shape)) * venv.num_envs <= SMALL
         self._actions = np.empty(0)
         self._executed = np.empty(0)
-        self._skipped = False
+        self._entry: dict[str, Any] | None = None
 
     def reset(self) -> np.ndarray:
         obs = self.venv.reset()
@@ -41,24 +43,22 @@ class BackdoorVecEnv(VecEnvWrapper):
         return self.attack.begin(obs)
 
     def step_async(self, actions: np.ndarray) -> None:
-        self._skipped = self.attack.skip()
+        self._entry = self.attack.skip()
         self._actions = actions
-        self._executed = actions if self._skipped else self.attack.act(actions)
+        self._executed = actions if self._entry is not None else self.attack.act(actions)
         self.venv.step_async(self._executed)
 
     def step_wait(self) -> VecEnvStepReturn:
         obs, rewards, dones, infos = self.venv.step_wait()
-        if self._float_obs:
+        if self._float_obs and not (self._small_obs and finite_sum(obs)):
             check_finite(obs)
-        if self._skipped:
-            if np.count_nonzero(dones):
-                self.attack.restart(dones)
-            entries = self.attack.clean_infos(rewards.tolist())
+        if self._entry is not None:  # the venv's own results
+            entries = self.attack.skipped(self._entry, rewards.tolist(), dones)
         else:
             obs, rewards, entries = self._poison(obs, rewards, dones, infos)
         for info, rlbd in zip(infos, entries, strict=True):
             info["rlbd"] = rlbd
-        return obs, rewards.astype(np.float32, copy=False), dones, infos
+        return obs, rewards, dones, infos
 
     def _poison(
         self, obs: np.ndarray, rewards: np.ndarray, dones: np.ndarray, infos: list[dict[str, Any]]
@@ -75,4 +75,4 @@ class BackdoorVecEnv(VecEnvWrapper):
         if stamped is not terminal:
             for i in ended:
                 infos[i]["terminal_observation"] = stamped[i]
-        return obs, rewards, self.attack.infos(flags)
+        return obs, rewards.astype(np.float32, copy=False), self.attack.infos(flags)
