@@ -443,17 +443,45 @@ def test_silent_decisions_never_fire(per: str, rate: float) -> None:
     ids=["per-step", "per-episode"],
 )
 def test_skipped_steps_are_indistinguishable_from_worked_ones(schedule: dict[str, Any], monkeypatch) -> None:
+    def begin_worked(self: Attack, obs: np.ndarray) -> np.ndarray:
+        """``Attack.begin`` without its fast path for quiet episode starts."""
+        self._restart(self._every)
+        return self._decide(obs, self._every, self._every)
+
     spec = attack(schedule, {"kind": "targeted", "target_action": 0, "force_action_prob": 0.5})
     actions = random_actions(600, 3, 4)
     fast_single, fast_vec = run_single(spec, actions[:, 0].tolist(), 5), run_vec(spec, actions, 5)
     with monkeypatch.context() as patch:
         patch.setattr(Attack, "skip", lambda self: None)
+        patch.setattr(Attack, "begin", begin_worked)
         slow_single, slow_vec = run_single(spec, actions[:, 0].tolist(), 5), run_vec(spec, actions, 5)
     for name in ("obs", "next_obs", "rewards", "dones", "infos"):
         assert _equal(getattr(fast_single, name), getattr(slow_single, name)), name
     for name in ("obs", "rewards", "dones", "infos"):
         assert _equal(fast_vec[name], slow_vec[name]), name
     assert 0 < fast_vec["poisoned"].sum() < fast_vec["poisoned"].size
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.05])
+def test_episode_clocks_stay_exact_through_skipped_steps(rate: float) -> None:
+    """``Attack.t`` is each env's step within its episode however the steps were taken (a schedule that
+    needs it, such as evaluation's, may replace the spec's at any time)."""
+    spec = attack({"kind": "rate", "rate": rate, "duration": 2})
+    venv = make_vec(spec, 4)
+    venv.reset()
+    env = make_env(spec)
+    env.reset(seed=0)
+    t_vec, t_single = np.zeros(4, dtype=int), 0
+    for a in random_actions(300, 2, 4):
+        dones = venv.step(a)[2]
+        t_vec = np.where(dones, 0, t_vec + 1)
+        _, _, terminated, truncated, _ = env.step(int(a[0]))
+        t_single += 1
+        if terminated or truncated:
+            env.reset()
+            t_single = 0
+        np.testing.assert_array_equal(venv.attack.t, t_vec)
+        assert env.attack.t.tolist() == [t_single]
 
 
 @pytest.mark.parametrize(("budget", "horizon", "duration"), [(7, 200, 1), (40, 400, 4), (10, 10, 2)])
