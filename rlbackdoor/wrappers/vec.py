@@ -44,9 +44,10 @@ class BackdoorVecEnv(VecEnvWrapper):
 
     def step_async(self, actions: np.ndarray) -> None:
         self._entry = self.attack.skip()
-        self._actions = actions
-        self._executed = actions if self._entry is not None else self.attack.act(actions)
-        self.venv.step_async(self._executed)
+        if self._entry is None:
+            self._actions = actions
+            actions = self._executed = self.attack.act(actions)
+        self.venv.step_async(actions)
 
     def step_wait(self) -> VecEnvStepReturn:
         obs, rewards, dones, infos = self.venv.step_wait()
