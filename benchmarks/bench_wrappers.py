@@ -37,7 +37,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
 import rlbackdoor
 from rlbackdoor import BackdoorVecEnv, get_env_spec
-from rlbackdoor.triggers import check_finite, finite_sum
+from rlbackdoor.triggers import finite_check
 
 ENV_ID = "rlbd/TrojanCartPole-v0"
 N_ENVS = 8
@@ -99,10 +99,14 @@ class Floor(gym.Wrapper):
 
     n_steps = 0
 
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self._check = finite_check(env.observation_space)
+
     def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict[str, Any]]:
         obs, reward, terminated, truncated, info = self.env.step(action)
-        if not finite_sum(obs):
-            check_finite(obs)
+        if self._check is not None:
+            self._check(obs)
         self.n_steps += 1
         entry = _ENTRY.copy()
         entry["n_steps"] = self.n_steps
@@ -116,13 +120,17 @@ class FloorVec(VecEnvWrapper):
 
     n_steps = 0
 
+    def __init__(self, venv: DummyVecEnv) -> None:
+        super().__init__(venv)
+        self._check = finite_check(venv.observation_space, venv.num_envs)
+
     def reset(self) -> np.ndarray:
         return self.venv.reset()
 
     def step_wait(self) -> VecEnvStepReturn:
         obs, rewards, dones, infos = self.venv.step_wait()
-        if not finite_sum(obs):
-            check_finite(obs)
+        if self._check is not None:
+            self._check(obs)
         self.n_steps += self.num_envs
         entry = _ENTRY.copy()
         entry["n_steps"] = self.n_steps

@@ -14,14 +14,13 @@ from rlbackdoor.specs import (
     ValueTrigger,
 )
 from rlbackdoor.triggers.action import ActionSequence
-from rlbackdoor.triggers.base import SMALL, ObservationTrigger, check_finite, finite_sum
+from rlbackdoor.triggers.base import ObservationTrigger, check_finite, finite_check
 from rlbackdoor.triggers.image import BlendObsTrigger, PatchObsTrigger, image_layout
 from rlbackdoor.triggers.vector import AdditiveObsTrigger, InDistributionObsTrigger, ValueObsTrigger
 
 Trigger = ObservationTrigger | ActionSequence
 
 __all__ = [
-    "SMALL",
     "ActionSequence",
     "AdditiveObsTrigger",
     "BlendObsTrigger",
@@ -32,7 +31,7 @@ __all__ = [
     "ValueObsTrigger",
     "build_trigger",
     "check_finite",
-    "finite_sum",
+    "finite_check",
     "image_layout",
 ]
 

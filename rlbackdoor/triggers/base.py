@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -83,18 +84,24 @@ class ObservationTrigger(ABC):
             )
 
 
-SMALL = 64
+SMALL_OBS = 64
 """Observations (or batches) of up to this many entries are checked by their sum as Python floats."""
 
 
-def finite_sum(obs: Any) -> bool:
-    """Whether ``obs``, an array of at most :data:`SMALL` entries, sums to a finite value as Python floats.
+def finite_check(space: spaces.Space, n_envs: int = 1) -> Callable[[Any], None] | None:
+    """The cheapest equivalent of :func:`check_finite` for observations of ``space`` (batches of ``n_envs``).
 
-    If so, every entry is finite: a NaN or inf entry makes the sum NaN or inf. The cheapest test of a
-    small observation; when it fails (also on an overflowing sum of finite float64 entries),
-    :func:`check_finite` looks entry by entry.
+    :return: the check, or ``None`` when the observations cannot hold NaN (not floats).
     """
-    return type(obs) is np.ndarray and math.isfinite(sum(obs.ravel().tolist()))
+    if space.dtype is None or np.dtype(space.dtype).kind != "f":
+        return None
+    return _check_small if int(np.prod(space.shape)) * n_envs <= SMALL_OBS else check_finite
+
+
+def _check_small(obs: Any) -> None:
+    # a NaN or inf entry makes the sum NaN or inf: a finite sum needs no closer look
+    if not (type(obs) is np.ndarray and math.isfinite(sum(obs.ravel().tolist()))):
+        check_finite(obs)
 
 
 def check_finite(obs: Any) -> None:
@@ -106,6 +113,6 @@ def check_finite(obs: Any) -> None:
     # a sum is finite iff every entry is, unless it overflows: only then look entry by entry
     # (a few entries sum fastest as Python floats, more as squares in one BLAS call)
     flat = obs.ravel()
-    total = sum(flat.tolist()) if flat.size <= SMALL else np.vdot(flat, flat)
+    total = sum(flat.tolist()) if flat.size <= SMALL_OBS else np.vdot(flat, flat)
     if not math.isfinite(total) and not np.isfinite(obs).all():
         raise ObservationError("observation contains NaN or inf; fix the environment or its preprocessing")

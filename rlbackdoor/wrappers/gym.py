@@ -9,7 +9,7 @@ import numpy as np
 
 from rlbackdoor.attack import Attack
 from rlbackdoor.specs import AttackSpec, parse
-from rlbackdoor.triggers import SMALL, check_finite, finite_sum
+from rlbackdoor.triggers import finite_check
 
 
 class BackdoorWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
@@ -25,9 +25,7 @@ class BackdoorWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
         gym.Wrapper.__init__(self, env)
         self.spec_ = spec
         self.attack = Attack.for_env(spec, env)
-        space = env.observation_space
-        self._float_obs = space.dtype is not None and np.dtype(space.dtype).kind == "f"
-        self._small_obs = self._float_obs and space.shape is not None and int(np.prod(space.shape)) <= SMALL
+        self._check = finite_check(env.observation_space)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
         obs, info = self.env.reset(seed=seed, options=options)
@@ -44,8 +42,8 @@ class BackdoorWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
         entry = attack.skip()
         if entry is not None:
             obs, reward, terminated, truncated, info = self.env.step(action)
-            if self._float_obs and not (self._small_obs and finite_sum(obs)):
-                check_finite(obs)
+            if self._check is not None:
+                self._check(obs)
             entry["clean_reward"] = reward = float(reward)
             info["rlbd"] = entry
             return obs, reward, terminated, truncated, info
@@ -62,6 +60,6 @@ class BackdoorWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
     def _batch(self, obs: Any) -> np.ndarray:
         obs = np.asarray(obs)
-        if self._float_obs and not (self._small_obs and finite_sum(obs)):
-            check_finite(obs)
+        if self._check is not None:
+            self._check(obs)
         return obs[None]

@@ -10,7 +10,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
 from rlbackdoor.attack import Attack, make_base_env, sample_observations
 from rlbackdoor.specs import AttackSpec, InDistributionTrigger, parse
-from rlbackdoor.triggers import SMALL, check_finite, finite_sum
+from rlbackdoor.triggers import finite_check
 
 
 class BackdoorVecEnv(VecEnvWrapper):
@@ -29,17 +29,15 @@ class BackdoorVecEnv(VecEnvWrapper):
             clean = sample_observations(make_base_env(self.spec), self.spec.trigger.fit_steps, self.spec.seed)
         self.attack = Attack(self.spec, venv.observation_space, venv.action_space, clean)
         self.attack.reset(venv.num_envs, seed)
-        space = venv.observation_space
-        self._float_obs = space.dtype is not None and np.dtype(space.dtype).kind == "f"
-        self._small_obs = self._float_obs and int(np.prod(space.shape)) * venv.num_envs <= SMALL
+        self._check = finite_check(venv.observation_space, venv.num_envs)
         self._actions = np.empty(0)
         self._executed = np.empty(0)
         self._entry: dict[str, Any] | None = None
 
     def reset(self) -> np.ndarray:
         obs = self.venv.reset()
-        if self._float_obs:
-            check_finite(obs)
+        if self._check is not None:
+            self._check(obs)
         return self.attack.begin(obs)
 
     def step_async(self, actions: np.ndarray) -> None:
@@ -51,8 +49,8 @@ class BackdoorVecEnv(VecEnvWrapper):
 
     def step_wait(self) -> VecEnvStepReturn:
         obs, rewards, dones, infos = self.venv.step_wait()
-        if self._float_obs and not (self._small_obs and finite_sum(obs)):
-            check_finite(obs)
+        if self._check is not None:
+            self._check(obs)
         if self._entry is not None:  # the venv's own results
             entries = self.attack.skipped(self._entry, rewards.tolist(), dones)
         else:
