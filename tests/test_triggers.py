@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from rlbackdoor.errors import ObservationError, SpecError
 from rlbackdoor.poisoning.payloads import build_payload
 from rlbackdoor.specs import AttackSpec, parse
-from rlbackdoor.triggers import ActionSequence, ObservationTrigger, build_trigger
+from rlbackdoor.triggers import ActionSequence, ObservationTrigger, build_trigger, finite_check
 
 
 @dataclass
@@ -344,3 +344,25 @@ def test_action_sequence_reports_complete_matches_per_env() -> None:
     seq.observe(np.zeros(3, dtype=int))
     seq.clear(np.array([False, False, True]))  # a new episode in env 2 forgets its two zeros
     np.testing.assert_array_equal(seq.observe(np.ones(3, dtype=int)), [True, True, False])
+
+
+@pytest.mark.parametrize(("shape", "n_envs"), [((4,), 1), ((4,), 8), ((7, 7, 3), 1), ((100,), 1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_finite_check_finds_every_nan_and_inf_and_passes_huge_finite_values(
+    shape: tuple[int, ...], n_envs: int, dtype: type
+) -> None:
+    check = finite_check(spaces.Box(-np.inf, np.inf, shape, dtype), n_envs)
+    batch = (n_envs,) if n_envs > 1 else ()
+    obs = np.full(batch + shape, np.finfo(dtype).max / 2, dtype)  # finite; their sum overflows
+    check(obs)
+    check(obs.tolist())  # not an array: still checked
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = obs.copy()
+        broken.reshape(-1)[-1] = bad
+        with pytest.raises(ObservationError, match="NaN or inf"):
+            check(broken)
+
+
+def test_finite_check_skips_spaces_without_floats() -> None:
+    assert finite_check(spaces.Box(0, 255, (7, 7, 3), np.uint8)) is None
+    assert finite_check(spaces.Discrete(3)) is None
