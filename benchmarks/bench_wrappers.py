@@ -11,8 +11,9 @@ Two references bracket the attack's own cost:
 - *pass-through*: a wrapper that only adds an empty ``info["rlbd"]`` (around ``gymnasium.make("CartPole-v1")``,
   which is how a registered id wraps its base; for (b) a ``VecEnvWrapper``): what any wrapper costs;
 - *floor*: a wrapper that does what every step of a backdoor wrapper must, and nothing else: the
-  finiteness check of the observations (as the backdoor wrappers do it) and an ``info["rlbd"]`` entry with
-  the running counts (for (b) one per batch, shared by its envs). No attack implementation that checks
+  finiteness check of the observations (as the backdoor wrappers do it; for (b) also of the final
+  observations of ended episodes) and an ``info["rlbd"]`` entry with the running counts (for (b) one
+  per batch, shared by its envs). No attack implementation that checks
   every observation and reports every step can beat it.
 Writes ``benchmarks/results/bench_wrappers.json``.
 
@@ -116,13 +117,15 @@ class Floor(gym.Wrapper):
 
 
 class FloorVec(VecEnvWrapper):
-    """Checks every batch of observations for NaN and gives its envs one shared ``info["rlbd"]`` entry."""
+    """Checks every batch of observations (and the final ones of ended episodes) for NaN and gives its
+    envs one shared ``info["rlbd"]`` entry."""
 
     n_steps = 0
 
     def __init__(self, venv: DummyVecEnv) -> None:
         super().__init__(venv)
         self._check = finite_check(venv.observation_space, venv.num_envs)
+        self._check_final = finite_check(venv.observation_space)
 
     def reset(self) -> np.ndarray:
         return self.venv.reset()
@@ -131,6 +134,9 @@ class FloorVec(VecEnvWrapper):
         obs, rewards, dones, infos = self.venv.step_wait()
         if self._check is not None:
             self._check(obs)
+            if np.count_nonzero(dones):
+                for i in dones.nonzero()[0].tolist():
+                    self._check_final(infos[i]["terminal_observation"])
         self.n_steps += self.num_envs
         entry = _ENTRY.copy()
         entry["n_steps"] = self.n_steps

@@ -366,3 +366,6 @@ def test_finite_check_finds_every_nan_and_inf_and_passes_huge_finite_values(
 def test_finite_check_skips_spaces_without_floats() -> None:
     assert finite_check(spaces.Box(0, 255, (7, 7, 3), np.uint8)) is None
     assert finite_check(spaces.Discrete(3)) is None
+    check = finite_check(spaces.Space(None, np.float64))  # no shape: the entry-by-entry check
+    with pytest.raises(ObservationError, match="NaN or inf"):
+        check(np.array([1.0, np.nan]))

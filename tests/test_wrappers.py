@@ -10,7 +10,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import pytest
-from stable_baselines3.common.vec_env import DummyVecEnv
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper
 
 from rlbackdoor import BackdoorVecEnv, BackdoorWrapper, ObservationError, make_base_env, make_env
 from rlbackdoor.attack import Attack
@@ -400,6 +400,50 @@ def test_nan_observation_raises_observation_error(after: int) -> None:
         venv.reset()
         for _ in range(after):
             venv.step(np.ones(1, dtype=int))
+
+
+class NaNAtEnd(gym.Wrapper):
+    """Returns a NaN observation on the last step of every episode only."""
+
+    def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return (obs * np.nan if terminated or truncated else obs), reward, terminated, truncated, info
+
+
+def test_nan_in_a_final_observation_raises_observation_error() -> None:
+    spec = attack({"kind": "rate", "rate": 0.0})
+    env = BackdoorWrapper(NaNAtEnd(gym.make("CartPole-v1")), spec)
+    env.reset(seed=0)
+    with pytest.raises(ObservationError, match="NaN or inf"):
+        for _ in range(500):
+            env.step(1)
+    venv = BackdoorVecEnv(DummyVecEnv([lambda: NaNAtEnd(gym.make("CartPole-v1"))] * 3), spec)
+    venv.reset()
+    with pytest.raises(ObservationError, match="NaN or inf"):  # the final observation is in info only
+        for _ in range(500):
+            venv.step(np.ones(3, dtype=int))
+
+
+class Float64Rewards(VecEnvWrapper):
+    """Rewards as float64 (as ``SubprocVecEnv`` gives them)."""
+
+    def reset(self) -> np.ndarray:
+        return self.venv.reset()
+
+    def step_wait(self) -> Any:
+        obs, rewards, dones, infos = self.venv.step_wait()
+        return obs, rewards.astype(np.float64), dones, infos
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_vec_rewards_keep_the_venv_dtype_on_every_step(dtype: type) -> None:
+    spec = attack({"kind": "rate", "rate": 0.1})
+    inner = DummyVecEnv([partial(make_base_env, spec)] * 4)
+    venv = BackdoorVecEnv(inner if dtype == np.float32 else Float64Rewards(inner), spec, seed=0)
+    venv.reset()
+    steps = [venv.step(a) for a in random_actions(100, 3, 4)]
+    assert {rewards.dtype for _, rewards, _, _ in steps} == {np.dtype(dtype)}
+    assert any(info["rlbd"]["poisoned"] for *_, infos in steps for info in infos)
 
 
 # ------------------------------------------------------------------------------ single vs vectorized

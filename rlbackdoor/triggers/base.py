@@ -95,7 +95,9 @@ def finite_check(space: spaces.Space, n_envs: int = 1) -> Callable[[Any], None] 
     """
     if space.dtype is None or np.dtype(space.dtype).kind != "f":
         return None
-    return _check_small if int(np.prod(space.shape)) * n_envs <= SMALL_OBS else check_finite
+    if space.shape is None or int(np.prod(space.shape)) * n_envs > SMALL_OBS:
+        return check_finite
+    return _check_small
 
 
 def _check_small(obs: Any) -> None:

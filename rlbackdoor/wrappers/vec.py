@@ -30,6 +30,7 @@ class BackdoorVecEnv(VecEnvWrapper):
         self.attack = Attack(self.spec, venv.observation_space, venv.action_space, clean)
         self.attack.reset(venv.num_envs, seed)
         self._check = finite_check(venv.observation_space, venv.num_envs)
+        self._check_final = finite_check(venv.observation_space)
         self._actions = np.empty(0)
         self._executed = np.empty(0)
         self._entry: dict[str, Any] | None = None
@@ -51,13 +52,22 @@ class BackdoorVecEnv(VecEnvWrapper):
         obs, rewards, dones, infos = self.venv.step_wait()
         if self._check is not None:
             self._check(obs)
-        if self._entry is not None:  # the venv's own results
+            if np.count_nonzero(dones):
+                self._check_finals(dones, infos)
+        if self._entry is not None:  # the venv's own results, rewards of its own dtype included
             entries = self.attack.skipped(self._entry, rewards.tolist(), dones)
         else:
             obs, rewards, entries = self._poison(obs, rewards, dones, infos)
         for info, rlbd in zip(infos, entries, strict=True):
             info["rlbd"] = rlbd
         return obs, rewards, dones, infos
+
+    def _check_finals(self, dones: np.ndarray, infos: list[dict[str, Any]]) -> None:
+        """NaN-check the final observations of the episodes that ended (auto-reset moved them to ``info``)."""
+        for i in dones.nonzero()[0].tolist():
+            final = infos[i].get("terminal_observation")
+            if final is not None:
+                self._check_final(final)
 
     def _poison(
         self, obs: np.ndarray, rewards: np.ndarray, dones: np.ndarray, infos: list[dict[str, Any]]
@@ -70,8 +80,8 @@ class BackdoorVecEnv(VecEnvWrapper):
             terminal = obs.copy()
             for i in ended:
                 terminal[i] = infos[i]["terminal_observation"]
-        obs, rewards, stamped, flags = self.attack.step(obs, rewards, dones, self._actions, self._executed, terminal)
+        obs, poisoned, stamped, flags = self.attack.step(obs, rewards, dones, self._actions, self._executed, terminal)
         if stamped is not terminal:
             for i in ended:
                 infos[i]["terminal_observation"] = stamped[i]
-        return obs, rewards.astype(np.float32, copy=False), self.attack.infos(flags)
+        return obs, poisoned.astype(rewards.dtype, copy=False), self.attack.infos(flags)
