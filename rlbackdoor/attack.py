@@ -191,10 +191,7 @@ class Attack(PoisonCounts):
             "hit": False,
             "target": self._target,
             "clean_reward": 0.0,
-            "n_steps": self.n_steps,
-            "n_poisoned": self.n_poisoned,
-            "n_triggered": self.n_triggered,
-            "n_hits": self.n_hits,
+            **self.counts(),
         }
 
     @property
