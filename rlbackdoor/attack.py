@@ -119,7 +119,7 @@ class Attack(PoisonCounts):
     """
 
     BLOCK = 16384
-    """Uniform draws per pre-drawn block (two per env and step): fewer, larger blocks cost less per step."""
+    """Uniform draws per pre-drawn block (a row of two per env and step): fewer, larger blocks cost less per step."""
 
     def __init__(
         self,
@@ -153,8 +153,8 @@ class Attack(PoisonCounts):
     @schedule.setter
     def schedule(self, schedule: Schedule) -> None:
         self._schedule = schedule
-        self._silent = schedule.silent(self._draws[:, :, 0])
-        self._skippable = self._calm = False
+        self._silence()
+        self._quiet = 0
 
     # ------------------------------------------------------------------------------------- state
     def reset(self, n_envs: int, seed: int | None = None) -> None:
@@ -163,8 +163,7 @@ class Attack(PoisonCounts):
         self.rng = np.random.default_rng(np.random.SeedSequence(key))
         self.n = n_envs
         self.n_steps = self.n_poisoned = self.n_triggered = self.n_hits = 0
-        self._clock = 0  # steps so far; env i's episode began at step self._origin[i]
-        self._origin = np.zeros(n_envs, dtype=np.int64)
+        self._origin = np.zeros(n_envs, dtype=np.int64)  # env i's episode began at step self._origin[i] of the batch
         self.left = np.zeros(n_envs, dtype=np.int64)
         self.inject = np.full(n_envs, -1, dtype=np.int64)
         self._none = np.zeros(n_envs, dtype=bool)
@@ -173,60 +172,59 @@ class Attack(PoisonCounts):
         self._every.flags.writeable = False
         self.armed = self._none
         self._idle = True  # no trigger running and no action sequence being injected, in any env
-        self._skippable = False  # the silent draws are known and no action trigger is watched
-        self._calm = False  # skippable, with no trigger armed or running: the next step may be skipped
         self._schedule.reset(n_envs)
         if self.sequence is not None:
             self.sequence.reset(n_envs)
         self._draws = np.empty((0, n_envs, 2))
-        self._silent: list[bool] | None = None
-        self._next = 0
-        self._recount()
-
-    def _recount(self) -> None:
-        """Refresh the template of clean ``info["rlbd"]`` entries after the counts other than ``n_steps`` changed."""
-        self._clean = {
-            "poisoned": False,
-            "triggered": False,
-            "hit": False,
-            "target": self._target,
-            "clean_reward": 0.0,
-            **self.counts(),
-        }
+        self._silence()
+        self._next = 0  # the next row of draws
+        self._quiet = 0  # rows _next .. _quiet - 1 may be skipped: nothing armed or running, their decisions silent
+        self._clean: dict[str, Any] | None = None  # template of clean info["rlbd"] entries, built when first needed
 
     @property
     def t(self) -> np.ndarray:
         """Each env's step within its episode."""
-        return self._clock - self._origin
+        return self.n_steps // self.n - self._origin
 
     def _row(self) -> int:
-        """Index of the next row of two uniform draws per env (schedule, forced action) in the pre-drawn block."""
+        """Index of the next row of two uniform draws per env in the pre-drawn block: one row per step, its
+        first draw for the decision on the step's new observation, its second for the forced action."""
         if self._next >= len(self._draws):
             self._draws = self.rng.random((max(64, self.BLOCK // (2 * self.n)), self.n, 2))
-            self._silent = self._schedule.silent(self._draws[:, :, 0])
-            self._skippable = self._silent is not None and self.sequence is None
+            self._silence()
             self._next = 0
         self._next += 1
         return self._next - 1
 
+    def _silence(self) -> None:
+        """Find the silent decisions of the block (``None`` when unknown), closed by a sentinel that is not."""
+        silent = self._schedule.silent(self._draws[:, :, 0])
+        self._silent = None if silent is None else [*silent, False]
+
+    def _settle(self, calm: bool) -> None:
+        """After a decision: when ``calm`` (nothing armed or running) and no action trigger is watched, the
+        steps up to the next decision that is not silent may be skipped."""
+        skippable = calm and self._silent is not None and self.sequence is None
+        self._quiet = self._silent.index(False, self._next) if skippable else 0
+
     def _restart(self, mask: np.ndarray) -> None:
-        self._origin[mask] = self._clock
+        self._origin[mask] = self.n_steps // self.n
         if not self._idle:
             self.left[mask] = 0
             self.inject[mask] = -1
         if self.sequence is not None:
             self.sequence.clear(mask)
 
-    def _decide(self, obs: np.ndarray, starts: np.ndarray, live: np.ndarray) -> np.ndarray:
-        """Choose which ``live`` envs' next observation is triggered; stamp it; return the observations."""
-        row = self._row()
+    def _decide(self, obs: np.ndarray, starts: np.ndarray, live: np.ndarray, row: int) -> np.ndarray:
+        """Choose which ``live`` envs' next observation is triggered, with the draws of ``row``; stamp it;
+        return the observations."""
         if self._idle and (
             self._silent[row]
             if self._silent is not None
             else self._schedule.quiet(self.n if live is self._every else int(np.count_nonzero(live)))
         ):
             self.armed = self._none  # nothing running and nothing can fire: no work
-            self._calm = self._skippable
+            self._settle(True)
             return obs
         if self._idle and self.obs_trigger is not None and self._schedule.max_poisoned is None:
             return self._start(obs, starts, live, row)
@@ -249,13 +247,13 @@ class Attack(PoisonCounts):
             self.left[armed] -= 1
             self.armed = armed
             self.n_triggered += n_armed
-            self._recount()
+            self._clean = None  # the counts changed
             if self.obs_trigger is not None:
                 obs = self.obs_trigger.apply(obs, armed)
         self._idle = not np.count_nonzero(self.left) and (
             self.sequence is None or not np.count_nonzero(self.inject >= 0)
         )
-        self._calm = self._skippable and self._idle and not n_armed
+        self._settle(self._idle and not n_armed)
         return obs
 
     def _start(self, obs: np.ndarray, starts: np.ndarray, live: np.ndarray, row: int) -> np.ndarray:
@@ -265,15 +263,15 @@ class Attack(PoisonCounts):
         n_armed = int(np.count_nonzero(armed))
         if not n_armed:
             self.armed = self._none
-            self._calm = self._skippable
+            self._settle(True)
             return obs
-        self._calm = False
+        self._quiet = 0
         if self._schedule.duration > 1:
             self.left[armed] = self._schedule.duration - 1
             self._idle = False
         self.armed = armed
         self.n_triggered += n_armed
-        self._recount()
+        self._clean = None  # the counts changed
         return self.obs_trigger.apply(obs, armed)
 
     def running(self, mask: np.ndarray) -> bool:
@@ -289,35 +287,34 @@ class Attack(PoisonCounts):
         """Take the next step of the batch without work if nothing can happen in it, else change nothing.
 
         Nothing can happen when no trigger is armed or running, no action trigger is watched and the
-        next decision's draws are silent. The step's results are then the env's own: a skipped step
-        leaves the attack exactly where :meth:`act` and :meth:`step` would have. With auto-reset, pass
-        the step's rewards and episode ends to :meth:`skipped` afterwards.
+        step's decision is silent. The step's results are then the env's own: a skipped step leaves the
+        attack exactly where :meth:`act` and :meth:`step` would have. With auto-reset, pass the step's
+        rewards and ended episodes to :meth:`skipped` afterwards.
 
         :return: the step's clean ``info["rlbd"]`` entry (``clean_reward`` still to fill in), or ``None``
             when the step was not taken.
         """
-        decision = self._next + 1  # act's row comes first
-        if not self._calm or decision >= len(self._silent) or not self._silent[decision]:
+        if self._next >= self._quiet:
             return None
-        self._next += 2
-        self._clock += 1
+        self._next += 1
         self.n_steps += self.n
         return self._entry()
 
-    def skipped(self, entry: dict[str, Any], rewards: list[float], dones: np.ndarray) -> list[dict[str, Any]]:
-        """Finish a step of an auto-resetting batch that :meth:`skip` took: new episodes begin in the ``dones``
-        envs; return every env's ``info["rlbd"]`` entry (see :meth:`clean_infos`)."""
-        self._origin[dones] = self._clock  # nothing runs while steps are skipped: only the episode clocks restart
+    def skipped(self, entry: dict[str, Any], rewards: list[float], ended: list[int]) -> list[dict[str, Any]]:
+        """Finish a step of an auto-resetting batch that :meth:`skip` took: new episodes begin in the ``ended``
+        envs (indices); return every env's ``info["rlbd"]`` entry (see :meth:`clean_infos`)."""
+        if ended:  # nothing runs while steps are skipped: only the episode clocks restart
+            self._origin[ended] = self.n_steps // self.n
         return self.clean_infos(rewards, entry)
 
     def begin(self, obs: np.ndarray) -> np.ndarray:
         """First observations of new episodes in every env of the batch."""
-        if self._calm and self._next < len(self._silent) and self._silent[self._next]:
+        if self._next < self._quiet:
             self._next += 1  # a silent decision with nothing running: the episodes just start
-            self._origin.fill(self._clock)
+            self._origin.fill(self.n_steps // self.n)
             return obs
         self._restart(self._every)
-        return self._decide(obs, self._every, self._every)
+        return self._decide(obs, self._every, self._every, self._row())
 
     def act(self, actions: np.ndarray) -> np.ndarray:
         """Actions to execute: the payload may force the target; an action trigger may be injected."""
@@ -362,29 +359,38 @@ class Attack(PoisonCounts):
             rewards = self.payload.reward(rewards, actions, poisoned)
             self.n_poisoned += int(np.count_nonzero(poisoned))
             self.n_hits += int(np.count_nonzero(hit))
-            self._recount()
+            self._clean = None  # the counts changed
         self.n_steps += self.n
         if self.sequence is not None:
             matched = self.sequence.observe(executed)
             if matched.any():
                 self.left[matched & (self.left == 0)] = self._schedule.duration
                 self._idle = False
-        self._clock += 1
+        row = self._next - 1  # the step's row, drawn by act
         ended = np.count_nonzero(dones) > 0
         if terminal_obs is not None:
             if ended:
                 terminal_obs = self._continuing(terminal_obs, dones)
                 self._restart(dones)
-            obs = self._decide(obs, dones, self._every)
+            obs = self._decide(obs, dones, self._every, row)
         elif ended:
-            obs = self._decide(self._continuing(obs, dones), self._none, ~dones)
+            obs = self._decide(self._continuing(obs, dones), self._none, ~dones, row)
         else:
-            obs = self._decide(obs, self._none, self._every)
+            obs = self._decide(obs, self._none, self._every, row)
         return obs, rewards, terminal_obs, StepFlags(poisoned, self.armed, hit, clean_reward)
 
     # ----------------------------------------------------------------------------------- reports
     def _entry(self) -> dict[str, Any]:
         """A fresh clean ``info["rlbd"]`` entry of this step (``clean_reward`` still to fill in)."""
+        if self._clean is None:  # the template of this step's clean entries, rebuilt after the counts changed
+            self._clean = {
+                "poisoned": False,
+                "triggered": False,
+                "hit": False,
+                "target": self._target,
+                "clean_reward": 0.0,
+                **self.counts(),
+            }
         entry = self._clean.copy()
         entry["n_steps"] = self.n_steps
         return entry

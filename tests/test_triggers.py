@@ -346,7 +346,7 @@ def test_action_sequence_reports_complete_matches_per_env() -> None:
     np.testing.assert_array_equal(seq.observe(np.ones(3, dtype=int)), [True, True, False])
 
 
-@pytest.mark.parametrize(("shape", "n_envs"), [((4,), 1), ((4,), 8), ((7, 7, 3), 1), ((100,), 1)])
+@pytest.mark.parametrize(("shape", "n_envs"), [((4,), 1), ((4,), 8), ((2, 3), 1), ((7, 7, 3), 1), ((100,), 1)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_finite_check_finds_every_nan_and_inf_and_passes_huge_finite_values(
     shape: tuple[int, ...], n_envs: int, dtype: type
@@ -361,6 +361,8 @@ def test_finite_check_finds_every_nan_and_inf_and_passes_huge_finite_values(
         broken.reshape(-1)[-1] = bad
         with pytest.raises(ObservationError, match="NaN or inf"):
             check(broken)
+        with pytest.raises(ObservationError, match="NaN or inf"):
+            check(broken[None])  # a misshapen observation: still checked
 
 
 def test_finite_check_skips_spaces_without_floats() -> None:

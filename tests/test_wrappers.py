@@ -490,7 +490,7 @@ def test_skipped_steps_are_indistinguishable_from_worked_ones(schedule: dict[str
     def begin_worked(self: Attack, obs: np.ndarray) -> np.ndarray:
         """``Attack.begin`` without its fast path for quiet episode starts."""
         self._restart(self._every)
-        return self._decide(obs, self._every, self._every)
+        return self._decide(obs, self._every, self._every, self._row())
 
     spec = attack(schedule, {"kind": "targeted", "target_action": 0, "force_action_prob": 0.5})
     actions = random_actions(600, 3, 4)

@@ -50,33 +50,28 @@ class BackdoorVecEnv(VecEnvWrapper):
 
     def step_wait(self) -> VecEnvStepReturn:
         obs, rewards, dones, infos = self.venv.step_wait()
+        ended = dones.nonzero()[0].tolist()
         if self._check is not None:
             self._check(obs)
-            if np.count_nonzero(dones):
-                self._check_finals(dones, infos)
+            for i in ended:  # auto-reset moved the final observations into info
+                final = infos[i].get("terminal_observation")
+                if final is not None:
+                    self._check_final(final)
         if self._entry is not None:  # the venv's own results, rewards of its own dtype included
-            entries = self.attack.skipped(self._entry, rewards.tolist(), dones)
+            entries = self.attack.skipped(self._entry, rewards.tolist(), ended)
         else:
-            obs, rewards, entries = self._poison(obs, rewards, dones, infos)
+            obs, rewards, entries = self._poison(obs, rewards, dones, ended, infos)
         for info, rlbd in zip(infos, entries, strict=True):
             info["rlbd"] = rlbd
         return obs, rewards, dones, infos
 
-    def _check_finals(self, dones: np.ndarray, infos: list[dict[str, Any]]) -> None:
-        """NaN-check the final observations of the episodes that ended (auto-reset moved them to ``info``)."""
-        for i in dones.nonzero()[0].tolist():
-            final = infos[i].get("terminal_observation")
-            if final is not None:
-                self._check_final(final)
-
     def _poison(
-        self, obs: np.ndarray, rewards: np.ndarray, dones: np.ndarray, infos: list[dict[str, Any]]
+        self, obs: np.ndarray, rewards: np.ndarray, dones: np.ndarray, ended: list[int], infos: list[dict[str, Any]]
     ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
         """The attack's step on the batch; stamps running triggers into ``terminal_observation``s."""
         # the final observations matter only where a trigger still runs; else ``obs`` stands in for them
         terminal = obs
-        ended = dones.nonzero()[0] if self.attack.running(dones) else ()
-        if len(ended):
+        if ended and self.attack.running(dones):
             terminal = obs.copy()
             for i in ended:
                 terminal[i] = infos[i]["terminal_observation"]
