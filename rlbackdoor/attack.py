@@ -119,7 +119,8 @@ class Attack(PoisonCounts):
     """
 
     BLOCK = 16384
-    """Uniform draws per pre-drawn block (a row of two per env and step): fewer, larger blocks cost less per step."""
+    """Uniform draws per pre-drawn block (a row of two per env for each step and episode start): fewer, larger
+    blocks cost less per step."""
 
     def __init__(
         self,
@@ -187,12 +188,14 @@ class Attack(PoisonCounts):
         return self.n_steps // self.n - self._origin
 
     def _row(self) -> int:
-        """Index of the next row of two uniform draws per env in the pre-drawn block: one row per step, its
-        first draw for the decision on the step's new observation, its second for the forced action."""
+        """Index of the next row of two uniform draws per env in the pre-drawn block. A step's row (drawn by
+        :meth:`act`) holds the forced-action draw of its action and the decision draw for its new observation;
+        :meth:`begin` draws a row for its decision alone."""
         if self._next >= len(self._draws):
             self._draws = self.rng.random((max(64, self.BLOCK // (2 * self.n)), self.n, 2))
             self._silence()
             self._next = 0
+            self._quiet = 0  # its decisions are not yet known to be skippable
         self._next += 1
         return self._next - 1
 
@@ -341,7 +344,7 @@ class Attack(PoisonCounts):
         executed: np.ndarray,
         terminal_obs: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, StepFlags]:
-        """Poison one step of the batch.
+        """Poison one step of the batch (after :meth:`act` on its actions, whose row of draws it shares).
 
         :param obs: observations the env returned (after auto-reset for vectorized envs).
         :param rewards: clean rewards.

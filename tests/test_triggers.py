@@ -346,13 +346,15 @@ def test_action_sequence_reports_complete_matches_per_env() -> None:
     np.testing.assert_array_equal(seq.observe(np.ones(3, dtype=int)), [True, True, False])
 
 
-@pytest.mark.parametrize(("shape", "n_envs"), [((4,), 1), ((4,), 8), ((2, 3), 1), ((7, 7, 3), 1), ((100,), 1)])
+@pytest.mark.parametrize(
+    ("shape", "n_envs"), [((4,), None), ((4,), 1), ((4,), 8), ((2, 3), None), ((7, 7, 3), None), ((100,), None)]
+)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_finite_check_finds_every_nan_and_inf_and_passes_huge_finite_values(
-    shape: tuple[int, ...], n_envs: int, dtype: type
+    shape: tuple[int, ...], n_envs: int | None, dtype: type
 ) -> None:
     check = finite_check(spaces.Box(-np.inf, np.inf, shape, dtype), n_envs)
-    batch = (n_envs,) if n_envs > 1 else ()
+    batch = () if n_envs is None else (n_envs,)
     obs = np.full(batch + shape, np.finfo(dtype).max / 2, dtype)  # finite; their sum overflows
     check(obs)
     check(obs.tolist())  # not an array: still checked

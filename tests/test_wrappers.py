@@ -468,6 +468,12 @@ def test_single_and_vec_wrappers_poison_the_same_steps_of_each_episode(schedule:
 
 
 # ------------------------------------------------------------------------------- skipping quiet steps
+def _begin_worked(self: Attack, obs: np.ndarray) -> np.ndarray:
+    """``Attack.begin`` without its fast path for quiet episode starts."""
+    self._restart(self._every)
+    return self._decide(obs, self._every, self._every, self._row())
+
+
 @pytest.mark.parametrize("per", ["step", "episode"])
 @pytest.mark.parametrize("rate", [0.0, 0.05, 0.5, 1.0])
 def test_silent_decisions_never_fire(per: str, rate: float) -> None:
@@ -487,23 +493,64 @@ def test_silent_decisions_never_fire(per: str, rate: float) -> None:
     ids=["per-step", "per-episode"],
 )
 def test_skipped_steps_are_indistinguishable_from_worked_ones(schedule: dict[str, Any], monkeypatch) -> None:
-    def begin_worked(self: Attack, obs: np.ndarray) -> np.ndarray:
-        """``Attack.begin`` without its fast path for quiet episode starts."""
-        self._restart(self._every)
-        return self._decide(obs, self._every, self._every, self._row())
-
     spec = attack(schedule, {"kind": "targeted", "target_action": 0, "force_action_prob": 0.5})
     actions = random_actions(600, 3, 4)
     fast_single, fast_vec = run_single(spec, actions[:, 0].tolist(), 5), run_vec(spec, actions, 5)
     with monkeypatch.context() as patch:
         patch.setattr(Attack, "skip", lambda self: None)
-        patch.setattr(Attack, "begin", begin_worked)
+        patch.setattr(Attack, "begin", _begin_worked)
         slow_single, slow_vec = run_single(spec, actions[:, 0].tolist(), 5), run_vec(spec, actions, 5)
     for name in ("obs", "next_obs", "rewards", "dones", "infos"):
         assert _equal(getattr(fast_single, name), getattr(slow_single, name)), name
     for name in ("obs", "rewards", "dones", "infos"):
         assert _equal(fast_vec[name], slow_vec[name]), name
     assert 0 < fast_vec["poisoned"].sum() < fast_vec["poisoned"].size
+
+
+class NaNOnce(gym.Wrapper):
+    """Returns one NaN observation, on the step after ``poison_next`` is set."""
+
+    poison_next = False
+
+    def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if self.poison_next:
+            obs, self.poison_next = np.full_like(obs, np.nan), False
+        return obs, reward, terminated, truncated, info
+
+
+def test_a_step_that_raises_after_new_draws_leaves_no_stale_skips(monkeypatch) -> None:
+    """A NaN observation raises in the step whose ``act`` drew a new block of draws; after a reset the attack
+    triggers exactly where an attack that never skips does."""
+    monkeypatch.setattr(Attack, "BLOCK", 128)  # 64 rows per block for one env: block ends come quickly
+    spec = attack({"kind": "rate", "rate": 0.3})
+
+    def triggered_after_nan() -> list[bool]:
+        base = NaNOnce(make_base_env(spec))
+        env = BackdoorWrapper(base, spec)
+        env.reset(seed=0)
+        flags: list[bool] = []
+        for k in range(300):
+            if k > 0 and env.attack._next == len(env.attack._draws) and not flags:  # this step's act draws anew
+                base.poison_next = True
+                with pytest.raises(ObservationError):
+                    env.step(0)
+                _, info = env.reset()
+                flags.append(info["rlbd"]["triggered"])
+                continue
+            _, _, terminated, truncated, info = env.step(k % 2)
+            if flags:
+                flags.append(info["rlbd"]["triggered"])
+            if terminated or truncated:
+                env.reset()
+        return flags
+
+    fast = triggered_after_nan()
+    with monkeypatch.context() as patch:
+        patch.setattr(Attack, "skip", lambda self: None)
+        patch.setattr(Attack, "begin", _begin_worked)
+        slow = triggered_after_nan()
+    assert len(fast) > 100 and fast == slow and any(fast[:64])
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.05])

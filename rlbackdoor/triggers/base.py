@@ -88,16 +88,17 @@ SMALL_OBS = 64
 """Observations (or batches) of up to this many entries are checked by their sum as Python floats."""
 
 
-def finite_check(space: spaces.Space, n_envs: int = 1) -> Callable[[Any], None] | None:
-    """The cheapest equivalent of :func:`check_finite` for observations of ``space`` (batches of ``n_envs``).
+def finite_check(space: spaces.Space, n_envs: int | None = None) -> Callable[[Any], None] | None:
+    """The cheapest equivalent of :func:`check_finite` for observations of ``space``.
 
+    :param n_envs: check batches of this many observations (leading axis); ``None`` for single observations.
     :return: the check, or ``None`` when the observations cannot hold NaN (not floats).
     """
     if space.dtype is None or np.dtype(space.dtype).kind != "f":
         return None
-    if space.shape is None or int(np.prod(space.shape)) * n_envs > SMALL_OBS:
+    if space.shape is None or int(np.prod(space.shape)) * (n_envs or 1) > SMALL_OBS:
         return check_finite
-    return _check_vector if n_envs == 1 and len(space.shape) == 1 else _check_small
+    return _check_vector if n_envs is None and len(space.shape) == 1 else _check_small
 
 
 # As check_finite, with the sum taken over Python floats: for a few entries cheaper than a BLAS call.
