@@ -101,7 +101,7 @@ def finite_check(space: spaces.Space, n_envs: int | None = None) -> Callable[[An
     return _check_vector if n_envs is None and len(space.shape) == 1 else _check_small
 
 
-# As check_finite, with the sum taken over Python floats: for a few entries cheaper than a BLAS call.
+# The small checks: as check_finite, with the sum taken over Python floats (for a few entries cheaper than BLAS).
 def _check_small(obs: Any) -> None:
     if not (type(obs) is np.ndarray and math.isfinite(sum(obs.ravel().tolist()))):
         check_finite(obs)
