@@ -1,7 +1,11 @@
 """Speed of the backdoor wrappers: env steps/s with and without the attack, measured side by side.
 
-(a) one CartPole-v1 env: ``gymnasium.make("CartPole-v1")`` vs ``gymnasium.make("rlbackdoor:rlbd/TrojanCartPole-v0")``;
-(b) SB3 ``DummyVecEnv`` of 8 CartPole envs vs ``BackdoorVecEnv`` around an identical ``DummyVecEnv``.
+(a) one env: the clean base env (for ``rlbd/TrojanCartPole-v0``, ``gymnasium.make("CartPole-v1")``) vs
+    ``gymnasium.make("rlbackdoor:<id>")``;
+(b) SB3 ``DummyVecEnv`` of 8 clean base envs vs ``BackdoorVecEnv`` around an identical ``DummyVecEnv``.
+
+The issue's targets are for ``rlbd/TrojanCartPole-v0`` (the default); ``--env`` measures another registered
+id the same way, to see the fixed per-step cost against a costlier env step.
 
 All step through the same pre-drawn actions; the runs alternate within each repetition (the order
 rotates every repetition) and a reported ratio is the median over repetitions of poisoned / clean
@@ -15,9 +19,9 @@ Two references bracket the attack's own cost:
   observations of ended episodes) and an ``info["rlbd"]`` entry with the running counts (for (b) one
   per batch, shared by its envs). No attack implementation that checks
   every observation and reports every step can beat it.
-Writes ``benchmarks/results/bench_wrappers.json``.
+Writes ``benchmarks/results/bench_wrappers.json`` (other ids: ``bench_wrappers-<Name>.json``).
 
-    .venv/bin/python benchmarks/bench_wrappers.py [--repeats 9] [--steps 20000]
+    .venv/bin/python benchmarks/bench_wrappers.py [--repeats 9] [--steps 20000] [--env rlbd/TrojanAcrobot-v0]
 """
 
 from __future__ import annotations
@@ -37,16 +41,17 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
 import rlbackdoor
-from rlbackdoor import BackdoorVecEnv, get_env_spec
+from rlbackdoor import BackdoorVecEnv, get_env_spec, make_base_env
+from rlbackdoor.specs import AttackSpec
 from rlbackdoor.triggers import finite_check
 
 ENV_ID = "rlbd/TrojanCartPole-v0"
 N_ENVS = 8
 TARGETS = {"single": 0.85, "vec": 0.97}
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_wrappers.json"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def single_rate(env: gym.Env, actions: list[int]) -> float:
+def single_rate(env: gym.Env, actions: list[Any]) -> float:
     """Steps per second of one env through ``actions`` (resetting at episode ends)."""
     env.reset(seed=0)
     step, reset = env.step, env.reset
@@ -145,13 +150,8 @@ class FloorVec(VecEnvWrapper):
         return obs, rewards, dones, infos
 
 
-def _reference() -> gym.Env:
-    """The pass-through wrapper where a registered id puts the ``BackdoorWrapper``."""
-    return PassThrough(gym.make("CartPole-v1"))
-
-
-def _cartpoles() -> DummyVecEnv:
-    return DummyVecEnv([lambda: gym.make("CartPole-v1")] * N_ENVS)
+def _clean_vec(spec: AttackSpec) -> DummyVecEnv:
+    return DummyVecEnv([lambda: make_base_env(spec)] * N_ENVS)
 
 
 def compare(envs: dict[str, Any], rate: Callable[[Any, Any], float], actions: Any, repeats: int) -> dict[str, Any]:
@@ -178,32 +178,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=9, help="interleaved repetitions")
     parser.add_argument("--steps", type=int, default=20000, help="env steps per run (vectorized: over all envs)")
+    parser.add_argument("--env", default=ENV_ID, help="a registered rlbd/ id (the targets are for the default)")
     args = parser.parse_args(argv)
 
-    rng = np.random.default_rng(0)
-    single_actions = rng.integers(0, 2, args.steps).tolist()
-    vec_actions = rng.integers(0, 2, (args.steps // N_ENVS, N_ENVS))
+    spec = get_env_spec(args.env)
+    space = make_base_env(spec).action_space
+    space.seed(0)
+    drawn = np.stack([space.sample() for _ in range(args.steps // N_ENVS * N_ENVS)])
+    vec_actions = drawn.reshape(args.steps // N_ENVS, N_ENVS, *space.shape)
+    single_actions = drawn.tolist() if isinstance(space, gym.spaces.Discrete) else list(drawn)  # as an agent gives them
     single = {
-        "clean": gym.make("CartPole-v1"),
-        "poisoned": gym.make(f"rlbackdoor:{ENV_ID}"),
-        "reference": _reference(),
-        "floor": Floor(gym.make("CartPole-v1")),
+        "clean": make_base_env(spec),
+        "poisoned": gym.make(f"rlbackdoor:{args.env}"),
+        "reference": PassThrough(make_base_env(spec)),  # where a registered id puts the BackdoorWrapper
+        "floor": Floor(make_base_env(spec)),
     }
     vec = {
-        "clean": _cartpoles(),
-        "poisoned": BackdoorVecEnv(_cartpoles(), get_env_spec(ENV_ID), seed=0),
-        "reference": PassThroughVec(_cartpoles()),
-        "floor": FloorVec(_cartpoles()),
+        "clean": _clean_vec(spec),
+        "poisoned": BackdoorVecEnv(_clean_vec(spec), spec, seed=0),
+        "reference": PassThroughVec(_clean_vec(spec)),
+        "floor": FloorVec(_clean_vec(spec)),
     }
     results = {
         "single": compare(single, single_rate, single_actions, args.repeats),
         "vec": compare(vec, vec_rate, vec_actions, args.repeats),
     }
-    for name, target in TARGETS.items():
-        results[name]["target"] = target
+    if args.env == ENV_ID:
+        for name, target in TARGETS.items():
+            results[name]["target"] = target
     report = {
         **results,
-        "env": ENV_ID,
+        "env": args.env,
         "n_envs": N_ENVS,
         "steps": args.steps,
         "repeats": args.repeats,
@@ -216,18 +221,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "machine": platform.machine(),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
+    name = "" if args.env == ENV_ID else "-" + args.env.removeprefix("rlbd/")
+    out = RESULTS / f"bench_wrappers{name}.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(RESULTS)
+    tmp.replace(out)
+    print(args.env)
     for name, label in (("single", "single env (gymnasium.make)"), ("vec", f"DummyVecEnv x{N_ENVS}")):
         r = results[name]
+        target = f" (target >= {r['target']})" if "target" in r else ""
         print(
             f"{label:28s} clean {r['clean_steps_per_s']:9.0f} steps/s  poisoned {r['poisoned_steps_per_s']:9.0f} steps/s"
-            f"  ratio {r['ratio']:.3f} (target >= {r['target']}); floor {r['floor_ratio']:.3f},"
-            f" pass-through {r['reference_ratio']:.3f}"
+            f"  ratio {r['ratio']:.3f}{target}; floor {r['floor_ratio']:.3f}, pass-through {r['reference_ratio']:.3f}"
         )
-    print(f"wrote {RESULTS}")
+    print(f"wrote {out}")
     return report
 
 
