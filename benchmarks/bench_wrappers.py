@@ -42,6 +42,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
 import rlbackdoor
 from rlbackdoor import BackdoorVecEnv, get_env_spec, make_base_env
+from rlbackdoor.errors import SpecError
 from rlbackdoor.specs import AttackSpec
 from rlbackdoor.triggers import finite_check
 
@@ -181,7 +182,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--env", default=ENV_ID, help="a registered rlbd/ id (the targets are for the default)")
     args = parser.parse_args(argv)
 
-    spec = get_env_spec(args.env)
+    try:
+        spec = get_env_spec(args.env)
+    except SpecError as err:
+        parser.error(str(err))
     space = make_base_env(spec).action_space
     space.seed(0)
     drawn = np.stack([space.sample() for _ in range(args.steps // N_ENVS * N_ENVS)])
@@ -221,8 +225,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "machine": platform.machine(),
     }
-    name = "" if args.env == ENV_ID else "-" + args.env.removeprefix("rlbd/")
-    out = RESULTS / f"bench_wrappers{name}.json"
+    suffix = "" if args.env == ENV_ID else "-" + args.env.removeprefix("rlbd/")
+    out = RESULTS / f"bench_wrappers{suffix}.json"
     RESULTS.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
