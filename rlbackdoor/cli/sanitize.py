@@ -112,10 +112,8 @@ def _sanitize_run(
 def _filter_dataset(
     path: Path, method: str, n_clean: int, dim: int | None, out: Path | None, mode: str
 ) -> dict[str, Any]:
-    from gymnasium import spaces
-
     from rlbackdoor.attack import make_base_env
-    from rlbackdoor.defenses.filtering import TransitionFilter
+    from rlbackdoor.defenses.filtering import TransitionFilter, n_discrete_actions
     from rlbackdoor.defenses.sanitize import make_sanitizer
     from rlbackdoor.evaluation.envs import run_env
     from rlbackdoor.trajectories import Trajectories, collect
@@ -131,8 +129,7 @@ def _filter_dataset(
             f"(shape {probe.observation_space.shape}); filter trajectories of that env"
         )
     clean = collect(probe if clean_env.attack is None else make_base_env(clean_env.attack), None, n_clean, 0)
-    n_actions = int(probe.action_space.n) if isinstance(probe.action_space, spaces.Discrete) else None
-    filt = TransitionFilter(make_sanitizer(method, dim), n_actions=n_actions).fit(clean)
+    filt = TransitionFilter(make_sanitizer(method, dim), n_actions=n_discrete_actions(probe.action_space)).fit(clean)
     kept, report = filt.filter(data, mode)
     target = out or path.with_name(path.stem + ".sanitized.npz")
     kept.save(target)

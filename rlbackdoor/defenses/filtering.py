@@ -82,6 +82,11 @@ class FilterReport:
         )
 
 
+def n_discrete_actions(space: spaces.Space) -> int | None:
+    """A :class:`TransitionFilter`'s ``n_actions`` for an env's action space: its size when Discrete, else ``None``."""
+    return int(space.n) if isinstance(space, spaces.Discrete) else None
+
+
 class TransitionFilter:
     """Flags transitions whose observation or reward is off the clean data.
 
@@ -445,6 +450,6 @@ def training_filter(spec: SanitizeSpec, make_clean_env: Callable[[], Any], seed:
 
     sanitizer = None if spec.method == "reward" else make_sanitizer(spec.method)
     env = make_clean_env()
-    n_actions = int(env.action_space.n) if isinstance(env.action_space, spaces.Discrete) else None
+    n_actions = n_discrete_actions(env.action_space)
     clean = collect(env, None, spec.n_clean, seed)
     return TransitionFilter(sanitizer, fpr=spec.fpr, margin=spec.margin, n_actions=n_actions).fit(clean)
