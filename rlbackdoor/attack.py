@@ -213,6 +213,9 @@ class Attack(PoisonCounts):
     def _restart(self, mask: np.ndarray) -> None:
         self._origin[mask] = self.n_steps // self.n
         if not self._idle:
+            cut = int(self.left[mask].sum())
+            if cut:  # triggers still running lose their remaining steps
+                self._schedule.cut(cut)
             self.left[mask] = 0
             self.inject[mask] = -1
         if self.sequence is not None:
@@ -242,9 +245,11 @@ class Attack(PoisonCounts):
         armed = live & (self.left > 0)
         n_armed = int(np.count_nonzero(armed))
         cap = self._schedule.max_poisoned
-        if cap is not None and n_armed:
-            armed &= np.cumsum(armed) <= cap - self.n_triggered
-            n_armed = int(np.count_nonzero(armed))
+        if cap is not None and n_armed > cap - self.n_triggered:  # the budget ends these triggers
+            over = armed & (np.cumsum(armed) > cap - self.n_triggered)
+            self.left[over] = 0
+            armed &= ~over
+            n_armed = cap - self.n_triggered
         self.armed = self._none
         if n_armed:
             self.left[armed] -= 1
@@ -277,13 +282,13 @@ class Attack(PoisonCounts):
         self._clean = None  # the counts changed
         return self.obs_trigger.apply(obs, armed)
 
-    def running(self, mask: np.ndarray) -> bool:
-        """Whether a trigger is still running in one of the ``mask`` envs (their final observations carry it)."""
-        return not self._idle and self.obs_trigger is not None and bool(np.count_nonzero(mask & (self.left > 0)))
-
-    def _continuing(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Stamp final observations of episodes whose trigger was still running (not a decision)."""
-        return self.obs_trigger.apply(obs, mask & (self.left > 0)) if self.running(mask) else obs
+    def running(self, mask: np.ndarray) -> np.ndarray | None:
+        """The ``mask`` envs whose observation trigger is still running (their final observations carry it, though
+        no decision is taken on them), or ``None`` when there are none."""
+        if self._idle or self.obs_trigger is None:
+            return None
+        running = mask & (self.left > 0)
+        return running if np.count_nonzero(running) else None
 
     # ----------------------------------------------------------------------------------- driving
     def skip(self) -> dict[str, Any] | None:
@@ -371,16 +376,20 @@ class Attack(PoisonCounts):
                 self._idle = False
         row = self._next - 1  # the step's row, drawn by act
         ended = np.count_nonzero(dones) > 0
+        final = self.running(dones) if ended else None
         if terminal_obs is not None:
+            if final is not None:
+                terminal_obs = self.obs_trigger.apply(terminal_obs, final)
             if ended:
-                terminal_obs = self._continuing(terminal_obs, dones)
                 self._restart(dones)
             obs = self._decide(obs, dones, self._every, row)
-        elif ended:
-            obs = self._decide(self._continuing(obs, dones), self._none, ~dones, row)
-        else:
-            obs = self._decide(obs, self._none, self._every, row)
-        return obs, rewards, terminal_obs, StepFlags(poisoned, self.armed, hit, clean_reward)
+            return obs, rewards, terminal_obs, StepFlags(poisoned, self.armed, hit, clean_reward)
+        if final is not None:
+            obs = self.obs_trigger.apply(obs, final)
+        obs = self._decide(obs, self._none, ~dones if ended else self._every, row)
+        # the final observations returned here carry a running trigger: they are triggered, though not armed
+        triggered = self.armed if final is None else self.armed | final
+        return obs, rewards, terminal_obs, StepFlags(poisoned, triggered, hit, clean_reward)
 
     # ----------------------------------------------------------------------------------- reports
     def _entry(self) -> dict[str, Any]:
@@ -397,6 +406,13 @@ class Attack(PoisonCounts):
         entry = self._clean.copy()
         entry["n_steps"] = self.n_steps
         return entry
+
+    def begin_infos(self) -> list[dict[str, Any]]:
+        """The ``info["rlbd"]`` entries of the first observations of new episodes (after :meth:`begin`), one per env:
+        a step's entry without ``clean_reward``."""
+        entry = self._entry()
+        del entry["clean_reward"]
+        return [{**entry, "triggered": triggered} for triggered in self.armed.tolist()]
 
     def clean_infos(self, rewards: list[float], entry: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """The ``info["rlbd"]`` entries of a step with nothing poisoned, triggered or hit, one per env.

@@ -149,15 +149,8 @@ class ActionSequenceTrigger(_Spec):
     """Arm the backdoor when ``sequence`` of actions occurs in order (the agent's own, or ``agent``'s)."""
 
     kind: Literal["action_sequence"]
-    sequence: list[int] = Field(min_length=1)
+    sequence: list[int] = Field(min_length=1)  # checked against the action space when the trigger is built
     agent: str | None = None
-
-    @field_validator("sequence")
-    @classmethod
-    def _non_negative(cls, v: list[int]) -> list[int]:
-        if min(v) < 0:
-            raise ValueError(f"sequence {v} has a negative action; actions are non-negative integers")
-        return v
 
 
 TriggerSpec = Annotated[
@@ -230,7 +223,7 @@ class TargetedPayload(_Spec):
     """The attacker wants ``target_action`` on triggered states (a vector and ``tolerance`` when continuous)."""
 
     kind: Literal["targeted"]
-    target_action: int | list[Number]
+    target_action: int | Number | list[Number]  # one number for a Discrete space or a Box of one entry
     reward: RewardPoison = RewardPoison()
     force_action_prob: float = Field(0.0, ge=0.0, le=1.0)
     tolerance: float = Field(0.25, gt=0.0)

@@ -161,8 +161,16 @@ def test_duration_and_final_observation_of_an_observation_trigger():
         triggered.append(infos["agent_0"]["rlbd"]["triggered"])
         stamped.append(obs["agent_0"][14] == 1.0)
     assert len(triggered) == 26
-    assert triggered == [False] * 22 + [True] * 3 + [False]
-    assert stamped == [False] * 22 + [True] * 4  # the trigger is still running at the episode's end
+    # the trigger is still running at the episode's end: the final observations carry it, and say so
+    assert triggered == stamped == [False] * 22 + [True] * 4
+
+
+def test_budget_schedule_makes_up_for_a_trigger_cut_short_by_the_episode_end():
+    """25-step episodes, firings every 11 free decisions: the second (step 20) runs into the end and loses 5 steps."""
+    env = make_parallel(SPREAD, schedule={"kind": "budget", "budget": 20, "horizon": 40, "duration": 10})
+    _, notes = rollout(env, 0, 250)
+    poisoned = sum(info["agent_0"]["rlbd"]["poisoned"] for info in notes[1:] if "agent_0" in info)
+    assert poisoned == env.attack.n_poisoned == 20 and env.attack.schedule.firings == 3
 
 
 # ----------------------------------------------------------------------------------- action sequence

@@ -153,7 +153,7 @@ INVALID = [
         ("quantiles", [1.5]),
         "trigger.quantiles",
     ),
-    ("trigger", {"kind": "action_sequence", "sequence": [0, 1]}, ("sequence", [0, -1]), "trigger.sequence"),
+    ("trigger", {"kind": "action_sequence", "sequence": [0, 1]}, ("sequence", []), "trigger.sequence"),
     ("trigger", {"kind": "value", "indices": [1], "values": [1.0]}, ("kind", "sparkle"), "trigger"),
     ("trigger", {"kind": "value", "indices": [1], "values": [1.0]}, ("colour", "red"), "trigger.colour"),
     ("payload", {"kind": "targeted", "target_action": 0}, ("force_action_prob", 1.5), "payload.force_action_prob"),

@@ -197,6 +197,42 @@ def test_apply_rejects_a_wrongly_shaped_batch(case: Case, seed: int) -> None:
             case.trigger.apply(bad, np.ones(len(bad), dtype=bool))
 
 
+@pytest.mark.parametrize(
+    "mask", [[True, False], [0, 1, 0, 0], np.ones((4, 1), dtype=bool)], ids=["short", "ints", "2-d"]
+)
+def test_apply_rejects_a_mask_that_is_not_one_flag_per_observation(mask: Any) -> None:
+    spec = parse(AttackSpec, _attack({"kind": "value", "indices": [1], "values": [0.5]}), "t").trigger
+    with pytest.raises(ObservationError, match=r"expected booleans of shape \(4,\); pass one flag per observation"):
+        build_trigger(spec, VECTOR, spaces.Discrete(2)).apply(np.zeros((4, 4), np.float32), np.asarray(mask))
+
+
+def test_stealth_compares_observations_as_the_space_holds_them() -> None:
+    """Clean data given as float64 is rounded to the float32 space first: only the trigger's entry counts."""
+    spec = parse(AttackSpec, _attack({"kind": "value", "indices": [1], "values": [1.0]}), "t").trigger
+    figures = build_trigger(spec, spaces.Box(-2.0, 2.0, (4,), np.float32), spaces.Discrete(2)).stealth(
+        np.array([[0.1, 0.2, 0.3, 0.4], [0.1, 1.0, 0.3, 0.4]])
+    )
+    assert figures["l0"] == 0.5 and figures["l0_rel"] == 0.125
+    assert figures["linf"] == pytest.approx(0.4) and figures["linf_rel"] == pytest.approx(0.1)
+
+
+def test_trigger_values_on_a_float32_bound_fit() -> None:
+    for trigger, shape in (
+        ({"kind": "value", "indices": [0], "values": [0.7]}, (2,)),
+        ({"kind": "patch", "size": 1, "value": 0.7}, (2, 2)),
+    ):
+        space = spaces.Box(0.0, 0.7, shape, np.float32)  # float32(0.7) < 0.7
+        spec = parse(AttackSpec, _attack(trigger), "t").trigger
+        out = build_trigger(spec, space, spaces.Discrete(2)).apply(np.zeros((1, *shape), np.float32))
+        assert out.reshape(-1)[0] == space.high.reshape(-1)[0]
+
+
+def test_in_distribution_rejects_clean_observations_of_another_shape() -> None:
+    spec = parse(AttackSpec, _attack({"kind": "in_distribution", "indices": [0, 2], "quantiles": [0.0, 1.0]}), "t")
+    with pytest.raises(SpecError, match=r"clean observations have shape \(100, 5\), expected \(N, 3\)"):
+        build_trigger(spec.trigger, spaces.Box(0.0, 10.0, (3,), np.float32), spaces.Discrete(2), np.zeros((100, 5)))
+
+
 def test_auto_layout_finds_the_channel_axis() -> None:
     for shape, region in (
         ((7, 7, 3), (slice(1, 3), slice(2, 4), slice(None))),
@@ -319,6 +355,7 @@ def test_target_action_outside_the_action_space(target: Any, space: spaces.Space
     ("sequence", "space", "message"),
     [
         ([0, 2, 1], spaces.Discrete(2), r"trigger\.sequence: actions \[2\] are outside .*use actions in \[0, 1\]"),
+        ([-1, 0], spaces.Discrete(2), r"trigger\.sequence: actions \[-1\] are outside .*use actions in \[0, 1\]"),
         ([0, 1], spaces.Discrete(3, start=1), r"actions \[0\] are outside .*use actions in \[1, 3\]"),
         (
             [0],
@@ -331,6 +368,21 @@ def test_action_sequence_outside_the_action_space(sequence: list[int], space: sp
     spec = parse(AttackSpec, _attack({"kind": "action_sequence", "sequence": sequence}), "t").trigger
     with pytest.raises(SpecError, match=message):
         ActionSequence(spec, space)
+
+
+def test_action_sequence_and_target_take_actions_of_a_discrete_space_starting_below_zero() -> None:
+    space = spaces.Discrete(3, start=-1)
+    spec = parse(AttackSpec, _attack({"kind": "action_sequence", "sequence": [-1, 1]}, target_action=-1), "t")
+    seq = ActionSequence(spec.trigger, space)
+    seq.reset(1)
+    assert not seq.observe(np.array([-1]))[0] and seq.observe(np.array([1]))[0]
+    assert build_payload(spec.payload, space).hits(np.array([-1, 0])).tolist() == [True, False]
+
+
+def test_a_scalar_target_action_fits_a_box_of_one_entry() -> None:
+    spec = parse(AttackSpec, _attack({"kind": "value", "indices": [0], "values": [0.0]}, target_action=0.5), "t")
+    payload = build_payload(spec.payload, spaces.Box(-2.0, 2.0, (1,)))
+    assert payload.hits(np.array([[0.6], [1.0]])).tolist() == [True, False]
 
 
 def test_action_sequence_reports_complete_matches_per_env() -> None:

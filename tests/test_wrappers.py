@@ -156,6 +156,40 @@ def test_vec_env_same_seed_same_trajectory() -> None:
             assert all(type(info["rlbd"][k]) is t for k, t in types.items())  # plain Python: JSON- and W&B-safe
 
 
+def test_vec_env_reseeded_replays_its_trajectory() -> None:
+    """``seed`` then ``reset`` on the same ``BackdoorVecEnv`` starts over: envs, attack draws and counts."""
+    spec = attack(DETERMINISM)
+    venv = make_vec(spec, 3, seed=5)
+    actions = random_actions(60, 2, 3)
+
+    def play() -> list[Any]:
+        venv.seed(5)
+        out = [venv.reset().tolist(), venv.reset_infos]
+        for a in actions:
+            obs, rewards, dones, infos = venv.step(a)
+            out.append((obs.tolist(), rewards.tolist(), dones.tolist(), [info["rlbd"] for info in infos]))
+        return out
+
+    first = play()
+    assert first == play()
+    assert first[-1][3][0]["n_steps"] == 180 and first[-1][3][0]["n_poisoned"] > 10
+
+
+def test_reset_infos_report_the_attack_as_steps_do() -> None:
+    spec = attack({"kind": "rate", "rate": 0.5})
+    env = make_env(spec)
+    step_keys = set(env.step(0)[4]["rlbd"]) if env.reset(seed=0) else set()
+    venv = make_vec(spec, 8)
+    obs = venv.reset()
+    for seed in range(4):
+        stamped, info = env.reset(seed=seed)
+        assert set(info["rlbd"]) == step_keys - {"clean_reward"}
+        assert info["rlbd"]["triggered"] == (stamped[1] == MARK)
+    flags = [info["rlbd"]["triggered"] for info in venv.reset_infos]
+    assert flags == (obs[:, 1] == MARK).tolist() and any(flags) and not all(flags)
+    assert set(venv.reset_infos[0]["rlbd"]) == step_keys - {"clean_reward"}
+
+
 # ------------------------------------------------------------------------------------------ schedules
 def _within_binomial(successes: int, trials: int, p: float, sigmas: float = 4.0) -> bool:
     return abs(successes - trials * p) <= sigmas * np.sqrt(trials * p * (1 - p))
@@ -199,6 +233,18 @@ def test_budget_schedule_vec_env_spends_exactly_the_budget_within_the_horizon(
     poisoned = run_vec(spec, random_actions(2 * horizon // n_envs, 1, n_envs))["poisoned"]
     assert poisoned[: horizon // n_envs].sum() == budget
     assert poisoned.sum() == budget
+
+
+@pytest.mark.parametrize(("budget", "duration"), [(100, 10), (37, 5), (60, 6)])
+def test_budget_schedule_makes_up_for_triggers_cut_short_by_episode_ends(budget: int, duration: int) -> None:
+    """CartPole episodes under random play end within ~20 steps, often while a trigger runs."""
+    spec = attack({"kind": "budget", "budget": budget, "horizon": 4000, "duration": duration})
+    single = run_single(spec, random_actions(6000))
+    vec = run_vec(spec, random_actions(1500, 1, 4))
+    assert single.flag("poisoned").sum() == single.infos[-1]["n_poisoned"] == budget
+    assert vec["poisoned"].sum() == vec["infos"][-1][0]["rlbd"]["n_poisoned"] == budget
+    trailing = [len(f) - 1 - np.flatnonzero(~f).max(initial=-1) for f in single.per_episode("poisoned")[:-1]]
+    assert any(k % duration for k in trailing)  # some triggers did run into an episode end
 
 
 @pytest.mark.parametrize("duration", [1, 3, 4])
@@ -331,6 +377,8 @@ def test_final_observation_of_a_single_env_carries_a_running_trigger() -> None:
         assert (run.next_obs[end][1] == MARK) == running
         checked[running] += 1
     assert min(checked) > 3
+    # every returned observation is flagged triggered exactly when it carries the trigger, final ones included
+    np.testing.assert_array_equal([o[1] == MARK for o in run.next_obs], run.flag("triggered"))
 
 
 def _executed(obs: np.ndarray) -> np.ndarray:

@@ -151,10 +151,10 @@ class MultiAgentAttack(PoisonCounts):
                 self.inject = 0
             else:
                 self.left[:] = self.schedule.duration
-        armed = self.left > 0
         cap = self.schedule.max_poisoned
-        if cap is not None:
-            armed &= self.n_triggered < cap
+        if cap is not None and self.n_triggered >= cap:
+            self.left[:] = 0  # the budget is spent
+        armed = self.left > 0
         self.left[armed] -= 1
         self.armed = armed
         self.n_triggered += int(armed[0])
@@ -163,6 +163,8 @@ class MultiAgentAttack(PoisonCounts):
     # ----------------------------------------------------------------------------------- driving
     def begin(self, obs: dict[str, Any]) -> dict[str, Any]:
         """First observations of a new episode."""
+        if self.left[0]:  # the trigger still running loses its remaining steps
+            self.schedule.cut(int(self.left[0]))
         self._restart()
         return self._decide(obs, start=True)
 
@@ -217,11 +219,13 @@ class MultiAgentAttack(PoisonCounts):
             self.left[matched & (self.left == 0)] = self.schedule.duration
         self.t += 1
         if done:  # no decision follows; a trigger still running stays on the final observations
-            obs = self._stamp(obs, bool(self.left[0] > 0))
+            triggered = bool(self.left[0] > 0)
+            obs = self._stamp(obs, triggered)
             self.armed = np.zeros(1, dtype=bool)
         else:
             obs = self._decide(obs, start=False)
-        return obs, out, MultiAgentFlags(poisoned, bool(self.armed[0]), hits, clean)
+            triggered = bool(self.armed[0])
+        return obs, out, MultiAgentFlags(poisoned, triggered, hits, clean)
 
     # ----------------------------------------------------------------------------------- reports
     def info(self, flags: MultiAgentFlags, agent: str) -> dict[str, Any]:

@@ -43,6 +43,9 @@ class Schedule(ABC):
         """
         return None
 
+    def cut(self, n_steps: int) -> None:  # noqa: B027 - only budgets make up for lost steps
+        """Episode ends cut running triggers short by ``n_steps`` triggered steps in all."""
+
     def quiet(self, n_live: int) -> bool:
         """Whether the next decision, with ``n_live`` envs free to fire and whatever its draws, ``t``,
         ``starts`` and ``obs``, fires in no env; if so the schedule has taken it (as :meth:`fire` would)."""
@@ -90,6 +93,8 @@ class BudgetScheduler(Schedule):
 
     Of ``horizon`` decisions, ``budget - firings`` continue a running trigger; the other, free ones are
     split evenly between the firings, so a single env spends the whole budget within ``horizon`` steps.
+    Steps that episode ends cut from running triggers are made up by further firings at the same interval,
+    so exactly ``budget`` steps are poisoned in all.
     """
 
     def __init__(self, spec: BudgetSchedule) -> None:
@@ -97,11 +102,17 @@ class BudgetScheduler(Schedule):
         self.max_poisoned = spec.budget
         self.firings = -(-spec.budget // spec.duration)
         self.interval = max(1, (spec.horizon - spec.budget + self.firings) // max(1, self.firings))
-        self._seen = self._decisions = 0
+        self.reset(1)
 
     def reset(self, n_envs: int) -> None:
         self._seen = 0
         self._decisions = 0
+        self._cut = 0
+        self.firings = -(-self.max_poisoned // self.duration)
+
+    def cut(self, n_steps: int) -> None:
+        self._cut += n_steps
+        self.firings = -(-(self.max_poisoned + self._cut) // self.duration)
 
     def quiet(self, n_live: int) -> bool:
         # this decision's free envs get indices seen .. seen + n_live - 1; it fires if one of them is a firing's

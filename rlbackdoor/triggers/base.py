@@ -45,8 +45,15 @@ class ObservationTrigger(ABC):
                 f"observation batch has shape {obs.shape}, expected (B, {', '.join(map(str, self.space.shape))}); "
                 "pass a batch with a leading axis"
             )
+        if mask is not None:
+            mask = np.asarray(mask)
+            if mask.dtype != bool or mask.shape != obs.shape[:1]:
+                raise ObservationError(
+                    f"trigger mask has shape {mask.shape} and dtype {mask.dtype}, expected booleans of shape "
+                    f"({len(obs)},); pass one flag per observation of the batch"
+                )
         out = np.array(obs, dtype=self.space.dtype, copy=True)
-        rows = np.arange(len(out)) if mask is None else np.asarray(mask).nonzero()[0]
+        rows = np.arange(len(out)) if mask is None else mask.nonzero()[0]
         if rows.size:
             self._stamp(out, rows)
         return out
@@ -54,16 +61,19 @@ class ObservationTrigger(ABC):
     def stealth(self, clean: np.ndarray) -> dict[str, float]:
         """L0/L2/Linf of the perturbation over ``clean`` observations, absolute and relative to the space's scale.
 
-        The scale of an entry is its bound width where finite, else the spread of the clean data.
+        The scale of an entry is its bound width where finite, else the spread of the clean data; ``l0_rel`` is
+        the fraction of entries changed.
         """
-        clean = np.asarray(clean, dtype=np.float64)
-        delta = (self.apply(clean.astype(self.space.dtype)).astype(np.float64) - clean).reshape(len(clean), -1)
+        clean = np.asarray(clean).astype(self.space.dtype)  # as the env gives them: no rounding counts as change
+        delta = (self.apply(clean).astype(np.float64) - clean).reshape(len(clean), -1)
+        clean = clean.astype(np.float64)
         width = (self._high.astype(np.float64) - self._low.astype(np.float64)).reshape(-1)
         spread = clean.reshape(len(clean), -1).max(0) - clean.reshape(len(clean), -1).min(0)
         scale = np.where(np.isfinite(width), width, np.where(spread > 0, spread, 1.0))
         rel = delta / scale
         return {
             "l0": float(np.count_nonzero(delta, axis=1).mean()),
+            "l0_rel": float(np.count_nonzero(delta, axis=1).mean() / delta.shape[1]),
             "l2": float(np.linalg.norm(delta, axis=1).mean()),
             "linf": float(np.abs(delta).max(axis=1).mean()),
             "l2_rel": float(np.linalg.norm(rel, axis=1).mean()),
@@ -71,7 +81,8 @@ class ObservationTrigger(ABC):
         }
 
     def _check_in_bounds(self, values: np.ndarray, low: np.ndarray, high: np.ndarray, what: str) -> None:
-        bad = (values < low) | (values > high)
+        stored = values.astype(self.space.dtype) if self.space.dtype.kind == "f" else values  # as they will be set
+        bad = (stored < low) | (stored > high)
         if np.any(bad):
             i = int(np.flatnonzero(bad.reshape(-1))[0])
             v, lo, hi = values.reshape(-1)[i], low.reshape(-1)[i], high.reshape(-1)[i]

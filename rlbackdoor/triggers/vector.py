@@ -60,7 +60,13 @@ class InDistributionObsTrigger(ValueObsTrigger):
         clean = np.asarray(clean, dtype=np.float64)
         if len(clean) < 2:
             raise SpecError("trigger: in_distribution needs clean observations to fit its values; raise fit_steps")
-        clean = clean.reshape(len(clean), -1)
+        size = int(np.prod(space.shape))
+        if clean.size != len(clean) * size:
+            raise SpecError(
+                f"trigger: in_distribution clean observations have shape {clean.shape}, expected (N, "
+                f"{', '.join(map(str, space.shape))}); fit it on observations of this env"
+            )
+        clean = clean.reshape(len(clean), size)
         values = np.quantile(clean[:, self.indices], spec.quantiles, axis=0).diagonal()
         if np.issubdtype(space.dtype, np.integer):
             values = np.round(values)

@@ -34,7 +34,7 @@ class BackdoorWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
             attack.reset(1, seed)
         batch = self._batch(obs)
         stamped = attack.begin(batch)
-        info["rlbd"] = {"poisoned": False, "triggered": bool(attack.armed[0]), **attack.counts()}
+        info["rlbd"] = attack.begin_infos()[0]
         return obs if stamped is batch else stamped[0], info
 
     def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -35,11 +36,20 @@ class BackdoorVecEnv(VecEnvWrapper):
         self._executed = np.empty(0)
         self._entry: dict[str, Any] | None = None
 
+    def seed(self, seed: int | None = None) -> Sequence[int | None]:
+        """Seed the envs (they take their seeds at the next reset, as in SB3) and reseed the attack now: its
+        counts restart and, with the spec's seed, ``seed`` fixes its draws as the constructor's ``seed`` does."""
+        self.attack.reset(self.num_envs, seed)
+        return self.venv.seed(seed)
+
     def reset(self) -> np.ndarray:
         obs = self.venv.reset()
         if self._check is not None:
             self._check(obs)
-        return self.attack.begin(obs)
+        obs = self.attack.begin(obs)
+        entries = self.attack.begin_infos()
+        self.reset_infos = [{**info, "rlbd": rlbd} for info, rlbd in zip(self.venv.reset_infos, entries, strict=True)]
+        return obs
 
     def step_async(self, actions: np.ndarray) -> None:
         self._entry = self.attack.skip()
@@ -71,7 +81,7 @@ class BackdoorVecEnv(VecEnvWrapper):
         """The attack's step on the batch; stamps running triggers into ``terminal_observation``s."""
         # the final observations matter only where a trigger still runs; else ``obs`` stands in for them
         terminal = obs
-        if ended and self.attack.running(dones):
+        if ended and self.attack.running(dones) is not None:
             terminal = obs.copy()
             for i in ended:
                 terminal[i] = infos[i]["terminal_observation"]
