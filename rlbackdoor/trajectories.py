@@ -76,7 +76,26 @@ class Trajectories:
                 meta = json.loads(str(data["meta"]))
         except (OSError, ValueError, KeyError) as err:
             raise ArtifactError(f"{path}: not a trajectory file ({err}); write it with Trajectories.save") from None
+        _check_arrays(path, arrays)
+        for f in ("dones", "poisoned", "triggered"):
+            arrays[f] = arrays[f].astype(bool)
         return cls(**arrays, env=meta.pop("env", ""), meta=meta)
+
+
+def _check_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    """One entry per transition in every field, numbers where numbers belong, no NaN or inf."""
+    n = len(arrays["rewards"]) if arrays["rewards"].ndim else -1
+    short = [f for f in FIELDS if arrays[f].ndim == 0 or len(arrays[f]) != n]
+    if short:
+        sizes = ", ".join(f"{f} {arrays[f].shape}" for f in FIELDS)
+        raise ArtifactError(f"{path}: fields differ in length ({sizes}); give every field one entry per transition")
+    for f in FIELDS:
+        if arrays[f].dtype.kind not in "biuf":
+            raise ArtifactError(f"{path}: {f} has dtype {arrays[f].dtype}; store numbers (booleans for flags)")
+    for f in ("observations", "actions", "rewards"):
+        if arrays[f].dtype.kind == "f" and not np.isfinite(arrays[f]).all():
+            i = int(np.flatnonzero(~np.isfinite(arrays[f]).reshape(n, -1).all(axis=1))[0])
+            raise ArtifactError(f"{path}: {f} of transition {i} hold NaN or inf; drop or repair those transitions")
 
 
 def collect(env: gym.Env, policy: Any, steps: int, seed: int, env_id: str = "") -> Trajectories:

@@ -51,6 +51,28 @@ def test_trajectories_round_trip_without_pickles(tmp_path):
         Trajectories.load(tmp_path / "bad.npz")
 
 
+@pytest.mark.parametrize(
+    ("field", "change", "message"),
+    [
+        (
+            "observations",
+            lambda a: np.where(np.arange(a.size).reshape(a.shape) == 41, np.nan, a),
+            "observations of transition 10 hold NaN",
+        ),
+        ("rewards", lambda a: np.where(np.arange(len(a)) == 7, np.inf, a), "rewards of transition 7 hold NaN or inf"),
+        ("actions", lambda a: a[:-1], r"fields differ in length \(observations \(60, 4\), actions \(59,\)"),
+        ("poisoned", lambda a: np.array("yes"), "fields differ in length"),
+        ("dones", lambda a: a.astype(str), "dones has dtype <U5; store numbers"),
+    ],
+)
+def test_malformed_trajectory_files_are_refused(tmp_path, field, change, message):
+    data = collect(gym.make("rlbd/TrojanCartPole-v0"), None, 60, 0, "rlbd/TrojanCartPole-v0")
+    setattr(data, field, change(getattr(data, field)))
+    path = data.save(tmp_path / "t.npz")
+    with pytest.raises(ArtifactError, match=message):
+        Trajectories.load(path)
+
+
 def test_select_keeps_episode_ends():
     data = collect(gym.make("CartPole-v1"), None, 200, 0)
     keep = np.ones(len(data), dtype=bool)
