@@ -38,7 +38,7 @@ def make_gym_env(env_id: str, field: str = "env", **kwargs: Any) -> gym.Env:
             importlib.import_module(package)
     try:
         return gym.make(env_id, **kwargs)
-    except gym.error.Error as err:
+    except (gym.error.Error, ImportError) as err:
         raise SpecError(
             f"{field}: cannot make '{env_id}' ({err}); use a registered Gymnasium id (module:Id imports its package)"
         ) from None
@@ -58,7 +58,7 @@ def make_base_env(spec: AttackSpec, **make_kwargs: Any) -> gym.Env:
             raise SpecError(f"base_wrappers: cannot import '{ref.name}'; give an importable module:Class") from None
         try:
             env = wrapper(env, **ref.kwargs)
-        except TypeError as err:
+        except (TypeError, ValueError, gym.error.Error) as err:
             raise SpecError(f"base_wrappers: {ref.name} rejects its kwargs ({err}); fix them") from None
     return env
 

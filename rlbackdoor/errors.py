@@ -17,3 +17,7 @@ class ArtifactError(RlbdError):
 
 class ObservationError(RlbdError, ValueError):
     """An observation cannot be processed (NaN, wrong shape or dtype)."""
+
+
+BAD_REWARD = "reward is NaN or inf; fix the environment or its reward function"
+"""The message of the :class:`ObservationError` the wrappers raise on a NaN or inf reward."""

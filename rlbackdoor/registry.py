@@ -52,8 +52,15 @@ def registered_attack(env_id: str) -> AttackSpec:
     return AttackSpec.model_validate(get_env_spec(env_id).model_dump(include=set(AttackSpec.model_fields)))
 
 
-def make_env(spec: dict[str, Any] | AttackSpec, render_mode: str | None = None) -> BackdoorWrapper:
+def make_env(spec: dict[str, Any] | AttackSpec, render_mode: str | None = None, **unknown: Any) -> BackdoorWrapper:
     """Entry point of the registered ids: the base env under the spec's attack."""
+    if unknown:
+        raise SpecError(
+            f"unknown keyword arguments {sorted(unknown)}; registered ids take render_mode only "
+            f"(change the attack with {FACTORY_ID}, env_id= and the attack fields)"
+        )
+    if not isinstance(spec, (AttackSpec, dict)):
+        raise SpecError(f"spec: expected an attack spec mapping, got {type(spec).__name__}; pass a dict of its fields")
     spec = spec if isinstance(spec, AttackSpec) else parse(AttackSpec, _attack_fields(spec), "spec")
     base = make_base_env(spec, **({"render_mode": render_mode} if render_mode else {}))
     return BackdoorWrapper(base, spec)
@@ -63,6 +70,8 @@ def make_factory_env(env_id: str | None = None, render_mode: str | None = None, 
     """Entry point of ``rlbd/Backdoor-v0``: ``env_id`` and the attack fields (trigger, schedule, payload, ...)."""
     if env_id is None:
         raise SpecError(f"{FACTORY_ID} needs env_id=<a Gymnasium id>; pass it to gymnasium.make")
+    if "base" in attack:
+        raise SpecError(f"{FACTORY_ID}: env_id names the base env; drop base= (base_kwargs and base_wrappers stay)")
     spec = parse(AttackSpec, {"base": env_id, **attack}, FACTORY_ID)
     return make_env(spec, render_mode)
 

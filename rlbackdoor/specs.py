@@ -35,15 +35,22 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _finite(values: Any, field: str) -> Any:
-    flat = values if isinstance(values, (list, tuple)) else [values]
-    stack = list(flat)
-    while stack:
-        v = stack.pop()
+def _grid(values: list[Any], field: str) -> list[Any]:
+    """Check that ``values`` is a rectangular nest of lists of finite numbers."""
+
+    def shape(v: Any) -> tuple[int, ...]:
         if isinstance(v, (list, tuple)):
-            stack.extend(v)
-        elif v is not None and not math.isfinite(float(v)):
+            inner = {shape(x) for x in v}
+            if len(inner) > 1:
+                raise ValueError(f"{field} is ragged; give rows of equal length")
+            return (len(v), *(inner.pop() if inner else ()))
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{field} contains {v!r}; use numbers")
+        if not math.isfinite(v):
             raise ValueError(f"{field} contains {v}; use finite numbers")
+        return ()
+
+    shape(values)
     return values
 
 
@@ -95,20 +102,20 @@ class PatchTrigger(_Spec):
     @classmethod
     def _size(cls, v: tuple[int, int]) -> tuple[int, int]:
         if min(v) < 1:
-            raise ValueError(f"size {v} must be at least 1x1")
+            raise ValueError(f"size {v} must be at least 1x1; give positive sizes")
         return v
 
     @field_validator("position")
     @classmethod
     def _position(cls, v: tuple[int, int]) -> tuple[int, int]:
         if min(v) < 0:
-            raise ValueError(f"position {v} must be non-negative (row, col)")
+            raise ValueError(f"position {v} must be non-negative; count (row, col) from 0")
         return v
 
     @field_validator("pattern")
     @classmethod
     def _finite_pattern(cls, v: list[Any] | None) -> list[Any] | None:
-        return _finite(v, "pattern")
+        return None if v is None else _grid(v, "pattern")
 
     @model_validator(mode="after")
     def _content(self) -> PatchTrigger:
@@ -121,7 +128,7 @@ class BlendTrigger(PatchTrigger):
     """Alpha-blend a patch (or, with ``size`` covering the image, a whole pattern) into an image."""
 
     kind: Literal["blend"]  # type: ignore[assignment]
-    alpha: float = Field(0.2, gt=0.0, le=1.0)
+    alpha: Number = Field(0.2, gt=0.0, le=1.0)
 
 
 class InDistributionTrigger(_Spec):
@@ -129,7 +136,7 @@ class InDistributionTrigger(_Spec):
 
     kind: Literal["in_distribution"]
     indices: list[int] = Field(min_length=1)
-    quantiles: list[float] = Field(min_length=1)
+    quantiles: list[Number] = Field(min_length=1)
     fit_steps: int = Field(2000, ge=100, description="random-policy steps of the base env used to fit the values")
 
     @field_validator("quantiles")
@@ -141,7 +148,7 @@ class InDistributionTrigger(_Spec):
                 f"indices has {len(indices)} entries but quantiles has {len(v)}; give one quantile per index"
             )
         if not all(0.0 <= q <= 1.0 for q in v):
-            raise ValueError(f"quantiles {v} must lie in [0, 1]")
+            raise ValueError(f"quantiles {v} must lie in [0, 1]; give fractions such as 0.99")
         return v
 
 
@@ -168,7 +175,7 @@ class RateSchedule(_Spec):
     """
 
     kind: Literal["rate"]
-    rate: float = Field(ge=0.0, le=1.0)
+    rate: Number = Field(ge=0.0, le=1.0)
     per: Literal["step", "episode"] = "step"
     duration: int = Field(1, ge=1)
     select: Literal["uniform", "value"] = "uniform"
@@ -197,14 +204,14 @@ class WindowSchedule(_Spec):
     kind: Literal["window"]
     start: int = Field(ge=0)
     stop: int = Field(ge=1)
-    rate: float = Field(1.0, ge=0.0, le=1.0)
+    rate: Number = Field(1.0, ge=0.0, le=1.0)
 
     @field_validator("stop")
     @classmethod
     def _order(cls, v: int, info: ValidationInfo) -> int:
         start = info.data.get("start")
         if start is not None and v <= start:
-            raise ValueError(f"stop {v} must be greater than start {start}")
+            raise ValueError(f"stop {v} must be greater than start {start}; raise stop or lower start")
         return v
 
 
@@ -225,8 +232,8 @@ class TargetedPayload(_Spec):
     kind: Literal["targeted"]
     target_action: int | Number | list[Number]  # one number for a Discrete space or a Box of one entry
     reward: RewardPoison = RewardPoison()
-    force_action_prob: float = Field(0.0, ge=0.0, le=1.0)
-    tolerance: float = Field(0.25, gt=0.0)
+    force_action_prob: Number = Field(0.0, ge=0.0, le=1.0)
+    tolerance: Number = Field(0.25, gt=0.0)
 
 
 class UntargetedPayload(_Spec):
@@ -234,7 +241,7 @@ class UntargetedPayload(_Spec):
 
     kind: Literal["untargeted"]
     mode: Literal["negate", "fail_fast"] = "negate"
-    scale: float = Field(1.0, gt=0.0)
+    scale: Number = Field(1.0, gt=0.0)
 
 
 PayloadSpec = Annotated[TargetedPayload | UntargetedPayload, Field(discriminator="kind")]
@@ -279,6 +286,27 @@ _HINTS = {
     "union_tag_invalid": "use one of the listed kinds",
     "union_tag_not_found": "add a 'kind' field",
     "literal_error": "use one of the listed values",
+    "int_parsing": "give a whole number",
+    "int_from_float": "give a whole number",
+    "int_type": "give a whole number",
+    "float_parsing": "give a number",
+    "float_type": "give a number",
+    "finite_number": "give a finite number",
+    "bool_parsing": "give true or false",
+    "bool_type": "give true or false",
+    "string_type": "give a string",
+    "string_pattern_mismatch": "write it in the form the pattern shows",
+    "list_type": "give a list",
+    "tuple_type": "give a list",
+    "dict_type": "give a mapping of key: value pairs",
+    "model_type": "give a mapping of key: value pairs",
+    "model_attributes_type": "give a mapping of key: value pairs",
+    "too_short": "give more entries",
+    "too_long": "give fewer entries",
+    "greater_than": "give a larger value",
+    "greater_than_equal": "give a larger value",
+    "less_than": "give a smaller value",
+    "less_than_equal": "give a smaller value",
 }
 
 S = TypeVar("S", bound=BaseModel)
@@ -337,6 +365,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def locate(err: SpecError, source: str, section: str = "") -> SpecError:
+    """``err`` as raised for ``source``: a message naming neither gets the file, and ``section`` (e.g. ``attack.``)
+    before a field of an attack, since checks against the env name fields relative to the attack."""
+    message = str(err)
+    if message.startswith(source):
+        return err
+    field = re.split(r"[.:\s]", message, maxsplit=1)[0]
+    return SpecError(f"{source}: {section if field in AttackSpec.model_fields else ''}{message}")
+
+
 def load(model: type[S], path: str | Path) -> S:
     """Read and validate one YAML file as ``model``."""
     return parse(model, read_yaml(path), str(path))
@@ -355,8 +393,8 @@ class SanitizeSpec(_Spec):
 
     method: Literal["support", "impute", "subspace", "reward"]
     n_clean: int = Field(1000, ge=10)
-    fpr: float = Field(0.001, gt=0.0, lt=1.0)
-    margin: float = Field(5.0, ge=1.0)
+    fpr: Number = Field(0.001, gt=0.0, lt=1.0)
+    margin: Number = Field(5.0, ge=1.0)
     mode: Literal["repair", "drop"] = "repair"
 
 

@@ -108,8 +108,10 @@ def test_factory_id_builds_any_attack() -> None:
         ({"env_id": "NoSuchEnv-v9"}, r"base: cannot make 'NoSuchEnv-v9'.*use a registered Gymnasium id"),
         ({"env_id": "CartPole-v1", "schedule": {"kind": "rate", "rate": 2}}, r"rlbd/Backdoor-v0: schedule\.rate"),
         ({"env_id": "CartPole-v1", "colour": "red"}, r"rlbd/Backdoor-v0: colour: Extra inputs"),
+        ({"env_id": "CartPole-v1", "base": "Acrobot-v1"}, r"env_id names the base env; drop base="),
+        ({"env_id": "nosuchpkg:Foo-v0"}, r"base: cannot make 'nosuchpkg:Foo-v0' \(No module named 'nosuchpkg'"),
     ],
-    ids=["no-env-id", "unknown-env-id", "bad-rate", "extra-field"],
+    ids=["no-env-id", "unknown-env-id", "bad-rate", "extra-field", "base-and-env-id", "missing-module"],
 )
 def test_factory_id_rejects_bad_kwargs(kwargs: dict, message: str) -> None:
     attack = {
@@ -119,6 +121,13 @@ def test_factory_id_rejects_bad_kwargs(kwargs: dict, message: str) -> None:
     }
     with pytest.raises(SpecError, match=message):
         gym.make(FACTORY_ID, **{**attack, **kwargs})
+
+
+def test_registered_ids_refuse_other_kwargs() -> None:
+    with pytest.raises(SpecError, match=r"unknown keyword arguments \['foo'\]; registered ids take render_mode only"):
+        gym.make("rlbackdoor:rlbd/TrojanCartPole-v0", foo=1)
+    with pytest.raises(SpecError, match=r"spec: expected an attack spec mapping, got str"):
+        gym.make("rlbackdoor:rlbd/TrojanCartPole-v0", spec="nope")
 
 
 def test_unknown_ids_raise_spec_errors_listing_the_known_ones() -> None:

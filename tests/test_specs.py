@@ -167,6 +167,12 @@ INVALID = [
     ),
     ("payload", {"kind": "untargeted"}, ("mode", "sabotage"), "payload.mode"),
     ("payload", {"kind": "untargeted"}, ("scale", 0.0), "payload.scale"),
+    ("trigger", {"kind": "patch", "pattern": [[1.0]]}, ("pattern", [[None, 1.0], [1.0, 1.0]]), "trigger.pattern"),
+    ("trigger", {"kind": "patch", "pattern": [[1.0]]}, ("pattern", [[{"a": 1}, 1.0]]), "trigger.pattern"),
+    ("trigger", {"kind": "patch", "pattern": [[1.0]]}, ("pattern", [[1.0, 2.0], [3.0]]), "trigger.pattern"),
+    ("trigger", {"kind": "blend", "value": 1.0}, ("alpha", NAN), "trigger.alpha"),
+    ("schedule", {"kind": "rate", "rate": 0.1}, ("duration", "many"), "schedule.duration"),
+    ("trigger", {"kind": "value", "indices": [1], "values": [1.0]}, ("values", ["abc"]), "trigger.values.0"),
 ]
 
 
@@ -183,6 +189,7 @@ def test_invalid_specs_name_file_and_field(
     message = str(err.value)
     assert "\n" not in message
     assert f"envs/my_attack.yaml: {where}: " in message
+    assert "(fix: " in message or "; " in message  # every message names a fix
 
 
 @pytest.mark.parametrize(

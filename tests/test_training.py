@@ -8,9 +8,11 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -402,6 +404,35 @@ def test_resume_refuses_foreign_runs_and_dirs_without_checkpoints(tmp_path: Path
         train(spec, run)
 
 
+def test_resume_refuses_corrupt_checkpoints_in_one_line(tmp_path: Path) -> None:
+    spec = experiment(timesteps=2048)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, run, checkpoint_every=512, callbacks=[Crash(600)])
+    folder = next((run / FOLDER).iterdir())
+    state = json.loads((folder / "state.json").read_text())
+    for model, message in (({"num_timesteps": "abc"}, "'model' must map"), ({}, "'model' lacks num_timesteps")):
+        (folder / "state.json").write_text(json.dumps({**state, "model": model}))
+        with pytest.raises(ArtifactError, match=message):
+            train(spec, resume=run)
+    (folder / "state.json").write_text(json.dumps(state))
+    with zipfile.ZipFile(folder / "model.zip") as zf:
+        parts = {name: zf.read(name) for name in zf.namelist()}
+    with zipfile.ZipFile(folder / "model.zip", "w") as zf:
+        for name, data in parts.items():
+            zf.writestr(name, os.urandom(len(data)) if name == "policy.pth" else data)
+    with pytest.raises(ArtifactError, match=r"model\.zip: cannot load \(.*\); resume from another run") as err:
+        train(spec, resume=run)
+    assert "\n" not in str(err.value) and "weights_only" not in str(err.value)
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(experiment(), run, checkpoint_every=0, callbacks=[Crash(300)])
+    assert not run.exists()
+
+
 def test_cli_run_killed_with_sigkill_resumes(tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = [sys.executable, "-c", "from rlbackdoor.cli import entry; entry()", "train", str(SMOKE), "--out", str(run)]
@@ -441,10 +472,44 @@ def test_cli_train_with_set_and_sweep_style_overrides(tmp_path: Path, capsys: py
     assert card["hyperparams"]["n_steps"] == 32 and card["hyperparams"]["n_epochs"] == 2
 
 
+class Broken(gym.Wrapper):
+    """CartPole whose observation or reward (``what``) turns NaN on the 300th step of each env."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(gym.make("CartPole-v1"))
+        self.what, self.steps = what, 0
+
+    def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.steps += 1
+        if self.steps == 300:
+            obs, reward = (np.full_like(obs, np.nan), reward) if self.what == "obs" else (obs, float("nan"))
+        return obs, reward, terminated, truncated, info
+
+
+for _what in ("Obs", "Reward"):
+    if f"Broken{_what}CartPole-v0" not in gym.registry:
+        gym.register(f"Broken{_what}CartPole-v0", entry_point=Broken, kwargs={"what": _what.lower()})
+CLEAN = ["--set", "poisoning=null", "--set", "attack=null"]
+NAN_OBS, NAN_REWARD = "observation contains NaN or inf; fix", "reward is NaN or inf; fix"
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--set", "algo=sac"], "algo"),
+        (["--set", "hyperparams.n_epochs=many"], "hyperparams.n_epochs: 'many' is not a whole number; give"),
+        (["--set", "attack.trigger.indices=[7]"], "cartpole_smoke.yaml: attack.trigger.indices: [7] out of range"),
+        (["--set", "attack.trigger.values=[1e300]"], "smoke.yaml: attack.trigger.values: 1e+300 overflows the float32"),
+        (
+            ["--set", "attack.base_wrappers=[{name: 'gymnasium.wrappers:TimeLimit', kwargs: {max_episode_steps: 0}}]"],
+            "rejects its kwargs",
+        ),
+        (["--set", "env=nosuchpkg:Foo-v0", *CLEAN], "No module named 'nosuchpkg'"),
+        (["--set", "env=BrokenObsCartPole-v0", *CLEAN], NAN_OBS),
+        (["--set", "env=BrokenObsCartPole-v0"], NAN_OBS),
+        (["--set", "env=BrokenRewardCartPole-v0"], NAN_REWARD),
+        (["--set", "env=BrokenRewardCartPole-v0", "--set", "poisoning=outer"], NAN_REWARD),
         (["--set", "hyperparams.n_stepz=8"], "n_stepz"),
         (["--set", "hyperparams.batch_size=1"], "batch_size"),
         (["--set", "env=rlbd/TrojanCartPole-v0"], "registered backdoor env"),

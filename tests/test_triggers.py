@@ -227,6 +227,32 @@ def test_trigger_values_on_a_float32_bound_fit() -> None:
         assert out.reshape(-1)[0] == space.high.reshape(-1)[0]
 
 
+def test_in_distribution_rejects_clean_observations_holding_nan() -> None:
+    spec = parse(AttackSpec, _attack({"kind": "in_distribution", "indices": [1], "quantiles": [0.5]}), "t")
+    clean = np.zeros((100, 3))
+    clean[45, 1] = np.nan
+    with pytest.raises(SpecError, match=r"clean observations hold NaN or inf at its indices; fix the environment"):
+        build_trigger(spec.trigger, spaces.Box(-np.inf, np.inf, (3,), np.float32), spaces.Discrete(2), clean)
+
+
+@pytest.mark.parametrize("kind", ["value", "additive"])
+def test_trigger_values_beyond_the_dtype_are_refused_and_sums_stay_finite(kind: str) -> None:
+    space = spaces.Box(-np.inf, np.inf, (3,), np.float32)
+    spec = parse(AttackSpec, _attack({"kind": kind, "indices": [0], "values": [1e300]}), "t").trigger
+    with pytest.raises(SpecError, match=r"trigger\.values: 1e\+300 overflows the float32 observations"):
+        build_trigger(spec, space, spaces.Discrete(2))
+    if kind == "additive":
+        spec = parse(AttackSpec, _attack({"kind": kind, "indices": [0], "values": [3e38]}), "t").trigger
+        out = build_trigger(spec, space, spaces.Discrete(2)).apply(np.full((1, 3), 3e38, np.float32))
+        assert out[0, 0] == np.finfo(np.float32).max
+
+
+def test_apply_refuses_observations_that_are_not_numbers() -> None:
+    spec = parse(AttackSpec, _attack({"kind": "value", "indices": [1], "values": [0.5]}), "t").trigger
+    with pytest.raises(ObservationError, match=r"cannot be read as float32; pass numeric observations"):
+        build_trigger(spec, VECTOR, spaces.Discrete(2)).apply(np.array([["a", "b", "c", "d"]]))
+
+
 def test_in_distribution_rejects_clean_observations_of_another_shape() -> None:
     spec = parse(AttackSpec, _attack({"kind": "in_distribution", "indices": [0, 2], "quantiles": [0.0, 1.0]}), "t")
     with pytest.raises(SpecError, match=r"clean observations have shape \(100, 5\), expected \(N, 3\)"):
@@ -276,17 +302,17 @@ FIT_ERRORS = [
     (
         {"kind": "value", "indices": [1], "values": [1.5]},
         VECTOR,
-        r"trigger\.values 1\.5 lies outside .*\[-1, 1\]; pick a value inside",
+        r"trigger\.values: 1\.5 lies outside .*\[-1, 1\]; pick a value inside",
     ),
     (
         {"kind": "value", "indices": [1], "values": [3.5]},
         IMAGE,
-        r"trigger\.values must be whole numbers .*uint8.*round",
+        r"trigger\.values: must be whole numbers .*uint8.*round",
     ),
     (
         {"kind": "additive", "indices": [1], "values": [0.5]},
         IMAGE,
-        r"trigger\.values must be whole numbers .*uint8.*round",
+        r"trigger\.values: must be whole numbers .*uint8.*round",
     ),
     (
         {"kind": "patch", "size": [6, 1], "value": 9},
@@ -296,8 +322,16 @@ FIT_ERRORS = [
     ({"kind": "patch", "size": 2, "position": [4, 0], "value": 9}, IMAGE, r"does not fit the 5x6 image.*move position"),
     ({"kind": "blend", "size": 2, "position": [0, 5], "value": 9}, IMAGE, r"does not fit the 5x6 image"),
     ({"kind": "patch", "size": 2, "value": 9.5}, IMAGE, r"must be whole numbers .*uint8.*round"),
-    ({"kind": "patch", "size": 2, "value": 300}, IMAGE, r"value 300 lies outside the observation bounds \[0, 255\]"),
-    ({"kind": "patch", "size": 2, "value": 2.0, "layout": "chw"}, FLOAT_IMAGE, r"value 2 lies outside .*\[0, 1\]"),
+    (
+        {"kind": "patch", "size": 2, "value": 300},
+        IMAGE,
+        r"trigger\.value: 300 lies outside the observation bounds \[0, 255\]",
+    ),
+    (
+        {"kind": "patch", "size": 2, "value": 2.0, "layout": "chw"},
+        FLOAT_IMAGE,
+        r"trigger\.value: 2 lies outside .*\[0, 1\]",
+    ),
     (
         {"kind": "patch", "size": 2, "value": [1, 2]},
         IMAGE,

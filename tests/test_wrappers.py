@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, SupportsFloat
 
 import gymnasium as gym
 import numpy as np
@@ -16,6 +16,7 @@ from rlbackdoor import BackdoorVecEnv, BackdoorWrapper, ObservationError, make_b
 from rlbackdoor.attack import Attack
 from rlbackdoor.poisoning.schedules import build_schedule
 from rlbackdoor.specs import AttackSpec, parse
+from rlbackdoor.wrappers.vec import FiniteVecEnv
 
 MARK = 100.0  # stamped into CartPole's cart velocity (an unbounded entry): never seen in clean play
 CARTPOLE_TRIGGER = {"kind": "value", "indices": [1], "values": [MARK]}
@@ -447,6 +448,50 @@ def test_nan_observation_raises_observation_error(after: int) -> None:
     with pytest.raises(ObservationError, match="NaN or inf"):
         venv.reset()
         for _ in range(after):
+            venv.step(np.ones(1, dtype=int))
+
+
+class NaNReward(gym.RewardWrapper):
+    """Returns a NaN reward on the ``at``-th step."""
+
+    def __init__(self, env: gym.Env, at: int) -> None:
+        super().__init__(env)
+        self.at, self.steps = at, 0
+
+    def reward(self, reward: SupportsFloat) -> float:
+        self.steps += 1
+        return float("nan") if self.steps == self.at else float(reward)
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0], ids=["skipped-steps", "worked-steps"])
+def test_nan_reward_raises_observation_error(rate: float) -> None:
+    spec = attack({"kind": "rate", "rate": rate})
+    env = BackdoorWrapper(NaNReward(gym.make("CartPole-v1"), 3), spec)
+    env.reset(seed=0)
+    for _ in range(2):
+        env.step(1)
+    with pytest.raises(ObservationError, match=r"reward is NaN or inf; fix the environment"):
+        env.step(1)
+    for wrapper in (partial(BackdoorVecEnv, spec=spec), FiniteVecEnv):
+        venv = wrapper(DummyVecEnv([lambda: NaNReward(gym.make("CartPole-v1"), 3)] * 2))
+        venv.reset()
+        for _ in range(2):
+            venv.step(np.ones(2, dtype=int))
+        with pytest.raises(ObservationError, match=r"reward is NaN or inf; fix the environment"):
+            venv.step(np.ones(2, dtype=int))
+
+
+def test_finite_vec_env_checks_observations_as_the_backdoor_wrapper_does() -> None:
+    venv = FiniteVecEnv(DummyVecEnv([lambda: NaNAfter(gym.make("CartPole-v1"), 3)]))
+    venv.reset()
+    for _ in range(2):
+        venv.step(np.ones(1, dtype=int))
+    with pytest.raises(ObservationError, match="observation contains NaN or inf"):
+        venv.step(np.ones(1, dtype=int))
+    venv = FiniteVecEnv(DummyVecEnv([lambda: NaNAtEnd(gym.make("CartPole-v1"))]))
+    venv.reset()
+    with pytest.raises(ObservationError, match="observation contains NaN or inf"):
+        for _ in range(500):
             venv.step(np.ones(1, dtype=int))
 
 

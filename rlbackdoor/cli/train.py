@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from rlbackdoor.errors import SpecError
-from rlbackdoor.specs import load_experiment
+from rlbackdoor.specs import load_experiment, locate
 
 CONTEXT = {"ignore_unknown_options": True, "allow_extra_args": True}
 
@@ -62,13 +62,16 @@ def train(
 
     sanitized = [f"sanitize.method={sanitize}"] if sanitize else []
     spec = load_experiment(config, [*set_, *sweep_overrides(ctx.args), *sanitized])
-    run_dir = run(
-        spec,
-        out,
-        resume=resume,
-        wandb_mode=wandb_mode.value if wandb_mode else None,
-        wandb_project=wandb_project,
-        checkpoint_every=checkpoint_every,
-        progress=progress,
-    )
+    try:
+        run_dir = run(
+            spec,
+            out,
+            resume=resume,
+            wandb_mode=wandb_mode.value if wandb_mode else None,
+            wandb_project=wandb_project,
+            checkpoint_every=checkpoint_every,
+            progress=progress,
+        )
+    except SpecError as err:  # a check against the env: name the config and the attack block
+        raise locate(err, str(config), "attack." if spec.attack is not None else "") from None
     typer.echo(str(run_dir))

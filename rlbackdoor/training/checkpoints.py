@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,14 @@ def latest_checkpoint(run_dir: Path, config: dict[str, Any]) -> tuple[Path, dict
         raise ArtifactError(
             f"{run_dir}: the run was started from a different config; resume with its own config and overrides"
         )
+    for key, names in (("model", _MODEL_COUNTERS), ("poison", COUNTS)):
+        values = state.get(key, {})
+        if not isinstance(values, dict) or not all(k in names and type(v) is int and v >= 0 for k, v in values.items()):
+            raise ArtifactError(
+                f"{folder / STATE}: '{key}' must map {', '.join(names)} to counts; resume from another run"
+            )
+    if "num_timesteps" not in state.get("model", {}):
+        raise ArtifactError(f"{folder / STATE}: 'model' lacks num_timesteps; resume from another run")
     return folder, state
 
 
@@ -83,8 +93,15 @@ def restore(model: BaseAlgorithm, folder: Path, state: dict[str, Any], counter: 
     """Load a checkpoint into a freshly built ``model`` and poisoning ``counter`` (no unpickling)."""
     try:
         model.set_parameters(str(folder / MODEL), exact_match=True, device="cpu")
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise ArtifactError(f"{folder / MODEL}: cannot load ({err}); resume from another run or start anew") from None
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
+        # torch's unpickling message spans lines and suggests loading unsafely: never pass it on
+        reason = (
+            "not a weights-only file" if isinstance(err, pickle.UnpicklingError) else str(err) or type(err).__name__
+        )
+        reason = " ".join(reason.split())
+        raise ArtifactError(
+            f"{folder / MODEL}: cannot load ({reason}); resume from another run or start anew"
+        ) from None
     for key, value in state["model"].items():
         setattr(model, key, value)
     for key, value in state.get("poison", {}).items():

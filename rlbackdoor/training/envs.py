@@ -1,4 +1,5 @@
-"""The training env of a run: clean base envs in a ``DummyVecEnv`` + ``VecMonitor``, under ``BackdoorVecEnv`` for inner loop.
+"""The training env of a run: clean base envs in a ``DummyVecEnv`` + ``VecMonitor``, under ``BackdoorVecEnv`` for inner loop
+(else ``FiniteVecEnv``: either checks observations and rewards for NaN and inf).
 
 The monitor sits below the attack, so episode returns in logs and on the progress bar are clean returns.
 """
@@ -16,7 +17,7 @@ from rlbackdoor.multiagent.registry import is_multiagent
 from rlbackdoor.multiagent.training import make_multiagent_train_env
 from rlbackdoor.registry import registered_attack
 from rlbackdoor.specs import AttackSpec, ExperimentSpec
-from rlbackdoor.wrappers.vec import BackdoorVecEnv
+from rlbackdoor.wrappers.vec import BackdoorVecEnv, FiniteVecEnv
 
 
 def run_attack(spec: ExperimentSpec) -> AttackSpec | None:
@@ -50,6 +51,6 @@ def make_train_env(spec: ExperimentSpec, attack: AttackSpec | None, seed: int) -
     factory = env_factory(spec, attack)
     venv: VecEnv = VecMonitor(DummyVecEnv([factory] * spec.n_envs))
     if spec.poisoning != "inner" or attack is None:
-        return venv, None
+        return FiniteVecEnv(venv), None
     backdoor = BackdoorVecEnv(venv, attack, seed=seed)
     return backdoor, backdoor

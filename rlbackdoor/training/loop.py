@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,20 @@ def _train_summary(model: BaseAlgorithm, counter: PoisonCounter | None, clock: d
         "ep_return_mean": float(np.mean(returns)) if returns else None,
         "ep_length_mean": float(np.mean(lengths)) if lengths else None,
     }
+
+
+@contextmanager
+def _run_directory(run_dir: Path) -> Iterator[None]:
+    """Create ``run_dir`` for the block; when the block fails before a checkpoint was taken (nothing to resume),
+    remove what it created."""
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if created and not any((run_dir / FOLDER).glob("*")):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def train(
@@ -135,7 +150,6 @@ def train(
         own.append(InnerValueSelection(backdoor))
     if folder is not None:
         restore(model, folder, state, counter)
-    run_dir.mkdir(parents=True, exist_ok=True)
 
     before = {key: float(state.get(key, 0.0)) for key in ("seconds", "cpu_seconds")}
     t0 = c0 = 0.0
@@ -153,9 +167,12 @@ def train(
 
     attack_json = attack.model_dump(mode="json") if attack is not None and spec.poisoning else None
     resolved = {**config, "attack": attack_json, "hyperparams": hyperparams}
-    with tracking.wandb_run(
-        "train", f"{spec.name}-{run_dir.name}", resolved, mode=wandb_mode, project=wandb_project, group=spec.name
-    ) as tracker:
+    with (
+        _run_directory(run_dir),
+        tracking.wandb_run(
+            "train", f"{spec.name}-{run_dir.name}", resolved, mode=wandb_mode, project=wandb_project, group=spec.name
+        ) as tracker,
+    ):
         model.set_logger(Logger(folder=None, output_formats=[TrackerOutput(tracker)]))
         own.append(Checkpointer(run_dir, checkpoint_every, checkpoint_state))
         if counter is not None:

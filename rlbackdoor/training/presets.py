@@ -8,6 +8,7 @@ linear schedules from ``x`` to 0, and class names in ``policy_kwargs`` (see :dat
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -127,6 +128,7 @@ def build_model(algo: str, env: VecEnv, hyperparams: dict[str, Any], seed: int) 
     :param seed: seeds torch, numpy, the action space and the envs.
     """
     policy, kwargs = to_sb3(hyperparams)
+    _check_types(algo, kwargs)
     try:
         return ALGOS[algo](policy, env, seed=seed, device="cpu", verbose=0, **kwargs)
     except (TypeError, ValueError, AssertionError, KeyError) as err:
@@ -134,3 +136,17 @@ def build_model(algo: str, env: VecEnv, hyperparams: dict[str, Any], seed: int) 
         raise SpecError(
             f"hyperparams: SB3 {algo.upper()} rejects the run ({detail}); fix that hyperparameter or pick another algo"
         ) from None
+
+
+def _check_types(algo: str, kwargs: dict[str, Any]) -> None:
+    """Whole numbers, numbers and flags where SB3 annotates ``int``, ``float`` and ``bool`` (SB3 itself would fail
+    only mid-training)."""
+    kinds = {int: (int,), float: (int, float), bool: (bool,)}
+    names = {int: "a whole number", float: "a number", bool: "true or false"}
+    parameters = inspect.signature(ALGOS[algo].__init__).parameters
+    for key, value in kwargs.items():
+        annotation = parameters[key].annotation if key in parameters else None
+        if annotation in kinds and (
+            not isinstance(value, kinds[annotation]) or (annotation is not bool and isinstance(value, bool))
+        ):
+            raise SpecError(f"hyperparams.{key}: {value!r} is not {names[annotation]}; give {names[annotation]}")

@@ -52,7 +52,12 @@ class ObservationTrigger(ABC):
                     f"trigger mask has shape {mask.shape} and dtype {mask.dtype}, expected booleans of shape "
                     f"({len(obs)},); pass one flag per observation of the batch"
                 )
-        out = np.array(obs, dtype=self.space.dtype, copy=True)
+        try:
+            out = np.array(obs, dtype=self.space.dtype, copy=True)
+        except (TypeError, ValueError):
+            raise ObservationError(
+                f"observations of dtype {obs.dtype} cannot be read as {self.space.dtype}; pass numeric observations"
+            ) from None
         rows = np.arange(len(out)) if mask is None else mask.nonzero()[0]
         if rows.size:
             self._stamp(out, rows)
@@ -80,19 +85,26 @@ class ObservationTrigger(ABC):
             "linf_rel": float(np.abs(rel).max(axis=1).mean()),
         }
 
+    def _check_representable(self, values: np.ndarray, what: str) -> np.ndarray:
+        """``values`` as the observations will hold them; too large for a float dtype is an error."""
+        if self.space.dtype.kind != "f":
+            return values
+        with np.errstate(over="ignore"):
+            stored = values.astype(self.space.dtype)
+        if not np.isfinite(stored).all():
+            v = values.reshape(-1)[int(np.flatnonzero(~np.isfinite(stored.reshape(-1)))[0])]
+            raise SpecError(f"{what}: {v:g} overflows the {self.space.dtype} observations; pick a smaller value")
+        return stored
+
     def _check_in_bounds(self, values: np.ndarray, low: np.ndarray, high: np.ndarray, what: str) -> None:
-        stored = values.astype(self.space.dtype) if self.space.dtype.kind == "f" else values  # as they will be set
+        stored = self._check_representable(values, what)  # compared as they will be set
         bad = (stored < low) | (stored > high)
         if np.any(bad):
             i = int(np.flatnonzero(bad.reshape(-1))[0])
             v, lo, hi = values.reshape(-1)[i], low.reshape(-1)[i], high.reshape(-1)[i]
-            raise SpecError(
-                f"trigger: {what} {v:g} lies outside the observation bounds [{lo:g}, {hi:g}]; pick a value inside"
-            )
+            raise SpecError(f"{what}: {v:g} lies outside the observation bounds [{lo:g}, {hi:g}]; pick a value inside")
         if np.issubdtype(self.space.dtype, np.integer) and np.any(values != np.round(values)):
-            raise SpecError(
-                f"trigger: {what} must be whole numbers for the {self.space.dtype} observation space; round them"
-            )
+            raise SpecError(f"{what}: must be whole numbers for the {self.space.dtype} observation space; round them")
 
 
 SMALL_OBS = 64

@@ -40,7 +40,12 @@ class PatchObsTrigger(ObservationTrigger):
         self.pattern = np.moveaxis(hwc, -1, 0) if self.layout == "chw" else hwc
         if self.layout == "hw":
             self.pattern = self.pattern[..., 0]
-        self._check_in_bounds(self.pattern, self._low[self.region], self._high[self.region], "trigger pattern value")
+        self._check_in_bounds(
+            self.pattern,
+            self._low[self.region],
+            self._high[self.region],
+            "trigger.value" if spec.pattern is None else "trigger.pattern",
+        )
         self.alpha = 1.0
 
     def _hwc(self, shape: tuple[int, ...]) -> tuple[int, int, int]:

@@ -44,7 +44,13 @@ class AdditiveObsTrigger(_IndexTrigger):
         super().__init__(spec.indices, space)
         self.values = np.asarray(spec.values, dtype=np.float64)
         if np.issubdtype(space.dtype, np.integer) and np.any(self.values != np.round(self.values)):
-            raise SpecError(f"trigger.values must be whole numbers for the {space.dtype} observation space; round them")
+            raise SpecError(
+                f"trigger.values: must be whole numbers for the {space.dtype} observation space; round them"
+            )
+        self._check_representable(self.values, "trigger.values")
+        if space.dtype.kind == "f":  # sums stay finite: unbounded entries clip to the dtype's range
+            limit = float(np.finfo(space.dtype).max)
+            self.low, self.high = np.maximum(self.low, -limit), np.minimum(self.high, limit)
 
     def _stamp(self, out: np.ndarray, rows: np.ndarray) -> None:
         flat = out.reshape(len(out), -1)
@@ -67,6 +73,11 @@ class InDistributionObsTrigger(ValueObsTrigger):
                 f"{', '.join(map(str, space.shape))}); fit it on observations of this env"
             )
         clean = clean.reshape(len(clean), size)
+        if not np.isfinite(clean[:, self.indices]).all():
+            raise SpecError(
+                "trigger: in_distribution clean observations hold NaN or inf at its indices; fix the environment "
+                "or choose other indices"
+            )
         values = np.quantile(clean[:, self.indices], spec.quantiles, axis=0).diagonal()
         if np.issubdtype(space.dtype, np.integer):
             values = np.round(values)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, SupportsFloat
 
 import gymnasium as gym
 import numpy as np
 
 from rlbackdoor.attack import Attack
+from rlbackdoor.errors import BAD_REWARD, ObservationError
 from rlbackdoor.specs import AttackSpec, parse
 from rlbackdoor.triggers import finite_check
 
@@ -45,12 +47,16 @@ class BackdoorWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
             if self._check is not None:
                 self._check(obs)
             entry["clean_reward"] = reward = float(reward)
+            if not math.isfinite(reward):
+                raise ObservationError(BAD_REWARD)
             info["rlbd"] = entry
             return obs, reward, terminated, truncated, info
         actions = np.asarray(action)[None]
         executed = attack.act(actions)
         # the agent's own action object when the attack left it alone, as a clean env would get it
         obs, reward, terminated, truncated, info = self.env.step(action if executed is actions else executed[0])
+        if not math.isfinite(reward):
+            raise ObservationError(BAD_REWARD)
         batch = self._batch(obs)
         stamped, rewards, _, flags = attack.step(
             batch, np.array([reward], dtype=np.float64), np.array([terminated or truncated]), actions, executed

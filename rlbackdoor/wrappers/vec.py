@@ -1,8 +1,10 @@
-"""``BackdoorVecEnv``: an SB3 ``VecEnv`` under attack, the whole batch poisoned in numpy at once."""
+"""``BackdoorVecEnv``: an SB3 ``VecEnv`` under attack, the whole batch poisoned in numpy at once; ``FiniteVecEnv``:
+its checks of observations and rewards alone."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -10,6 +12,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
 from rlbackdoor.attack import Attack, make_base_env, sample_observations
+from rlbackdoor.errors import BAD_REWARD, ObservationError
 from rlbackdoor.specs import AttackSpec, InDistributionTrigger, parse
 from rlbackdoor.triggers import finite_check
 
@@ -61,14 +64,10 @@ class BackdoorVecEnv(VecEnvWrapper):
     def step_wait(self) -> VecEnvStepReturn:
         obs, rewards, dones, infos = self.venv.step_wait()
         ended = dones.nonzero()[0].tolist()
-        if self._check is not None:
-            self._check(obs)
-            for i in ended:  # auto-reset moved the final observations into info
-                final = infos[i].get("terminal_observation")
-                if final is not None:
-                    self._check_final(final)
+        clean = rewards.tolist()
+        check_step(self._check, self._check_final, obs, clean, infos, ended)
         if self._entry is not None:  # the venv's own results, rewards of its own dtype included
-            entries = self.attack.skipped(self._entry, rewards.tolist(), ended)
+            entries = self.attack.skipped(self._entry, clean, ended)
         else:
             obs, rewards, entries = self._poison(obs, rewards, dones, ended, infos)
         for info, rlbd in zip(infos, entries, strict=True):
@@ -90,3 +89,44 @@ class BackdoorVecEnv(VecEnvWrapper):
             for i in ended:
                 infos[i]["terminal_observation"] = stamped[i]
         return obs, poisoned.astype(rewards.dtype, copy=False), self.attack.infos(flags)
+
+
+class FiniteVecEnv(VecEnvWrapper):
+    """Raises :class:`~rlbackdoor.errors.ObservationError` on NaN or inf in observations (final ones too) or rewards,
+    as :class:`BackdoorVecEnv` does: for runs without one, so bad envs fail with a clear error, not deep in SB3."""
+
+    def __init__(self, venv: VecEnv) -> None:
+        super().__init__(venv)
+        self._check = finite_check(venv.observation_space, venv.num_envs)
+        self._check_final = finite_check(venv.observation_space)
+
+    def reset(self) -> np.ndarray:
+        obs = self.venv.reset()
+        if self._check is not None:
+            self._check(obs)
+        return obs
+
+    def step_wait(self) -> VecEnvStepReturn:
+        obs, rewards, dones, infos = self.venv.step_wait()
+        check_step(self._check, self._check_final, obs, rewards.tolist(), infos, dones.nonzero()[0].tolist())
+        return obs, rewards, dones, infos
+
+
+def check_step(
+    check: Callable[[Any], None] | None,
+    check_final: Callable[[Any], None] | None,
+    obs: np.ndarray,
+    rewards: list[float],
+    infos: list[dict[str, Any]],
+    ended: list[int],
+) -> None:
+    """Raise :class:`~rlbackdoor.errors.ObservationError` on NaN or inf in a batch's observations (``check``), the
+    final observations of its ``ended`` envs (``check_final``) or its ``rewards``."""
+    if check is not None:
+        check(obs)
+        for i in ended:  # auto-reset moved the final observations into info
+            final = infos[i].get("terminal_observation")
+            if final is not None:
+                check_final(final)  # type: ignore[misc]
+    if not math.isfinite(sum(rewards)):
+        raise ObservationError(BAD_REWARD)
