@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -55,8 +56,18 @@ def _grid(values: list[Any], field: str) -> list[Any]:
 
 
 # --------------------------------------------------------------------------------------------- triggers
+def _distinct(indices: list[int]) -> list[int]:
+    repeated = sorted({i for i in indices if indices.count(i) > 1})
+    if repeated:
+        raise ValueError(f"indices {repeated} appear more than once; give each index once")
+    return indices
+
+
+Indices = Annotated[list[int], Field(min_length=1), AfterValidator(_distinct)]
+
+
 class _IndexedTrigger(_Spec):
-    indices: list[int] = Field(min_length=1)
+    indices: Indices
     values: list[Number] = Field(min_length=1)
 
     @field_validator("values")
@@ -135,7 +146,7 @@ class InDistributionTrigger(_Spec):
     """Set ``indices`` to the clean-rollout ``quantiles`` of each entry: a rare but valid combination."""
 
     kind: Literal["in_distribution"]
-    indices: list[int] = Field(min_length=1)
+    indices: Indices
     quantiles: list[Number] = Field(min_length=1)
     fit_steps: int = Field(2000, ge=100, description="random-policy steps of the base env used to fit the values")
 

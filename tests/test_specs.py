@@ -22,7 +22,7 @@ triggers = st.one_of(
         lambda n: st.fixed_dictionaries(
             {
                 "kind": st.sampled_from(["value", "additive"]),
-                "indices": st.lists(small, min_size=n, max_size=n),
+                "indices": st.lists(small, min_size=n, max_size=n, unique=True),
                 "values": st.lists(finite, min_size=n, max_size=n),
             }
         )
@@ -40,7 +40,7 @@ triggers = st.one_of(
         lambda n: st.fixed_dictionaries(
             {
                 "kind": st.just("in_distribution"),
-                "indices": st.lists(small, min_size=n, max_size=n),
+                "indices": st.lists(small, min_size=n, max_size=n, unique=True),
                 "quantiles": st.lists(st.floats(0.0, 1.0), min_size=n, max_size=n),
             }
         )
@@ -168,6 +168,7 @@ INVALID = [
     ("payload", {"kind": "untargeted"}, ("mode", "sabotage"), "payload.mode"),
     ("payload", {"kind": "untargeted"}, ("scale", 0.0), "payload.scale"),
     ("trigger", {"kind": "patch", "pattern": [[1.0]]}, ("pattern", [[None, 1.0], [1.0, 1.0]]), "trigger.pattern"),
+    ("trigger", {"kind": "value", "indices": [1, 2], "values": [1.0, 2.0]}, ("indices", [3, 3]), "trigger.indices"),
     ("trigger", {"kind": "patch", "pattern": [[1.0]]}, ("pattern", [[{"a": 1}, 1.0]]), "trigger.pattern"),
     ("trigger", {"kind": "patch", "pattern": [[1.0]]}, ("pattern", [[1.0, 2.0], [3.0]]), "trigger.pattern"),
     ("trigger", {"kind": "blend", "value": 1.0}, ("alpha", NAN), "trigger.alpha"),
