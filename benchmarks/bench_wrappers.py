@@ -15,7 +15,7 @@ Two references bracket the attack's own cost:
 - *pass-through*: a wrapper that only adds an empty ``info["rlbd"]`` (around ``gymnasium.make("CartPole-v1")``,
   which is how a registered id wraps its base; for (b) a ``VecEnvWrapper``): what any wrapper costs;
 - *floor*: a wrapper that does what every step of a backdoor wrapper must, and nothing else: the
-  finiteness check of the observations (as the backdoor wrappers do it; for (b) also of the final
+  finiteness check of the observations and rewards (as the backdoor wrappers do it; for (b) also of the final
   observations of ended episodes) and an ``info["rlbd"]`` entry with the running counts (for (b) one
   per batch, shared by its envs). No attack implementation that checks
   every observation and reports every step can beat it.
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import time
@@ -42,7 +43,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
 import rlbackdoor
 from rlbackdoor import BackdoorVecEnv, get_env_spec, make_base_env
-from rlbackdoor.errors import SpecError
+from rlbackdoor.errors import BAD_REWARD, ObservationError, SpecError
 from rlbackdoor.specs import AttackSpec
 from rlbackdoor.triggers import finite_check
 
@@ -118,6 +119,8 @@ class Floor(gym.Wrapper):
         entry = _ENTRY.copy()
         entry["n_steps"] = self.n_steps
         entry["clean_reward"] = reward = float(reward)
+        if not math.isfinite(reward):
+            raise ObservationError(BAD_REWARD)
         info["rlbd"] = entry
         return obs, reward, terminated, truncated, info
 
@@ -143,6 +146,8 @@ class FloorVec(VecEnvWrapper):
             if np.count_nonzero(dones):
                 for i in dones.nonzero()[0].tolist():
                     self._check_final(infos[i]["terminal_observation"])
+        if not math.isfinite(sum(rewards.tolist())):
+            raise ObservationError(BAD_REWARD)
         self.n_steps += self.num_envs
         entry = _ENTRY.copy()
         entry["n_steps"] = self.n_steps
