@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,8 +76,10 @@ class Trajectories:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {f: data[f] for f in FIELDS}
                 meta = json.loads(str(data["meta"]))
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as err:
             raise ArtifactError(f"{path}: not a trajectory file ({err}); write it with Trajectories.save") from None
+        if not (isinstance(meta, dict) and isinstance(meta.get("env", ""), str)):
+            raise ArtifactError(f"{path}: meta is not a JSON object with a string env; write it with Trajectories.save")
         _check_arrays(path, arrays)
         for f in ("dones", "poisoned", "triggered"):
             arrays[f] = arrays[f].astype(bool)
@@ -83,12 +87,14 @@ class Trajectories:
 
 
 def _check_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
-    """One entry per transition in every field, numbers where numbers belong, no NaN or inf."""
+    """At least one transition, one entry per transition in every field, numbers where numbers belong, no NaN or inf."""
     n = len(arrays["rewards"]) if arrays["rewards"].ndim else -1
     short = [f for f in FIELDS if arrays[f].ndim == 0 or len(arrays[f]) != n]
     if short:
         sizes = ", ".join(f"{f} {arrays[f].shape}" for f in FIELDS)
         raise ArtifactError(f"{path}: fields differ in length ({sizes}); give every field one entry per transition")
+    if n == 0:
+        raise ArtifactError(f"{path}: holds no transitions; collect some steps before saving")
     for f in FIELDS:
         if arrays[f].dtype.kind not in "biuf":
             raise ArtifactError(f"{path}: {f} has dtype {arrays[f].dtype}; store numbers (booleans for flags)")

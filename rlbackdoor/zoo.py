@@ -35,6 +35,7 @@ Any directory with such a manifest is a zoo, including one written by hand aroun
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import shutil
 from collections.abc import Callable
@@ -85,6 +86,29 @@ def _is_draw(node: dict[str, Any]) -> bool:
     return len(keys & set(DRAW_KINDS)) == 1 and (keys <= set(DRAW_KINDS) or keys == {"sample", "k"})
 
 
+def _draw_args(node: dict[str, Any], where: str) -> tuple[str, Any]:
+    """The kind and argument of a draw node, checked: non-empty items, or finite ``[low, high]`` with low <= high."""
+    kind = next(k for k in DRAW_KINDS if k in node)
+    arg = node[kind]
+    if kind in ("choice", "sample"):
+        if not isinstance(arg, list) or not arg:
+            raise SpecError(f"{where}: {kind} needs a non-empty list of items; write {{{kind}: [a, b]}}")
+        k = node.get("k", 1)
+        if kind == "sample" and not (isinstance(k, int) and 1 <= k <= len(arg)):
+            raise SpecError(f"{where}: sample k={k!r} must be an integer in [1, {len(arg)}]; fix k")
+        return kind, arg
+    if not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(v, (int, float)) for v in arg)):
+        raise SpecError(f"{where}: {kind} needs [low, high] numbers; write {{{kind}: [0, 1]}}")
+    lo, hi = arg
+    if not math.isfinite(hi - lo):
+        raise SpecError(f"{where}: {kind} range [{lo}, {hi}] is not finite; give finite ends")
+    if hi < lo:
+        raise SpecError(f"{where}: {kind} range [{lo}, {hi}] is empty; put the low end first")
+    if kind == "randint" and not (isinstance(lo, int) and isinstance(hi, int)):
+        raise SpecError(f"{where}: randint needs integer ends, got [{lo}, {hi}]; use uniform for floats")
+    return kind, arg
+
+
 def draw(node: Any, rng: np.random.Generator, where: str = "attack") -> Any:
     """Resolve every draw in ``node`` (see the module docstring) with ``rng``; other values pass through.
 
@@ -98,27 +122,30 @@ def draw(node: Any, rng: np.random.Generator, where: str = "attack") -> Any:
         return node
     if not _is_draw(node):
         return {k: draw(v, rng, f"{where}.{k}") for k, v in node.items()}
-    kind = next(k for k in DRAW_KINDS if k in node)
-    arg = node[kind]
-    if kind in ("choice", "sample") and (not isinstance(arg, list) or not arg):
-        raise SpecError(f"{where}: {kind} needs a non-empty list of items; write {{{kind}: [a, b]}}")
+    kind, arg = _draw_args(node, where)
     if kind == "choice":
         return draw(arg[int(rng.integers(len(arg)))], rng, where)
     if kind == "sample":
-        k = node.get("k", 1)
-        if not isinstance(k, int) or not 1 <= k <= len(arg):
-            raise SpecError(f"{where}: sample k={k!r} must be an integer in [1, {len(arg)}]; fix k")
-        return [draw(arg[int(i)], rng, where) for i in rng.choice(len(arg), size=k, replace=False)]
-    if not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(v, (int, float)) for v in arg)):
-        raise SpecError(f"{where}: {kind} needs [low, high] numbers; write {{{kind}: [0, 1]}}")
+        return [draw(arg[int(i)], rng, where) for i in rng.choice(len(arg), size=node.get("k", 1), replace=False)]
     lo, hi = arg
-    if hi < lo:
-        raise SpecError(f"{where}: {kind} range [{lo}, {hi}] is empty; put the low end first")
     if kind == "uniform":
         return round(float(rng.uniform(lo, hi)), 4)
-    if not (isinstance(lo, int) and isinstance(hi, int)):
-        raise SpecError(f"{where}: randint needs integer ends, got [{lo}, {hi}]; use uniform for floats")
     return int(rng.integers(lo, hi + 1))
+
+
+def check_draws(node: Any, where: str) -> None:
+    """Check every draw in ``node``, each item of a choice or sample included, without drawing."""
+    if isinstance(node, list):
+        for i, v in enumerate(node):
+            check_draws(v, f"{where}.{i}")
+    elif isinstance(node, dict) and not _is_draw(node):
+        for k, v in node.items():
+            check_draws(v, f"{where}.{k}")
+    elif isinstance(node, dict):
+        kind, arg = _draw_args(node, where)
+        if kind in ("choice", "sample"):
+            for item in arg:
+                check_draws(item, where)
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -128,7 +155,10 @@ def load_zoo(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Z
     :param path: the YAML file.
     :param overrides: see :func:`rlbackdoor.specs.apply_overrides`.
     """
-    return parse(ZooSpec, apply_overrides(read_yaml(path), overrides), str(path))
+    spec = parse(ZooSpec, apply_overrides(read_yaml(path), overrides), str(path))
+    for name in ("poisoning", "outer_reward", "attack"):
+        check_draws(getattr(spec, name), f"{path}: {name}")
+    return spec
 
 
 def agent_names(spec: ZooSpec) -> list[str]:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from gymnasium import spaces
+from safetensors.torch import load_file, save_file
 from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.policies import ActorCriticPolicy
 
@@ -166,10 +167,17 @@ def edit_card(run: Path, edit: Any) -> None:
     (run / "card.json").write_text(json.dumps(card))
 
 
+def nan_weights(run: Path) -> None:
+    state = load_file(run / "policy.safetensors")
+    state["action_net.bias"][0] = float("nan")
+    save_file(state, run / "policy.safetensors")
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
         (lambda run: (run / "policy.safetensors").write_bytes(b"\x00" * 40), "corrupt"),
+        (nan_weights, "weights action_net.bias hold NaN or inf"),
         (
             lambda run: (run / "policy.safetensors").write_bytes((run / "policy.safetensors").read_bytes()[:-100]),
             "corrupt",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -275,6 +276,28 @@ def test_empty_zoo_unknown_detector_and_non_targets_exit_2(zoo: Path, tmp_path: 
     assert "neither a run directory" in one_line_error(capsys, ["detect", str(tmp_path), "-d", "probe"])
     assert "bad parameters" in one_line_error(capsys, ["detect", str(zoo), "-d", "probe", "--param", "bogus=1"])
     assert "give TARGET" in one_line_error(capsys, ["detect", str(zoo)])
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("reverse", {"steps": "abc"}, "(steps='abc'); give steps an integer >= 1"),
+        ("reverse", {"steps": -5}, "(steps=-5); give steps an integer >= 1"),
+        ("probe", {"n_values": True}, "(n_values=True); give n_values an integer >= 1"),
+        ("bands", {"fpr": float("nan")}, "(fpr=nan); give fpr a finite number >= 0"),
+        ("spectral", {"seed": -1}, "(seed=-1); give seed an integer >= 0"),
+    ],
+)
+def test_detector_parameters_are_checked_against_the_signature(name: str, params: dict, message: str) -> None:
+    with pytest.raises(SpecError, match=re.escape(f"detector '{name}': bad parameters {message}")):
+        get_detector(name, **params)
+    assert get_detector("reverse", restarts=None, l1=0, steps=3).steps == 3
+
+
+def test_rlbd_detect_bad_parameter_values_exit_2(tmp_path: Path, capsys) -> None:
+    assert "steps='abc'" in one_line_error(capsys, ["detect", str(tmp_path), "-d", "reverse", "--param", "steps=abc"])
+    assert "steps=-5" in one_line_error(capsys, ["detect", str(tmp_path), "-d", "reverse", "--param", "steps=-5"])
+    assert "rlbd detect --seed" in one_line_error(capsys, ["detect", str(tmp_path), "-d", "probe", "--param", "seed=1"])
 
 
 def test_one_class_zoo_reports_auroc_undefined(zoo: Path, tmp_path: Path, capsys) -> None:

@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -116,12 +117,34 @@ def test_rlbd_eval_bad_inputs_exit_2_with_one_line_and_leave_the_card(
     empty.mkdir()
     fails(["eval", str(empty)], "no card.json")
     fails(["eval", str(run), "--json", str(tmp_path / "missing" / "m.json")], "does not exist")
+    fails(["eval", str(run), "--json", str(tmp_path), "--episodes", "1", "--seeds", "1"], "is a directory")
     fails(["eval", str(run), "--baseline", str(empty)], "no card.json")
     fails(["eval", str(run), "--wandb-mode", "sometimes"], "sometimes")
     fails(["eval", str(run), "--episodes", "0"], "episodes")
     (run / "policy.safetensors").write_bytes(b"not a safetensors file")
     fails(["eval", str(run)], "policy.safetensors", "corrupt")
     assert not any(wandb_dir.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda card: card.pop("env"), "no 'env' entry"),
+        (lambda card: card.update(metrics=[1]), "'metrics' is not a mapping"),
+        (lambda card: card.update(config="ppo"), "'config' is not a mapping"),
+    ],
+)
+def test_rlbd_eval_refuses_card_entries_it_cannot_read(
+    run: Path, edit: Any, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    card = read_card(run)
+    edit(card)
+    (run / "card.json").write_text(json.dumps(card))
+    card_text = (run / "card.json").read_text()
+    assert main(["eval", str(run), "--episodes", "1", "--seeds", "1", "--wandb-mode", "disabled"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{run / 'card.json'}: {message}" in err
+    assert (run / "card.json").read_text() == card_text
 
 
 def test_eval_callback_logs_curves_to_sb3_and_wandb(tmp_path: Path, wandb_dir: Path) -> None:

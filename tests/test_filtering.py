@@ -15,7 +15,7 @@ from rlbackdoor.attack import make_base_env
 from rlbackdoor.defenses import SubspaceSanitizer, SupportSanitizer
 from rlbackdoor.defenses.filtering import FilterVecEnv, RolloutFilter, TransitionFilter
 from rlbackdoor.errors import ArtifactError, SpecError
-from rlbackdoor.trajectories import Trajectories, collect
+from rlbackdoor.trajectories import FIELDS, Trajectories, collect
 from rlbackdoor.wrappers.vec import BackdoorVecEnv
 
 
@@ -71,6 +71,28 @@ def test_malformed_trajectory_files_are_refused(tmp_path, field, change, message
     path = data.save(tmp_path / "t.npz")
     with pytest.raises(ArtifactError, match=message):
         Trajectories.load(path)
+
+
+def _meta_list(path):
+    good = collect(gym.make("CartPole-v1"), None, 20, 0)
+    np.savez(path, meta=np.array("[1]"), **{f: getattr(good, f) for f in FIELDS})
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (lambda path: path.write_bytes(b""), "not a trajectory file"),
+        (lambda path: path.write_bytes(collect(gym.make("CartPole-v1"), None, 20, 0).save(path).read_bytes()[:300]), "not a trajectory file"),
+        (lambda path: collect(gym.make("CartPole-v1"), None, 0, 0, "CartPole-v1").save(path), "holds no transitions"),
+        (_meta_list, "meta is not a JSON object"),
+    ],
+)  # fmt: skip
+def test_empty_truncated_and_foreign_trajectory_files_are_refused(tmp_path, write, message):
+    path = tmp_path / "t.npz"
+    write(path)
+    with pytest.raises(ArtifactError, match=message) as info:
+        Trajectories.load(path)
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
 
 
 def test_select_keeps_episode_ends():

@@ -134,6 +134,8 @@ def test_cli_filters_a_trajectory_dataset(tmp_path: Path):
         (["sanitize"], "give a RUN_DIR"),
         (["sanitize", "--trajectories", "missing.npz"], "not a trajectory file"),
         (["sanitize", "nowhere", "--method", "support"], "nowhere"),
+        (["sanitize", "nowhere", "--episodes", "0"], "--episodes"),
+        (["sanitize", "nowhere", "--seeds", "0"], "--seeds"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
@@ -151,6 +153,17 @@ def test_bad_method_n_and_foreign_trajectories(smoke_run: Path, tmp_path: Path, 
     data = collect(gym.make("rlbd/TrojanLavaGap-v0"), None, 50, 0, "rlbd/TrojanLavaGap-v0").save(tmp_path / "y.npz")
     assert main(["sanitize", "--trajectories", str(data), "--method", "subspace", "--n-clean", "20"]) == 2
     assert "use n >=" in capsys.readouterr().err
+
+
+def test_trajectory_actions_outside_the_action_space_are_refused(tmp_path: Path, capsys):
+    data = collect(gym.make("rlbd/TrojanCartPole-v0"), None, 50, 0, "rlbd/TrojanCartPole-v0")
+    data.actions[3] = 7
+    path = data.save(tmp_path / "t.npz")
+    out = tmp_path / "clean.npz"
+    assert main(["sanitize", "--trajectories", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "action 7 of transition 3 is not in rlbd/TrojanCartPole-v0's Discrete(2)" in err[0]
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("poisoning", ["inner", "outer"])

@@ -90,6 +90,11 @@ def test_random_draws_are_seeded_and_within_bounds(tmp_path: Path) -> None:
     assert sweep.command_for(points[0])[-1] == "--seed=7"
 
 
+def one_random(name: str, **spec: Any) -> dict[str, Any]:
+    """Fields of a one-run random sweep over one parameter."""
+    return {"method": "random", "run_cap": 1, "parameters": {name: spec}}
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
@@ -102,6 +107,9 @@ def test_random_draws_are_seeded_and_within_bounds(tmp_path: Path) -> None:
         ({"parameters": {"seed": {"min": 0, "max": 3}}}, "a grid sweep needs value or values"),
         ({"method": "random", "parameters": {"seed": {"distribution": "beta", "min": 0, "max": 1}}}, "'beta'"),
         ({"method": "random"}, "a random sweep runs until stopped; give --count N"),
+        (one_random("attack.schedule.rate", min=0.5, max=0.1), "'attack.schedule.rate': min 0.5 and max 0.1 are not"),
+        (one_random("attack.schedule.rate", min=0.1, max=float("nan")), "min 0.1 and max nan are not a range"),
+        (one_random("hyperparams.learning_rate", distribution="log_uniform_values", min=0, max=1), "needs min > 0"),
         ({"metrics": {"name": "x"}}, "unknown key 'metrics'"),
         ({"command": ["python", "train.py", "${args}"]}, "the command runs neither 'rlbd train CONFIG'"),
         ({"command": ["rlbd", "train", "nowhere.yaml", "${args}"]}, "the command's config nowhere.yaml does not exist"),

@@ -64,6 +64,8 @@ def test_draws_resolve_every_kind_and_repeat_with_the_seed() -> None:
         ({"uniform": [2.0, 1.0]}, "x: uniform range [2.0, 1.0] is empty"),
         ({"randint": [0.5, 2]}, "x: randint needs integer ends"),
         ({"sample": [1, 2], "k": 3}, "x: sample k=3 must be an integer in [1, 2]"),
+        ({"uniform": [float("nan"), 4.0]}, "x: uniform range [nan, 4.0] is not finite"),
+        ({"uniform": [0.0, float("inf")]}, "x: uniform range [0.0, inf] is not finite"),
     ],
 )
 def test_malformed_draws_are_spec_errors_naming_the_field(node: dict, message: str) -> None:
@@ -95,6 +97,20 @@ def test_attack_draws_that_do_not_fit_the_env_fail_before_training(tmp_path: Pat
     assert not out.exists()
     assert main(["zoo", str(write(tmp_path, {**TINY, "agents": 1})), "--out", str(out)]) == 2
     assert "agents" in capsys.readouterr().err
+
+
+def test_malformed_draws_anywhere_in_the_config_fail_naming_the_file(tmp_path: Path, capsys) -> None:
+    trigger = {**TINY["attack"]["trigger"], "values": [{"uniform": [float("nan"), 4.0]}]}
+    config = write(tmp_path, {**TINY, "attack": {**TINY["attack"], "trigger": trigger}})
+    out = tmp_path / "zoo"
+    assert main(["zoo", str(config), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{config}: attack.trigger.values.0: uniform range [nan, 4.0]" in err
+    assert not out.exists()
+    unchosen = write(tmp_path, {**TINY, "poisoning": {"choice": ["inner", {"choice": []}]}})
+    with pytest.raises(SpecError) as info:
+        load_zoo(unchosen)  # an item no agent may draw is checked too
+    assert str(info.value).startswith(f"{unchosen}: poisoning: choice needs a non-empty list")
 
 
 # ------------------------------------------------------------------------------------- build, resume

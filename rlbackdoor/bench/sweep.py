@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -198,7 +199,20 @@ def _parameter(name: str, spec: Any, method: str, where: str) -> dict[str, Any]:
     missing = [k for k in needs if k not in spec]
     if missing:
         raise SpecError(f"{where}: parameter '{name}': distribution {distribution} needs '{missing[0]}'; add it")
+    if needs == ("min", "max"):
+        _check_range(name, spec["min"], spec["max"], distribution.endswith("_values"), where)
     return {**spec, "distribution": distribution}
+
+
+def _check_range(name: str, low: Any, high: Any, positive: bool, where: str) -> None:
+    """``min`` and ``max`` are finite numbers with ``min <= max`` (and ``min > 0`` where ``positive``: log scales)."""
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
+    if not (numbers and math.isfinite(high - low) and low <= high):
+        raise SpecError(
+            f"{where}: parameter '{name}': min {low!r} and max {high!r} are not a range; give finite numbers, min <= max"
+        )
+    if positive and low <= 0:
+        raise SpecError(f"{where}: parameter '{name}': a log scale needs min > 0, got {low!r}; raise min")
 
 
 def _infer(spec: Mapping[str, Any]) -> str | None:

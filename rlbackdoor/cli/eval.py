@@ -70,12 +70,14 @@ def eval_run(
         raise ArtifactError(
             f"--json {json_out}: folder {json_out.parent} does not exist; create it or pick another path"
         )
+    if json_out is not None and json_out.is_dir():
+        raise ArtifactError(f"--json {json_out}: is a directory; name a file, e.g. {json_out / 'metrics.json'}")
     metrics = evaluate_run(run_dir, baseline, episodes=episodes, seeds=seeds, t0=t0)
     card = read_card(run_dir)
     card["metrics"] = {**(card.get("metrics") or {}), **metrics}
-    write_json(run_dir / CARD, card)
     if json_out is not None:
         write_json(json_out, metrics)
+    write_json(run_dir / CARD, card)
     console.print(metrics_table(metrics))
 
     name = str(card.get("name", run_dir.name))

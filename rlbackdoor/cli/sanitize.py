@@ -7,13 +7,16 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from rlbackdoor.errors import SpecError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 console = Console()
 
@@ -40,8 +43,8 @@ def sanitize(
     n_clean: int = typer.Option(200, "--n-clean", help="clean observations to fit on (the agent's own rollouts)"),
     dim: int | None = typer.Option(None, "--dim", help="subspace dimension (default: the clean data's rank)"),
     baseline: Path | None = typer.Option(None, "--baseline", help="a clean run of the same config, for ctp_ratio"),
-    episodes: int = typer.Option(10, "--episodes", help="evaluation episodes per seed"),
-    seeds: int = typer.Option(3, "--seeds", help="evaluation seeds"),
+    episodes: int = typer.Option(10, "--episodes", min=1, help="evaluation episodes per seed"),
+    seeds: int = typer.Option(3, "--seeds", min=1, help="evaluation seeds"),
     curve: str = typer.Option("", "--curve", help="comma-separated other n values to report (e.g. 8,16,32)"),
     trajectories: Path | None = typer.Option(None, "--trajectories", help="filter this .npz dataset instead"),
     out: Path | None = typer.Option(None, "--out", help="with --trajectories: where to write the filtered dataset"),
@@ -109,6 +112,24 @@ def _sanitize_run(
     return results
 
 
+def _check_actions(path: Path, actions: np.ndarray, env: str, n_actions: int) -> None:
+    """Every action of a dataset of a Discrete(``n_actions``) env is one of its actions."""
+    import numpy as np
+
+    if actions.ndim != 1:
+        raise SpecError(
+            f"{path}: actions of shape {actions.shape[1:]} do not come from {env} (Discrete({n_actions})); "
+            "filter trajectories of that env"
+        )
+    outside = np.flatnonzero(~np.isin(actions, np.arange(n_actions)))
+    if outside.size:
+        i = int(outside[0])
+        raise SpecError(
+            f"{path}: action {actions[i]} of transition {i} is not in {env}'s Discrete({n_actions}); "
+            "drop or repair those transitions"
+        )
+
+
 def _filter_dataset(
     path: Path, method: str, n_clean: int, dim: int | None, out: Path | None, mode: str
 ) -> dict[str, Any]:
@@ -128,8 +149,11 @@ def _filter_dataset(
             f"{path}: observations of shape {data.observations.shape[1:]} do not come from {data.env} "
             f"(shape {probe.observation_space.shape}); filter trajectories of that env"
         )
+    n_actions = n_discrete_actions(probe.action_space)
+    if n_actions is not None:
+        _check_actions(path, data.actions, data.env, n_actions)
     clean = collect(probe if clean_env.attack is None else make_base_env(clean_env.attack), None, n_clean, 0)
-    filt = TransitionFilter(make_sanitizer(method, dim), n_actions=n_discrete_actions(probe.action_space)).fit(clean)
+    filt = TransitionFilter(make_sanitizer(method, dim), n_actions=n_actions).fit(clean)
     kept, report = filt.filter(data, mode)
     target = out or path.with_name(path.stem + ".sanitized.npz")
     kept.save(target)

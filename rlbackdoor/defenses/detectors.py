@@ -16,7 +16,9 @@ probability the logistic of the robust z-score of that score within the zoo. No 
 
 from __future__ import annotations
 
+import math
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,13 +52,32 @@ MAD_FLOOR = 0.05
 
 
 def get_detector(name: str, **params: Any) -> Detector:
-    """A new detector by registry name, with its constructor parameters."""
+    """A new detector by registry name, with its constructor parameters (checked against its signature)."""
     if name not in DETECTORS:
         raise SpecError(f"unknown detector '{name}'; use one of {', '.join(DETECTORS)} (rlbd detect --list)")
-    try:
-        return DETECTORS[name](**params)
-    except TypeError as err:
-        raise SpecError(f"detector '{name}': bad parameters ({err}); see its docstring") from None
+    _check_params(name, params)
+    return DETECTORS[name](**params)
+
+
+def _check_params(name: str, params: dict[str, Any]) -> None:
+    """Each parameter is one of the detector's constructor's, with a value of its annotated type: a positive
+    integer for a count (``seed`` non-negative), a finite non-negative number for a float, or ``None`` if allowed."""
+    hints = typing.get_type_hints(DETECTORS[name].__init__)
+    hints.pop("return", None)
+    for key, value in params.items():
+        if key not in hints:
+            raise SpecError(f"detector '{name}': bad parameters (unknown '{key}'); use {', '.join(hints)}")
+        types = typing.get_args(hints[key]) or (hints[key],)
+        if value is None and type(None) in types:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if int in types:
+            low = 0 if key == "seed" else 1
+            ok, want = number and isinstance(value, int) and value >= low, f"an integer >= {low}"
+        else:
+            ok, want = number and 0 <= value < math.inf, "a finite number >= 0"
+        if not ok:
+            raise SpecError(f"detector '{name}': bad parameters ({key}={value!r}); give {key} {want}")
 
 
 @dataclass
@@ -339,6 +360,8 @@ def detect(
     torch.set_num_threads(1)  # CPU-seconds per model are measured on one thread, as training runs
     target = Path(target)
     params = params or {}
+    if "seed" in params:
+        raise SpecError(f"detector '{name}': seed is set by detect's own seed (rlbd detect --seed), not a parameter")
     cls = DETECTORS[get_detector(name, **params).name]  # unknown names and bad parameters fail first
     agents, is_zoo = _targets(target)
     steps = None

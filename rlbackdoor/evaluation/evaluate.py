@@ -9,6 +9,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from rlbackdoor.errors import ArtifactError
 from rlbackdoor.evaluation.envs import Source, action_history, eval_attack, run_env
 from rlbackdoor.evaluation.metrics import ctp_ratio, observation_asr, return_drop, sequence_asr, stealth
 from rlbackdoor.evaluation.rollouts import Policy, RandomPolicy, Rollouts, episode_seeds, rollout
@@ -116,6 +117,18 @@ def attack_metrics(
     return out
 
 
+def _check_card(run_dir: str | Path, card: Mapping[str, Any]) -> None:
+    """What evaluation reads from a run's card: ``env`` an env id, ``config`` and ``metrics`` mappings where set."""
+    from rlbackdoor.training.artifacts import CARD
+
+    path = Path(run_dir) / CARD
+    if not (isinstance(card.get("env"), str) and card["env"]):
+        raise ArtifactError(f"{path}: no 'env' entry naming the env of the run; retrain or fix the card")
+    for key, fix in (("config", "retrain or fix the card"), ("metrics", "delete it (rlbd eval writes it anew)")):
+        if not isinstance(card.get(key) or {}, dict):
+            raise ArtifactError(f"{path}: '{key}' is not a mapping; {fix}")
+
+
 def evaluate_run(
     run_dir: str | Path,
     baseline_dir: str | Path | None = None,
@@ -136,11 +149,12 @@ def evaluate_run(
     from rlbackdoor.training.artifacts import load_policy
 
     policy, card = load_policy(run_dir)
+    _check_card(run_dir, card)
     baseline = load_policy(baseline_dir)[0] if baseline_dir is not None else None
-    if is_multiagent(str(card["env"])):
+    if is_multiagent(card["env"]):
         from rlbackdoor.multiagent.evaluation import evaluate as evaluate_multiagent
 
-        sharing = bool(card["config"].get("sharing"))
+        sharing = bool((card.get("config") or {}).get("sharing"))
         return evaluate_multiagent(
             card["env"], policy, sharing=sharing, episodes=episodes, seeds=seeds, baseline=baseline, t0=t0
         )

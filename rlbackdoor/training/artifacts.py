@@ -238,6 +238,9 @@ def load_policy(run_dir: str | Path) -> tuple[BasePolicy, dict[str, Any]]:
         state = load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
         raise ArtifactError(f"{path}: corrupt safetensors file ({err}); {RETRAIN}") from None
+    broken = [name for name, tensor in state.items() if not tensor.isfinite().all()]
+    if broken:
+        raise ArtifactError(f"{path}: weights {broken[0]} hold NaN or inf; {RETRAIN}")
     try:
         policy.load_state_dict(state, strict=True)
     except RuntimeError as err:
