@@ -132,6 +132,7 @@ def test_rlbd_eval_bad_inputs_exit_2_with_one_line_and_leave_the_card(
         (lambda card: card.pop("env"), "no 'env' entry"),
         (lambda card: card.update(metrics=[1]), "'metrics' is not a mapping"),
         (lambda card: card.update(config="ppo"), "'config' is not a mapping"),
+        (lambda card: card["attack"]["trigger"].update(indices=[7]), "attack.trigger.indices: [7] out of range"),
     ],
 )
 def test_rlbd_eval_refuses_card_entries_it_cannot_read(

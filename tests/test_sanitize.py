@@ -134,6 +134,8 @@ def test_cli_filters_a_trajectory_dataset(tmp_path: Path):
         (["sanitize"], "give a RUN_DIR"),
         (["sanitize", "--trajectories", "missing.npz"], "not a trajectory file"),
         (["sanitize", "nowhere", "--method", "support"], "nowhere"),
+        (["sanitize", "nowhere", "--curve", "-3,0"], "--curve '-3,0' is not a comma-separated list of positive"),
+        (["sanitize", "nowhere", "--dim", "-1"], "--dim"),
         (["sanitize", "nowhere", "--episodes", "0"], "--episodes"),
         (["sanitize", "nowhere", "--seeds", "0"], "--seeds"),
     ],

@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from rlbackdoor.cli.train import WandbMode
-from rlbackdoor.errors import ArtifactError
+from rlbackdoor.errors import ArtifactError, SpecError
+from rlbackdoor.specs import locate
 
 HEADLINE = ("ctp", "ctp_ratio", "asr", "asr_raw", "triggered_return", "return_drop", "random_return", "baseline_ctp")
 """Metrics with CIs, in table order."""
@@ -72,7 +73,10 @@ def eval_run(
         )
     if json_out is not None and json_out.is_dir():
         raise ArtifactError(f"--json {json_out}: is a directory; name a file, e.g. {json_out / 'metrics.json'}")
-    metrics = evaluate_run(run_dir, baseline, episodes=episodes, seeds=seeds, t0=t0)
+    try:
+        metrics = evaluate_run(run_dir, baseline, episodes=episodes, seeds=seeds, t0=t0)
+    except SpecError as err:  # the card's attack does not fit its env: name the card and the attack block
+        raise locate(err, str(run_dir / CARD), "attack.") from None
     card = read_card(run_dir)
     card["metrics"] = {**(card.get("metrics") or {}), **metrics}
     if json_out is not None:

@@ -41,7 +41,7 @@ def sanitize(
     run_dir: Path | None = typer.Argument(None, help="a run directory (card.json, policy.safetensors)"),
     method: str = typer.Option("support", "--method", "-m", help="sanitizer: see --list"),
     n_clean: int = typer.Option(200, "--n-clean", help="clean observations to fit on (the agent's own rollouts)"),
-    dim: int | None = typer.Option(None, "--dim", help="subspace dimension (default: the clean data's rank)"),
+    dim: int | None = typer.Option(None, "--dim", min=1, help="subspace dimension (default: the clean data's rank)"),
     baseline: Path | None = typer.Option(None, "--baseline", help="a clean run of the same config, for ctp_ratio"),
     episodes: int = typer.Option(10, "--episodes", min=1, help="evaluation episodes per seed"),
     seeds: int = typer.Option(3, "--seeds", min=1, help="evaluation seeds"),
@@ -90,9 +90,9 @@ def _sanitize_run(
     try:
         sizes = [int(v) for v in curve.split(",") if v.strip()]
     except ValueError:
-        raise SpecError(
-            f"sanitize: --curve '{curve}' is not a comma-separated list of integers; e.g. 8,16,32"
-        ) from None
+        sizes = [0]
+    if min(sizes, default=1) < 1:
+        raise SpecError(f"sanitize: --curve '{curve}' is not a comma-separated list of positive integers; e.g. 8,16,32")
     results = sanitize_run(run_dir, method, n_clean, dim, baseline, episodes, seeds, sizes)
     table = Table("", "ASR", "CTP", "ctp_ratio", title=f"{run_dir}: {method} sanitizer, n={n_clean}")
     for when in ("before", "after"):

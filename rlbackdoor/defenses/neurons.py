@@ -13,6 +13,7 @@ from sklearn.decomposition import PCA
 
 from rlbackdoor.defenses.base import Access, Detector
 from rlbackdoor.defenses.policy_net import PolicyNet
+from rlbackdoor.errors import SpecError
 
 
 class ActivationBands(Detector):
@@ -32,6 +33,8 @@ class ActivationBands(Detector):
 
     def __init__(self, quantile: float = 0.005, fpr: float = 0.01, seed: int = 0) -> None:
         super().__init__(seed)
+        if not (0.0 <= quantile < 0.5 and 0.0 < fpr < 1.0):
+            raise SpecError(f"bands: quantile {quantile} and fpr {fpr} must lie in [0, 0.5) and (0, 1); fix them")
         self.quantile, self.fpr = quantile, fpr
         self.k = 0.0
 
