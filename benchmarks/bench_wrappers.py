@@ -146,7 +146,8 @@ class FloorVec(VecEnvWrapper):
             if np.count_nonzero(dones):
                 for i in dones.nonzero()[0].tolist():
                     self._check_final(infos[i]["terminal_observation"])
-        if not math.isfinite(sum(rewards.tolist())):
+        clean = rewards.tolist()
+        if not math.isfinite(sum(clean)) and not all(map(math.isfinite, clean)):
             raise ObservationError(BAD_REWARD)
         self.n_steps += self.num_envs
         entry = _ENTRY.copy()

@@ -213,8 +213,10 @@ class Attack(PoisonCounts):
     def _restart(self, mask: np.ndarray) -> None:
         self._origin[mask] = self.n_steps // self.n
         if not self._idle:
-            cut = int(self.left[mask].sum())
-            if cut:  # triggers still running lose their remaining steps
+            cut = int(self.left[mask].sum())  # triggers still running lose their remaining steps
+            if self.sequence is not None:  # and injections of the action sequence in progress their whole trigger
+                cut += self._schedule.duration * int(np.count_nonzero(self.inject[mask] >= 0))
+            if cut:
                 self._schedule.cut(cut)
             self.left[mask] = 0
             self.inject[mask] = -1
@@ -245,11 +247,11 @@ class Attack(PoisonCounts):
         armed = live & (self.left > 0)
         n_armed = int(np.count_nonzero(armed))
         cap = self._schedule.max_poisoned
-        if cap is not None and n_armed > cap - self.n_triggered:  # the budget ends these triggers
+        if cap is not None and n_armed > max(0, cap - self.n_triggered):  # the budget ends these triggers
             over = armed & (np.cumsum(armed) > cap - self.n_triggered)
             self.left[over] = 0
             armed &= ~over
-            n_armed = cap - self.n_triggered
+            n_armed = int(np.count_nonzero(armed))
         self.armed = self._none
         if n_armed:
             self.left[armed] -= 1
@@ -315,14 +317,27 @@ class Attack(PoisonCounts):
             self._origin[ended] = self.n_steps // self.n
         return self.clean_infos(rewards, entry)
 
-    def begin(self, obs: np.ndarray) -> np.ndarray:
-        """First observations of new episodes in every env of the batch."""
-        if self._next < self._quiet:
+    def begin(self, obs: np.ndarray, after_end: bool = False) -> np.ndarray:
+        """First observations of new episodes in every env of the batch.
+
+        :param after_end: the episodes begin right after the step that ended them (a single env's reset after
+            its final step). Their decision then takes that step's row of draws, which the final observations
+            left unused, as an auto-resetting vectorized env's does: same seed, same poisoned steps either way.
+        """
+        if after_end:
+            row = self._next - 1
+            if self._idle and self.sequence is None and self._silent is not None and self._silent[row]:
+                self.armed = self._none  # a silent decision with nothing running: the episodes just start
+                self._origin.fill(self.n_steps // self.n)
+                return obs
+        elif self._next < self._quiet:
             self._next += 1  # a silent decision with nothing running: the episodes just start
             self._origin.fill(self.n_steps // self.n)
             return obs
+        else:
+            row = self._row()
         self._restart(self._every)
-        return self._decide(obs, self._every, self._every, self._row())
+        return self._decide(obs, self._every, self._every, row)
 
     def act(self, actions: np.ndarray) -> np.ndarray:
         """Actions to execute: the payload may force the target; an action trigger may be injected."""

@@ -57,8 +57,8 @@ def _grid(values: list[Any], field: str) -> list[Any]:
 
 # --------------------------------------------------------------------------------------------- triggers
 def _distinct(indices: list[int]) -> list[int]:
-    repeated = sorted({i for i in indices if indices.count(i) > 1})
-    if repeated:
+    if len(set(indices)) < len(indices):
+        repeated = sorted({i for i in indices if indices.count(i) > 1})
         raise ValueError(f"indices {repeated} appear more than once; give each index once")
     return indices
 
@@ -380,10 +380,13 @@ def locate(err: SpecError, source: str, section: str = "") -> SpecError:
     """``err`` as raised for ``source``: a message naming neither gets the file, and ``section`` (e.g. ``attack.``)
     before a field of an attack, since checks against the env name fields relative to the attack."""
     message = str(err)
-    if message.startswith(source):
+    if re.match(r"\S+\.(yaml|yml|json): ", message):  # already names its file
         return err
     field = re.split(r"[.:\s]", message, maxsplit=1)[0]
-    return SpecError(f"{source}: {section if field in AttackSpec.model_fields else ''}{message}")
+    return SpecError(f"{source}: {section if field in _ATTACK_SECTIONS else ''}{message}")
+
+
+_ATTACK_SECTIONS = {"base", "base_kwargs", "base_wrappers", "trigger", "schedule", "payload"}
 
 
 def load(model: type[S], path: str | Path) -> S:

@@ -19,6 +19,7 @@ import torch
 from stable_baselines3.common.callbacks import BaseCallback
 from wandb_offline import offline_runs
 
+from rlbackdoor import tracking
 from rlbackdoor.cli import main
 from rlbackdoor.errors import ArtifactError, SpecError
 from rlbackdoor.specs import ExperimentSpec, apply_overrides, load_experiment, parse
@@ -431,6 +432,16 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path: P
     with pytest.raises(KeyboardInterrupt):
         train(experiment(), run, checkpoint_every=0, callbacks=[Crash(300)])
     assert not run.exists()
+
+
+def test_a_run_that_fails_after_writing_its_artifacts_keeps_them(tmp_path: Path, monkeypatch) -> None:
+    def fail(*args: Any) -> None:
+        raise RuntimeError("logging failed")
+
+    monkeypatch.setattr(tracking, "prefixed", fail)  # called after the artifacts are written
+    with pytest.raises(RuntimeError):
+        train(experiment(timesteps=256), tmp_path / "run", checkpoint_every=0)
+    assert read_card(tmp_path / "run")["timesteps"] == 256
 
 
 def test_cli_run_killed_with_sigkill_resumes(tmp_path: Path) -> None:

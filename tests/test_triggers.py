@@ -413,6 +413,11 @@ def test_action_sequence_and_target_take_actions_of_a_discrete_space_starting_be
     assert build_payload(spec.payload, space).hits(np.array([-1, 0])).tolist() == [True, False]
 
 
+def test_a_whole_float_target_action_fits_a_discrete_space() -> None:
+    spec = parse(AttackSpec, _attack({"kind": "value", "indices": [0], "values": [0.0]}, target_action=1.0), "t")
+    assert build_payload(spec.payload, spaces.Discrete(2)).hits(np.array([0, 1])).tolist() == [False, True]
+
+
 def test_a_scalar_target_action_fits_a_box_of_one_entry() -> None:
     spec = parse(AttackSpec, _attack({"kind": "value", "indices": [0], "values": [0.0]}, target_action=0.5), "t")
     payload = build_payload(spec.payload, spaces.Box(-2.0, 2.0, (1,)))

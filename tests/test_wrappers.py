@@ -16,7 +16,7 @@ from rlbackdoor import BackdoorVecEnv, BackdoorWrapper, ObservationError, make_b
 from rlbackdoor.attack import Attack
 from rlbackdoor.poisoning.schedules import build_schedule
 from rlbackdoor.specs import AttackSpec, parse
-from rlbackdoor.wrappers.vec import FiniteVecEnv
+from rlbackdoor.wrappers.vec import FiniteVecEnv, check_step
 
 MARK = 100.0  # stamped into CartPole's cart velocity (an unbounded entry): never seen in clean play
 CARTPOLE_TRIGGER = {"kind": "value", "indices": [1], "values": [MARK]}
@@ -179,7 +179,8 @@ def test_vec_env_reseeded_replays_its_trajectory() -> None:
 def test_reset_infos_report_the_attack_as_steps_do() -> None:
     spec = attack({"kind": "rate", "rate": 0.5})
     env = make_env(spec)
-    step_keys = set(env.step(0)[4]["rlbd"]) if env.reset(seed=0) else set()
+    env.reset(seed=0)
+    step_keys = set(env.step(0)[4]["rlbd"])
     venv = make_vec(spec, 8)
     obs = venv.reset()
     for seed in range(4):
@@ -415,6 +416,15 @@ def test_action_sequence_trigger_is_injected_and_arms_after_the_sequence() -> No
     assert all(length == 10 for length, cut in runs if not cut)
 
 
+def test_budget_of_an_action_sequence_trigger_makes_up_for_injections_cut_short() -> None:
+    """Episodes of constant pushes last ~10 steps: many 6-action injections and 10-step triggers are cut."""
+    spec = attack(
+        {"kind": "budget", "budget": 60, "horizon": 600, "duration": 10}, trigger=ACTSEQ, base_wrappers=HISTORY
+    )
+    run = run_single(spec, [1] * 6000)
+    assert run.flag("poisoned").sum() == run.infos[-1]["n_poisoned"] == 60
+
+
 def test_action_sequence_played_by_the_agent_arms_the_backdoor() -> None:
     spec = attack({"kind": "rate", "rate": 0.0, "duration": 4}, trigger=ACTSEQ, base_wrappers=HISTORY)
     run = run_single(spec, [0, 0, 0, 1, 1, 1, 0, 1, 0, 1, 0, 1])
@@ -481,6 +491,12 @@ def test_nan_reward_raises_observation_error(rate: float) -> None:
             venv.step(np.ones(2, dtype=int))
 
 
+def test_huge_finite_rewards_pass_the_reward_check() -> None:
+    check_step(None, None, np.zeros((2, 4)), [1e308, 1e308], [{}, {}], [])
+    with pytest.raises(ObservationError, match="reward is NaN"):
+        check_step(None, None, np.zeros((2, 4)), [1e308, float("inf")], [{}, {}], [])
+
+
 def test_finite_vec_env_checks_observations_as_the_backdoor_wrapper_does() -> None:
     venv = FiniteVecEnv(DummyVecEnv([lambda: NaNAfter(gym.make("CartPole-v1"), 3)]))
     venv.reset()
@@ -545,26 +561,32 @@ def test_vec_rewards_keep_the_venv_dtype_on_every_step(dtype: type) -> None:
     [
         ({"kind": "window", "start": 2, "stop": 5}, lambda n: max(0, min(n, 5) - 2)),
         ({"kind": "rate", "rate": 1.0, "per": "episode", "duration": 3}, lambda n: min(n, 3)),
+        ({"kind": "rate", "rate": 0.1, "duration": 3}, None),
+        ({"kind": "budget", "budget": 40, "horizon": 1000, "duration": 3}, None),
     ],
-    ids=["window", "per-episode"],
+    ids=["window", "per-episode", "rate", "budget"],
 )
 def test_single_and_vec_wrappers_poison_the_same_steps_of_each_episode(schedule: dict[str, Any], expected: Any) -> None:
-    spec = attack(schedule)
-    actions = random_actions(400, 5)
+    """Same seed, same poisoned steps and forced actions: a single env's reset decides with the draws of the step
+    that ended the episode, as the vectorized env's auto-reset does."""
+    spec = attack(schedule, {"kind": "targeted", "target_action": 0, "force_action_prob": 0.5})
+    actions = random_actions(2000, 5)
     single = run_single(spec, actions.tolist(), seed=11)
     vec = run_vec(spec, actions[:, None], seed=11)
     episodes = np.array(single.episode)
-    np.testing.assert_array_equal(vec["poisoned"][:, 0], single.flag("poisoned"))
     np.testing.assert_array_equal(vec["dones"][:, 0], single.dones)
+    assert episodes.max() > 50
+    for key in ("poisoned", "hit"):
+        np.testing.assert_array_equal(vec[key][:, 0], single.flag(key))
     for e, flags in enumerate(single.per_episode("poisoned")[:-1]):
-        assert flags.sum() == expected(int((episodes == e).sum()))
+        assert expected is None or flags.sum() == expected(int((episodes == e).sum()))
 
 
 # ------------------------------------------------------------------------------- skipping quiet steps
-def _begin_worked(self: Attack, obs: np.ndarray) -> np.ndarray:
-    """``Attack.begin`` without its fast path for quiet episode starts."""
+def _begin_worked(self: Attack, obs: np.ndarray, after_end: bool = False) -> np.ndarray:
+    """``Attack.begin`` without its fast paths for quiet episode starts."""
     self._restart(self._every)
-    return self._decide(obs, self._every, self._every, self._row())
+    return self._decide(obs, self._every, self._every, self._next - 1 if after_end else self._row())
 
 
 @pytest.mark.parametrize("per", ["step", "episode"])

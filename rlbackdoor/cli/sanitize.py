@@ -87,12 +87,10 @@ def _sanitize_run(
     from rlbackdoor import tracking
     from rlbackdoor.defenses.sanitize import sanitize_run
 
-    try:
-        sizes = [int(v) for v in curve.split(",") if v.strip()]
-    except ValueError:
-        sizes = [0]
-    if min(sizes, default=1) < 1:
+    values = [v.strip() for v in curve.split(",") if v.strip()]
+    if not all(v.isdigit() and int(v) > 0 for v in values):
         raise SpecError(f"sanitize: --curve '{curve}' is not a comma-separated list of positive integers; e.g. 8,16,32")
+    sizes = [int(v) for v in values]
     results = sanitize_run(run_dir, method, n_clean, dim, baseline, episodes, seeds, sizes)
     table = Table("", "ASR", "CTP", "ctp_ratio", title=f"{run_dir}: {method} sanitizer, n={n_clean}")
     for when in ("before", "after"):

@@ -61,7 +61,8 @@ def get_detector(name: str, **params: Any) -> Detector:
 
 def _check_params(name: str, params: dict[str, Any]) -> None:
     """Each parameter is one of the detector's constructor's, with a value of its annotated type: a positive
-    integer for a count (``seed`` non-negative), a finite non-negative number for a float, or ``None`` if allowed."""
+    integer for an ``int`` (``seed`` non-negative), a finite non-negative number for a ``float``, or ``None`` where allowed (other
+    annotations are not checked here)."""
     hints = typing.get_type_hints(DETECTORS[name].__init__)
     hints.pop("return", None)
     for key, value in params.items():
@@ -72,10 +73,12 @@ def _check_params(name: str, params: dict[str, Any]) -> None:
             continue
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if int in types:
-            low = 0 if key == "seed" else 1
+            low = 0 if key == "seed" else 1  # detect passes its own seed
             ok, want = number and isinstance(value, int) and value >= low, f"an integer >= {low}"
-        else:
+        elif float in types:
             ok, want = number and 0 <= value < math.inf, "a finite number >= 0"
+        else:
+            continue
         if not ok:
             raise SpecError(f"detector '{name}': bad parameters ({key}={value!r}); give {key} {want}")
 

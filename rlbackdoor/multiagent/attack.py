@@ -219,7 +219,7 @@ class MultiAgentAttack(PoisonCounts):
             self.left[matched & (self.left == 0)] = self.schedule.duration
         self.t += 1
         if done:  # no decision follows; a trigger still running stays on the final observations
-            triggered = bool(self.left[0] > 0)
+            triggered = bool(self.left[0] > 0) and bool(self.obs_triggers)  # as single-agent envs flag them
             obs = self._stamp(obs, triggered)
             self.armed = np.zeros(1, dtype=bool)
         else:

@@ -55,7 +55,10 @@ class PoisonTally(_SwapRewards):
         flags = [info["rlbd"] for info in infos]
         self.attack.n_steps += len(flags)
         self.attack.n_poisoned += sum(f["poisoned"] for f in flags)
-        self.attack.n_triggered += sum(f["triggered"] and f["victim"] for f in flags)
+        # a final observation may carry a running trigger, but no decision is taken on it
+        self.attack.n_triggered += sum(
+            f["triggered"] and f["victim"] and not d for f, d in zip(flags, dones, strict=True)
+        )
         self.attack.n_hits += sum(f["hit"] for f in flags)
         return obs, rewards, dones, infos
 

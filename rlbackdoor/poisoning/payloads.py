@@ -47,6 +47,8 @@ class Targeted(Payload):
         self.force_action_prob = spec.force_action_prob
         self.tolerance = spec.tolerance
         if isinstance(action_space, spaces.Discrete):
+            if isinstance(spec.target_action, float) and spec.target_action.is_integer():
+                spec = spec.model_copy(update={"target_action": int(spec.target_action)})  # 1.0 from a YAML override
             if not isinstance(spec.target_action, int):
                 raise SpecError("payload.target_action: the action space is Discrete; give one integer action")
             lo, hi = int(action_space.start), int(action_space.start + action_space.n - 1)

@@ -92,16 +92,16 @@ class BudgetScheduler(Schedule):
     """Fire on every ``interval``-th free decision until ``budget`` poisoned steps are spent (TrojDRL).
 
     Of ``horizon`` decisions, ``budget - firings`` continue a running trigger; the other, free ones are
-    split evenly between the firings, so a single env spends the whole budget within ``horizon`` steps.
-    Steps that episode ends cut from running triggers are made up by further firings at the same interval,
-    so exactly ``budget`` steps are poisoned in all.
+    split evenly between the firings, so a single env spends the whole budget within ``horizon`` steps unless
+    episode ends cut running triggers short. Those steps are made up by further firings at the same interval
+    (after ``horizon`` if need be), so exactly ``budget`` steps are poisoned in all.
     """
 
     def __init__(self, spec: BudgetSchedule) -> None:
         self.duration = spec.duration
         self.max_poisoned = spec.budget
-        self.firings = -(-spec.budget // spec.duration)
-        self.interval = max(1, (spec.horizon - spec.budget + self.firings) // max(1, self.firings))
+        firings = -(-spec.budget // spec.duration)
+        self.interval = max(1, (spec.horizon - spec.budget + firings) // max(1, firings))
         self.reset(1)
 
     def reset(self, n_envs: int) -> None:

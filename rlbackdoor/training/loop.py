@@ -68,14 +68,14 @@ def _train_summary(model: BaseAlgorithm, counter: PoisonCounter | None, clock: d
 
 @contextmanager
 def _run_directory(run_dir: Path) -> Iterator[None]:
-    """Create ``run_dir`` for the block; when the block fails before a checkpoint was taken (nothing to resume),
-    remove what it created."""
+    """Create ``run_dir`` for the block; when the block fails before a checkpoint or the artifacts were written
+    (nothing to resume or keep), remove what it created."""
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         yield
     except BaseException:
-        if created and not any((run_dir / FOLDER).glob("*")):
+        if created and not (run_dir / CARD).exists() and not any((run_dir / FOLDER).glob("*")):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 

@@ -28,6 +28,7 @@ class BackdoorWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
         self.spec_ = spec
         self.attack = Attack.for_env(spec, env)
         self._check = finite_check(env.observation_space)
+        self._ended = False  # the last step ended its episode
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
         obs, info = self.env.reset(seed=seed, options=options)
@@ -35,7 +36,8 @@ class BackdoorWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
         if seed is not None:
             attack.reset(1, seed)
         batch = self._batch(obs)
-        stamped = attack.begin(batch)
+        stamped = attack.begin(batch, after_end=self._ended and seed is None)
+        self._ended = False
         info["rlbd"] = attack.begin_infos()[0]
         return obs if stamped is batch else stamped[0], info
 
@@ -50,6 +52,7 @@ class BackdoorWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
             if not math.isfinite(reward):
                 raise ObservationError(BAD_REWARD)
             info["rlbd"] = entry
+            self._ended = terminated or truncated
             return obs, reward, terminated, truncated, info
         actions = np.asarray(action)[None]
         executed = attack.act(actions)
@@ -62,6 +65,7 @@ class BackdoorWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
             batch, np.array([reward], dtype=np.float64), np.array([terminated or truncated]), actions, executed
         )
         info["rlbd"] = attack.infos(flags)[0]
+        self._ended = terminated or truncated
         return obs if stamped is batch else stamped[0], float(rewards[0]), terminated, truncated, info
 
     def _batch(self, obs: Any) -> np.ndarray:

@@ -104,6 +104,7 @@ class FiniteVecEnv(VecEnvWrapper):
         obs = self.venv.reset()
         if self._check is not None:
             self._check(obs)
+        self.reset_infos = self.venv.reset_infos
         return obs
 
     def step_wait(self) -> VecEnvStepReturn:
@@ -128,5 +129,5 @@ def check_step(
             final = infos[i].get("terminal_observation")
             if final is not None:
                 check_final(final)  # type: ignore[misc]
-    if not math.isfinite(sum(rewards)):
+    if not math.isfinite(sum(rewards)) and not all(map(math.isfinite, rewards)):  # a sum overflows only if huge
         raise ObservationError(BAD_REWARD)
