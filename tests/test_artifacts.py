@@ -18,6 +18,7 @@ from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.policies import ActorCriticPolicy
 
 import rlbackdoor
+from rlbackdoor.cli import main
 from rlbackdoor.errors import ArtifactError, SpecError
 from rlbackdoor.specs import ExperimentSpec, parse
 from rlbackdoor.training.artifacts import describe_policy, load_policy, read_card, space_from_json, space_to_json
@@ -203,6 +204,23 @@ def test_damaged_runs_raise_one_line_artifact_errors(copy_run: Path, damage: Any
     with pytest.raises(ArtifactError, match=message) as info:
         load_policy(copy_run)
     assert "\n" not in str(info.value)
+
+
+def test_a_card_naming_code_outside_the_trusted_packages_runs_nothing(copy_run: Path, tmp_path: Path, capsys) -> None:
+    """``pydoc:pipepager`` would run a shell command when the env is rebuilt; ``this:`` would import a module."""
+    marker = tmp_path / "pwned"
+    hostile = {"name": "pydoc:pipepager", "kwargs": {"cmd": f"touch {marker}"}}
+    edit_card(copy_run, lambda c: c["attack"].update(base_wrappers=[hostile]))
+    for argv in (["eval", str(copy_run)], ["detect", str(copy_run), "-d", "probe"], ["sanitize", str(copy_run)]):
+        assert main([*argv, "--wandb-mode", "disabled"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert (
+            len(err.splitlines()) == 1 and "attack.base_wrappers.0 'pydoc:pipepager' would import module 'pydoc'" in err
+        )
+    edit_card(copy_run, lambda c: c.update(env="this:Foo-v0"))
+    with pytest.raises(ArtifactError, match="env 'this:Foo-v0' would import module 'this'"):
+        load_policy(copy_run)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize(

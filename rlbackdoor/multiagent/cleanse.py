@@ -184,10 +184,11 @@ def cleanse_runs(run_dirs: list[Path], **options: Any) -> dict[str, Any]:
     from sklearn.metrics import roc_auc_score
 
     from rlbackdoor.multiagent.registry import is_multiagent
-    from rlbackdoor.training.artifacts import load_policy, read_card
+    from rlbackdoor.training.artifacts import CARD, check_card_code, load_policy, read_card
 
     cards = [read_card(run) for run in run_dirs]
     for run, card in zip(run_dirs, cards, strict=True):
+        check_card_code(Path(run) / CARD, card)
         if not is_multiagent(str(card["env"])) or card["config"].get("sharing"):
             raise SpecError(
                 f"{run}: PolicyCleanse needs a victim trained as one agent of a multi-agent env (it trained on "

@@ -228,6 +228,7 @@ def load_policy(run_dir: str | Path) -> tuple[BasePolicy, dict[str, Any]]:
     :return: the policy in eval mode on CPU, and the card.
     """
     card = read_card(run_dir)
+    check_card_code(Path(run_dir) / CARD, card)
     if not isinstance(card.get("policy"), dict):
         raise ArtifactError(f"{run_dir}/{CARD}: no 'policy' entry to rebuild from; {RETRAIN}")
     policy = rebuild_policy(card["policy"])
@@ -250,3 +251,27 @@ def load_policy(run_dir: str | Path) -> tuple[BasePolicy, dict[str, Any]]:
         ) from None
     policy.set_training_mode(False)
     return policy, card
+
+
+TRUSTED_MODULES = ("gymnasium", "minigrid", "pettingzoo", "mpe2", "rlbackdoor")
+"""Packages whose modules a card may name (``module:Id`` env ids, ``module:Class`` base wrappers): analysis
+imports nothing else, since a hostile card could name any callable."""
+
+
+def check_card_code(path: Path, card: dict[str, Any]) -> None:
+    """Refuse a card whose env ids or base wrappers would import a module outside :data:`TRUSTED_MODULES`."""
+    attack = card.get("attack") if isinstance(card.get("attack"), dict) else {}
+    wrappers = attack.get("base_wrappers") or []
+    names = [("env", card.get("env")), ("attack.base", attack.get("base"))]
+    names += [
+        (f"attack.base_wrappers.{i}", w.get("name") if isinstance(w, dict) else w) for i, w in enumerate(wrappers)
+    ]
+    for field, name in names:
+        if name is None:
+            continue
+        module = str(name).partition(":")[0] if ":" in str(name) else ""
+        if module and module.split(".")[0] not in TRUSTED_MODULES:
+            raise ArtifactError(
+                f"{path}: {field} '{name}' would import module '{module}', which loading a run for analysis never does "
+                f"(trusted: {', '.join(TRUSTED_MODULES)}); rebuild the env yourself if you trust this run"
+            )
