@@ -21,6 +21,7 @@ from wandb_offline import offline_runs
 
 from rlbackdoor import tracking
 from rlbackdoor.cli import main
+from rlbackdoor.defenses.filtering import n_discrete_actions
 from rlbackdoor.errors import ArtifactError, SpecError
 from rlbackdoor.specs import ExperimentSpec, apply_overrides, load_experiment, parse
 from rlbackdoor.training import presets
@@ -425,6 +426,41 @@ def test_resume_refuses_corrupt_checkpoints_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match=r"model\.zip: cannot load \(.*\); resume from another run") as err:
         train(spec, resume=run)
     assert "\n" not in str(err.value) and "weights_only" not in str(err.value)
+
+
+class ShiftedActions(gym.ActionWrapper):
+    """CartPole acting in ``Discrete(2, start=-1)``: valid for Gymnasium, not for SB3 agents."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self.action_space = gym.spaces.Discrete(2, start=-1)
+
+    def action(self, action: int) -> int:
+        return int(action) + 1
+
+
+def test_spaces_that_do_not_start_at_zero_are_refused_before_training(tmp_path: Path) -> None:
+    gym.register("ShiftedCartPole-v0", entry_point=lambda: ShiftedActions(gym.make("CartPole-v1")))
+    try:
+        with pytest.raises(
+            SpecError, match=r"ShiftedCartPole-v0 has a Discrete action space starting at -1.*0 \.\. n-1"
+        ):
+            train(experiment(env="ShiftedCartPole-v0", attack=None, poisoning=None), tmp_path / "run")
+        spec = experiment(
+            attack={
+                "trigger": TRIGGER,
+                "schedule": {"kind": "rate", "rate": 0.02},
+                "payload": PAYLOAD,
+                "base_wrappers": [f"{__name__}:ShiftedActions"],
+            }
+        )
+        with pytest.raises(SpecError, match="CartPole-v1 with its base_wrappers has a Discrete action space"):
+            train(spec, tmp_path / "run")
+        with pytest.raises(SpecError, match=r"action space Discrete\(2, start=-1\) does not start at 0"):
+            n_discrete_actions(gym.spaces.Discrete(2, start=-1))
+    finally:
+        gym.registry.pop("ShiftedCartPole-v0")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path: Path) -> None:

@@ -84,7 +84,13 @@ class FilterReport:
 
 def n_discrete_actions(space: spaces.Space) -> int | None:
     """A :class:`TransitionFilter`'s ``n_actions`` for an env's action space: its size when Discrete, else ``None``."""
-    return int(space.n) if isinstance(space, spaces.Discrete) else None
+    if not isinstance(space, spaces.Discrete):
+        return None
+    if space.start != 0:
+        raise SpecError(
+            f"action space {space} does not start at 0, as rlbd's agents and datasets do; shift it to start at 0"
+        )
+    return int(space.n)
 
 
 class TransitionFilter:

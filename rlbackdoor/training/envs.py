@@ -10,9 +10,12 @@ from collections.abc import Callable
 from functools import partial
 
 import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor
 
 from rlbackdoor.attack import make_base_env, make_gym_env
+from rlbackdoor.errors import SpecError
 from rlbackdoor.multiagent.registry import is_multiagent
 from rlbackdoor.multiagent.training import make_multiagent_train_env
 from rlbackdoor.registry import registered_attack
@@ -50,7 +53,24 @@ def make_train_env(spec: ExperimentSpec, attack: AttackSpec | None, seed: int) -
         return make_multiagent_train_env(spec)  # type: ignore[return-value]
     factory = env_factory(spec, attack)
     venv: VecEnv = VecMonitor(DummyVecEnv([factory] * spec.n_envs))
+    wrapped = " with its base_wrappers" if attack is not None and attack.base_wrappers else ""
+    check_zero_start(spec.env + wrapped, venv.observation_space, venv.action_space)
     if spec.poisoning != "inner" or attack is None:
         return FiniteVecEnv(venv), None
     backdoor = BackdoorVecEnv(venv, attack, seed=seed)
     return backdoor, backdoor
+
+
+def check_zero_start(env_id: str, observation_space: spaces.Space, action_space: spaces.Space) -> None:
+    """Refuse (Multi)Discrete spaces that do not start at 0: SB3 agents read and act in ``0 .. n - 1``."""
+    named = [("action", action_space)]
+    if isinstance(observation_space, spaces.Dict):
+        named += [(f"observation '{key}'", space) for key, space in observation_space.spaces.items()]
+    else:
+        named.append(("observation", observation_space))
+    for what, space in named:
+        if isinstance(space, (spaces.Discrete, spaces.MultiDiscrete)) and np.any(space.start != 0):
+            raise SpecError(
+                f"env: {env_id} has a {type(space).__name__} {what} space starting at {space.start}, and SB3 agents "
+                "use 0 .. n-1; shift it to start at 0 (e.g. with a base_wrappers ActionWrapper)"
+            )
