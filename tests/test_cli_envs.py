@@ -13,6 +13,7 @@ import pytest
 
 from rlbackdoor import env_specs, registry
 from rlbackdoor.cli import main
+from rlbackdoor.multiagent import parallel_env_specs
 
 RLBD = Path(sys.executable).parent / "rlbd"
 SPEC = """\
@@ -73,6 +74,25 @@ def test_show_prints_stealth_of_an_image_patch(capsys: pytest.CaptureFixture[str
     stealth = json.loads(capsys.readouterr().out)["stealth"]
     assert 0 < stealth["l0"] <= 12  # a 2x2 patch over 3 channels
     assert stealth["linf"] <= 9
+
+
+@pytest.mark.parametrize("env_id", ["rlbd/TrojanRPS-v0", "rlbackdoor:rlbd/TrojanSpread-v0"])
+def test_show_prints_a_multiagent_spec_and_its_stealth(capsys: pytest.CaptureFixture[str], env_id: str) -> None:
+    assert main(["envs", "show", env_id]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    stealth = shown.pop("stealth")
+    spec = parallel_env_specs()[env_id.removeprefix("rlbackdoor:")]
+    assert shown == spec.model_dump(mode="json") and shown["adapter"] is not None
+    if spec.trigger.kind == "action_sequence":
+        assert stealth["l0"] == len(spec.trigger.sequence) and spec.trigger.agent in stealth["note"]
+    else:  # per victim
+        assert set(stealth) == set(spec.victims) and all(s["l0"] == len(spec.trigger.indices) for s in stealth.values())
+
+
+def test_show_of_an_unknown_id_lists_the_multiagent_ids_too(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["envs", "show", "rlbd/Nope-v0"]) == 2
+    err = _one_line_error(capsys.readouterr().err)
+    assert all(env_id in err for env_id in [*env_specs(), *parallel_env_specs()])
 
 
 @pytest.mark.parametrize(

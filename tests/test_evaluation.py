@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pytest
 
-from rlbackdoor.evaluation import evaluate
+from rlbackdoor.defenses.sanitize import sanitize_run
+from rlbackdoor.errors import ArtifactError
+from rlbackdoor.evaluation import evaluate, evaluate_run
 from rlbackdoor.evaluation.envs import action_history, run_env
+from rlbackdoor.evaluation.evaluate import load_baseline
 from rlbackdoor.evaluation.metrics import obs_shift, own_history
 from rlbackdoor.evaluation.rollouts import episode_seeds, rollout
 from rlbackdoor.evaluation.stats import bootstrap_ci, estimate, iqm
 from rlbackdoor.registry import get_env_spec
-from rlbackdoor.specs import AttackSpec
+from rlbackdoor.specs import AttackSpec, load_experiment
+from rlbackdoor.training.artifacts import read_card
+from rlbackdoor.training.loop import train
 
 CARTPOLE = "rlbd/TrojanCartPole-v0"  # trigger: obs[3] = 2.5, target action 0
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "cartpole_smoke.yaml"
 ACTSEQ = "rlbd/TrojanCartPoleActSeq-v0"  # history of 6 actions; sequence 0 0 0 1 1 1, target 0
 
 
@@ -194,3 +201,17 @@ def test_evaluation_cis_contain_the_estimates_and_shrink_with_more_episodes() ->
     for m in (few, many):
         assert m["ctp_ci_low"] <= m["ctp"] <= m["ctp_ci_high"]
     assert many["ctp_ci_high"] - many["ctp_ci_low"] < few["ctp_ci_high"] - few["ctp_ci_low"]
+
+
+def test_a_baseline_must_play_the_runs_clean_env(tmp_path: Path) -> None:
+    tiny = ["timesteps=256"]
+    run = train(load_experiment(SMOKE, tiny), tmp_path / "run", wandb_mode="disabled")
+    clean = ["attack=null", "poisoning=null", *tiny]
+    same = train(load_experiment(SMOKE, clean), tmp_path / "same", wandb_mode="disabled")
+    other = train(load_experiment(SMOKE, [*clean, "env=Acrobot-v1"]), tmp_path / "other", wandb_mode="disabled")
+    assert load_baseline(same, run, read_card(run)) is not None  # the attack's base env is the clean run's env
+    message = rf"baseline {other}: a run of Acrobot-v1, but {run} is a run of CartPole-v1; pass a clean run of"
+    with pytest.raises(ArtifactError, match=message):
+        evaluate_run(run, other, episodes=1, seeds=1)
+    with pytest.raises(ArtifactError, match=message):
+        sanitize_run(run, "subspace", 64, baseline_dir=other, episodes=1, seeds=1)

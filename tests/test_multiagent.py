@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from pettingzoo.test import parallel_api_test
+from pettingzoo.utils import BaseParallelWrapper
 from rich.console import Console
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import rlbackdoor
 from rlbackdoor.cli import envs as envs_cli
 from rlbackdoor.cli import main
-from rlbackdoor.errors import SpecError
+from rlbackdoor.errors import ObservationError, SpecError
 from rlbackdoor.multiagent import get_parallel_spec, list_parallel_envs, make_base_parallel, make_parallel
 from rlbackdoor.multiagent.adapter import SingleAgentEnv
 from rlbackdoor.multiagent.policies import ResponsePolicy
@@ -285,6 +286,65 @@ def test_parameter_sharing_is_seeded():
 
 
 # ------------------------------------------------------------------------------------------- bad input
+class Spoil(BaseParallelWrapper):
+    """A base wrapper that sets ``agent``'s observation (``what="obs"``) or reward (``"reward"``) to ``value`` on
+    step ``at`` of each episode (``at=0``: the observation of the reset)."""
+
+    def __init__(self, env, agent: str, what: str, at: int, value: float = float("nan")) -> None:
+        super().__init__(env)
+        self.agent, self.what, self.at, self.value, self.t = agent, what, at, value, 0
+
+    def _spoil(self, out: dict) -> dict:
+        bad = np.full_like(out[self.agent], self.value) if self.what == "obs" else self.value
+        return {**out, self.agent: bad}
+
+    def reset(self, seed=None, options=None):
+        obs, infos = self.env.reset(seed=seed, options=options)
+        self.t = 0
+        return (self._spoil(obs) if self.at == 0 else obs), infos
+
+    def step(self, actions):
+        obs, rewards, terminations, truncations, infos = self.env.step(actions)
+        self.t += 1
+        if self.t == self.at:
+            obs, rewards = (self._spoil(obs), rewards) if self.what == "obs" else (obs, self._spoil(rewards))
+        return obs, rewards, terminations, truncations, infos
+
+
+SPOIL = "test_multiagent:Spoil"
+
+
+@pytest.mark.parametrize(
+    ("env_id", "agent", "what", "at", "value", "message"),
+    [
+        (SPREAD, "agent_0", "obs", 0, np.nan, "agent 'agent_0': observation contains NaN or inf; fix"),
+        (SPREAD, "agent_2", "obs", 3, -np.inf, "agent 'agent_2': observation contains NaN or inf; fix"),
+        (RPS, "player_0", "reward", 2, np.nan, "agent 'player_0': reward is NaN or inf; fix"),
+        (RPS, "player_1", "reward", 3, np.inf, "agent 'player_1': reward is NaN or inf; fix"),
+    ],
+)
+def test_nan_or_inf_observations_and_rewards_are_observation_errors(env_id, agent, what, at, value, message):
+    wrappers = [*get_parallel_spec(env_id).model_dump()["base_wrappers"], {"name": SPOIL}]
+    wrappers[-1]["kwargs"] = {"agent": agent, "what": what, "at": at, "value": value}
+    env = make_parallel(env_id, base_wrappers=wrappers)
+    with pytest.raises(ObservationError) as err:
+        rollout(env, 0, 5)
+    assert message in one_line(err)
+
+
+def test_huge_finite_rewards_pass_the_check():
+    spoils = [
+        {"name": SPOIL, "kwargs": {"agent": a, "what": "reward", "at": 1, "value": 1e308}}
+        for a in ("player_0", "player_1")
+    ]
+    env = make_parallel(
+        RPS, poison=False, base_wrappers=[*get_parallel_spec(RPS).model_dump()["base_wrappers"], *spoils]
+    )
+    env.reset(seed=0)
+    _, rewards, *_ = env.step({"player_0": np.int64(ROCK), "player_1": np.int64(ROCK)})
+    assert rewards == {"player_0": 1e308, "player_1": 1e308}  # their sum overflows, each is finite
+
+
 def one_line(err: pytest.ExceptionInfo) -> str:
     message = str(err.value)
     assert "\n" not in message and ";" in message

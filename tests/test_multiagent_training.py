@@ -9,15 +9,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+from gymnasium import spaces
 from wandb_offline import offline_runs
 
 from rlbackdoor.cli import main
-from rlbackdoor.errors import SpecError
-from rlbackdoor.multiagent import make_parallel
+from rlbackdoor.errors import ArtifactError, SpecError
+from rlbackdoor.multiagent import get_parallel_spec, make_parallel, parallel_env_specs
 from rlbackdoor.multiagent.cleanse import ProbeEnv, policy_cleanse
 from rlbackdoor.multiagent.evaluation import evaluate, rollouts
 from rlbackdoor.multiagent.policies import PredictPolicy, SequencePolicy
-from rlbackdoor.specs import ExperimentSpec, parse
+from rlbackdoor.specs import ExperimentSpec, MultiAgentEnvSpec, parse
 from rlbackdoor.training.artifacts import load_policy, read_card
 from rlbackdoor.training.loop import train
 
@@ -128,6 +129,29 @@ def spread_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train(spec, tmp_path_factory.mktemp("runs") / "spread", wandb_mode="disabled")
 
 
+def test_rlbd_eval_refuses_a_baseline_of_another_env(rps_run, spread_run, tmp_path, capsys):
+    cartpole = experiment(env="CartPole-v1", poisoning=None, timesteps=64)
+    card = read_card(rps_run)
+    for baseline, env in (
+        (spread_run, SPREAD),
+        (train(cartpole, tmp_path / "cp", wandb_mode="disabled"), "CartPole-v1"),
+    ):
+        argv = ["eval", str(rps_run), "--baseline", str(baseline), "--episodes", "1", "--seeds", "1"]
+        assert main([*argv, "--wandb-mode", "disabled"]) == 2
+        assert (
+            f"baseline {baseline}: a run of {env}, but {rps_run} is a run of {RPS}; "
+            f"pass a clean run of {RPS} as the baseline (the run's config with poisoning: null)"
+        ) in one_line_error(capsys)
+    assert read_card(rps_run) == card
+
+
+def test_evaluate_refuses_a_baseline_with_other_actions():
+    baseline = Always(PAPER)
+    baseline.observation_space, baseline.action_space = spaces.Box(0.0, 1.0, (36,)), spaces.Discrete(5)
+    with pytest.raises(ArtifactError, match=r"the baseline acts in Discrete\(5\) but agent 'player_0' of \S+ acts in"):
+        evaluate(RPS, Always(PAPER), baseline=baseline, episodes=1, seeds=1)
+
+
 def test_clean_reference_run_has_no_poisoning(clean_run):
     card = read_card(clean_run)
     assert card["poisoning"] is None and card["train"]["poison_rate"] is None
@@ -147,9 +171,55 @@ def test_parameter_sharing_run_trains_one_policy_for_the_team(spread_run):
 def test_bad_multiagent_runs_are_one_line_errors(tmp_path):
     with pytest.raises(SpecError, match="outer is not available"):
         train(experiment(poisoning="outer"), tmp_path / "outer", wandb_mode="disabled")
-    with pytest.raises(SpecError, match="unknown multi-agent env id 'CartPole-v1'"):
+    with pytest.raises(SpecError, match="sharing: parameter sharing needs a multi-agent env, and CartPole-v1 is not"):
         train(experiment(env="CartPole-v1", sharing=True, poisoning=None), tmp_path / "cp", wandb_mode="disabled")
     assert not (tmp_path / "outer").exists() and not (tmp_path / "cp").exists()
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rlbd: error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("env", ["CartPole-v1", "rlbd/TrojanCartPole-v0"])
+def test_rlbd_train_names_sharing_on_a_single_agent_env(env, tmp_path, capsys):
+    config = ROOT / "configs" / "experiments" / "cartpole_smoke.yaml"
+    argv = ["train", str(config), "--out", str(tmp_path / "run"), "--set", "sharing=true", "--set", f"env={env}"]
+    assert main([*argv, *(["--set", "attack=null"] if env.startswith("rlbd/") else [])]) == 2
+    err = one_line_error(capsys)
+    assert f"cartpole_smoke.yaml: sharing: parameter sharing needs a multi-agent env, and {env} is not one" in err
+    assert "drop sharing" in err and RPS in err and SPREAD in err
+    assert list(tmp_path.iterdir()) == []
+
+
+NAN_ID = "rlbd/Spoiled-v0"
+
+
+@pytest.mark.parametrize(
+    ("base", "set_", "spoil", "message"),
+    [
+        (RPS, [], ("player_1", "reward", 7), "agent 'player_1': reward is NaN or inf; fix"),
+        (RPS, ["poisoning=null"], ("player_0", "reward", 30), "agent 'player_0': reward is NaN or inf; fix"),
+        (SPREAD, ["sharing=true"], ("agent_2", "obs", 9), "agent 'agent_2': observation contains NaN or inf; fix"),
+        (SPREAD, ["poisoning=null"], ("agent_0", "obs", 0), "agent 'agent_0': observation contains NaN or inf; fix"),
+    ],
+    ids=["adapter-inner", "adapter-clean", "sharing-inner", "clean-reset"],
+)
+def test_rlbd_train_reports_nan_or_inf_of_a_multiagent_env_on_one_line(
+    base, set_, spoil, message, tmp_path, capsys, monkeypatch
+):
+    agent, what, at = spoil
+    spec = get_parallel_spec(base).model_dump()
+    spoiler = {"name": "test_multiagent:Spoil", "kwargs": {"agent": agent, "what": what, "at": at}}
+    spec.update(id=NAN_ID, base_wrappers=[*spec["base_wrappers"], spoiler])
+    monkeypatch.setitem(parallel_env_specs(), NAN_ID, parse(MultiAgentEnvSpec, spec, "test"))
+    config = tmp_path / "nan.yaml"
+    config.write_text(f"name: nan\nenv: {NAN_ID}\npoisoning: inner\nalgo: ppo\ntimesteps: 192\nn_envs: 2\n")
+    overrides = [f"--set={o}" for o in ["hyperparams.n_steps=32", "hyperparams.batch_size=64", *set_]]
+    assert main(["train", str(config), "--out", str(tmp_path / "run"), "--no-progress", *overrides]) == 2
+    assert message in one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
 
 
 def test_rlbd_train_runs_a_multiagent_config(tmp_path, capsys):

@@ -23,6 +23,7 @@ from rlbackdoor.defenses.support import SupportSanitizer, TrackingPolicy, Transi
 from rlbackdoor.errors import SpecError
 from rlbackdoor.evaluation import evaluate
 from rlbackdoor.evaluation.envs import run_env
+from rlbackdoor.evaluation.evaluate import load_baseline
 from rlbackdoor.evaluation.metrics import ctp_ratio
 from rlbackdoor.evaluation.rollouts import RandomPolicy, episode_seeds, rollout
 from rlbackdoor.evaluation.stats import estimate, ratio
@@ -216,5 +217,5 @@ def sanitize_run(
     from rlbackdoor.training.artifacts import load_policy
 
     policy, card = load_policy(run_dir)
-    baseline = load_policy(baseline_dir)[0] if baseline_dir is not None else None
+    baseline = load_baseline(baseline_dir, run_dir, card) if baseline_dir is not None else None
     return sanitize_agent(policy, card, method, n_clean, dim, baseline, episodes, seeds, curve)

@@ -129,6 +129,31 @@ def _check_card(run_dir: str | Path, card: Mapping[str, Any]) -> None:
             raise ArtifactError(f"{path}: '{key}' is not a mapping; {fix}")
 
 
+def _clean_env(card: Mapping[str, Any]) -> str:
+    """The id of the clean env a run plays: its attack's base env, else its env."""
+    env = str(card["env"]).removeprefix("rlbackdoor:")
+    if is_multiagent(env):
+        return env
+    attack = run_env(card).attack
+    return env if attack is None else attack.base
+
+
+def load_baseline(baseline_dir: str | Path, run_dir: str | Path, card: Mapping[str, Any]) -> Any:
+    """The policy of a clean baseline run for the run of ``card`` (in ``run_dir``); refused when the two runs
+    play different clean envs."""
+    from rlbackdoor.training.artifacts import load_policy
+
+    policy, baseline_card = load_policy(baseline_dir)
+    _check_card(baseline_dir, baseline_card)
+    ours, theirs = _clean_env(card), _clean_env(baseline_card)
+    if ours != theirs:
+        raise ArtifactError(
+            f"baseline {baseline_dir}: a run of {theirs}, but {run_dir} is a run of {ours}; "
+            f"pass a clean run of {ours} as the baseline (the run's config with poisoning: null)"
+        )
+    return policy
+
+
 def evaluate_run(
     run_dir: str | Path,
     baseline_dir: str | Path | None = None,
@@ -150,7 +175,7 @@ def evaluate_run(
 
     policy, card = load_policy(run_dir)
     _check_card(run_dir, card)
-    baseline = load_policy(baseline_dir)[0] if baseline_dir is not None else None
+    baseline = load_baseline(baseline_dir, run_dir, card) if baseline_dir is not None else None
     if is_multiagent(card["env"]):
         from rlbackdoor.multiagent.evaluation import evaluate as evaluate_multiagent
 

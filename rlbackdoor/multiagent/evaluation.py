@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from rlbackdoor.errors import ArtifactError
 from rlbackdoor.evaluation.metrics import ctp_ratio, return_drop
 from rlbackdoor.evaluation.rollouts import episode_seeds
 from rlbackdoor.evaluation.stats import estimate, iqm, ratio
@@ -43,13 +44,18 @@ class Episodes:
     """Victims' triggered steps (acting on a triggered observation, or while armed), per episode."""
 
 
-def _controllers(env: BackdoorParallelEnv, env_id: str, policy: Any | None, sharing: bool) -> dict[str, AgentPolicy]:
-    """The policy (``None``: uniformly random) on the agents it plays, the embedded policies on the others.
+def _learners(env: BackdoorParallelEnv, env_id: str, sharing: bool) -> list[str]:
+    """The agents a trained policy plays: every agent with ``sharing`` or when the env has no adapter, else the
+    adapter agent."""
+    adapter = get_parallel_spec(env_id).adapter
+    return list(env.possible_agents) if sharing or adapter is None else [adapter.agent]
 
-    The policy plays every agent with ``sharing`` or when the env has no adapter, else the adapter agent.
-    """
-    spec = get_parallel_spec(env_id)
-    embedded = {} if sharing or spec.adapter is None else build_policies(spec, env)
+
+def _controllers(env: BackdoorParallelEnv, env_id: str, policy: Any | None, sharing: bool) -> dict[str, AgentPolicy]:
+    """The policy (``None``: uniformly random) on the agents it plays (:func:`_learners`), the embedded policies
+    on the others."""
+    alone = _learners(env, env_id, sharing) != list(env.possible_agents)
+    embedded = build_policies(get_parallel_spec(env_id), env) if alone else {}
     out: dict[str, AgentPolicy] = {}
     for agent in env.possible_agents:
         obs_space, act_space = env.observation_space(agent), env.action_space(agent)
@@ -60,6 +66,23 @@ def _controllers(env: BackdoorParallelEnv, env_id: str, policy: Any | None, shar
         else:
             out[agent] = PredictPolicy(obs_space, act_space, policy)
     return out
+
+
+def _check_fits(policy: Any, env_id: str, sharing: bool, what: str, fix: str) -> None:
+    """Raise :class:`ArtifactError` unless ``policy`` (named ``what``) takes the observation shape and the actions
+    of every agent it plays on ``env_id``; ``fix`` ends the message. A policy without spaces passes."""
+    env = make_parallel(env_id)
+    for agent in _learners(env, env_id, sharing):
+        obs_space, act_space = env.observation_space(agent), env.action_space(agent)
+        own_obs = getattr(policy, "observation_space", obs_space)
+        if own_obs.shape != obs_space.shape:
+            raise ArtifactError(
+                f"{what} expects observations of shape {own_obs.shape} but agent '{agent}' of {env_id} gives "
+                f"{obs_space.shape}; {fix}"
+            )
+        own_act = getattr(policy, "action_space", act_space)
+        if own_act != act_space:
+            raise ArtifactError(f"{what} acts in {own_act} but agent '{agent}' of {env_id} acts in {act_space}; {fix}")
 
 
 def rollouts(
@@ -131,8 +154,18 @@ def evaluate(
     :param seeds: evaluation seeds, or their number.
     :param baseline: a clean-trained policy of the same config.
     :param t0: the step from which the trigger is on in triggered episodes.
+    :raise ArtifactError: ``policy`` or ``baseline`` does not fit the agents it plays (another env's policy).
     """
     spec = get_parallel_spec(env_id)
+    _check_fits(policy, env_id, sharing, "the policy", "retrain the run or restore its card.json")
+    if baseline is not None:
+        _check_fits(
+            baseline,
+            env_id,
+            sharing,
+            "the baseline",
+            f"pass a clean run of {env_id} as the baseline (the run's config with poisoning: null)",
+        )
     seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     resets, groups = episode_seeds(seeds, episodes), np.repeat(seeds, episodes)
     boot = int(np.random.SeedSequence([*seeds, episodes]).generate_state(1)[0])

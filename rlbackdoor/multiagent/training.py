@@ -15,8 +15,15 @@ import numpy as np
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecEnvWrapper, VecMonitor
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
+from rlbackdoor.attack import PoisonCounts
 from rlbackdoor.errors import SpecError
-from rlbackdoor.multiagent.registry import get_parallel_spec, make_parallel, make_single_agent
+from rlbackdoor.multiagent.registry import (
+    get_parallel_spec,
+    is_multiagent,
+    list_parallel_envs,
+    make_parallel,
+    make_single_agent,
+)
 from rlbackdoor.multiagent.sharing import shared_vec_env
 from rlbackdoor.specs import ExperimentSpec
 
@@ -63,20 +70,19 @@ class PoisonTally(_SwapRewards):
         return obs, rewards, dones, infos
 
 
-class PoisonCounts:
-    """Counts over the learner's steps: collected, poisoned, triggered, target hits."""
-
-    def __init__(self) -> None:
-        self.n_steps = self.n_poisoned = self.n_triggered = self.n_hits = 0
-
-
 def make_multiagent_train_env(spec: ExperimentSpec) -> tuple[VecEnv, PoisonTally | None]:
     """The training VecEnv of a multi-agent run and, when poisoned, its counting top wrapper (the same object).
 
     :param spec: a run whose ``env`` is a registered multi-agent id; ``sharing`` picks parameter sharing
         (``n_envs`` copies of the env, one sub-env per agent) over the adapter (``n_envs`` adapter envs).
-    :raise SpecError: outer-loop poisoning, or an env with no adapter when ``sharing`` is off.
+    :raise SpecError: ``sharing`` on a single-agent env, outer-loop poisoning, or an env with no adapter when
+        ``sharing`` is off.
     """
+    if spec.sharing and not is_multiagent(spec.env):
+        raise SpecError(
+            f"sharing: parameter sharing needs a multi-agent env, and {spec.env} is not one; drop sharing, or set env "
+            f"to a multi-agent id (marked * in rlbd envs list: {', '.join(list_parallel_envs())})"
+        )
     if spec.poisoning == "outer":
         raise SpecError(
             f"poisoning: outer is not available for the multi-agent env {spec.env} (its attack lives in the env); "
