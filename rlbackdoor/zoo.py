@@ -28,7 +28,8 @@ wrappers) with an attack whose schedule never fires (``rate: 0``); the manifest 
 ``backdoored: false`` and ``attack: null``.
 
 :func:`build_zoo` trains the agents in worker processes (finished agents are skipped, interrupted
-ones resumed) and writes ``DIR/manifest.json``: ``{"agents": [{"path", "backdoored", "attack"}]}``.
+ones resumed; a zoo none of whose agents finished may be rerun with another config) and writes
+``DIR/manifest.json``: ``{"agents": [{"path", "backdoored", "attack"}]}``.
 Any directory with such a manifest is a zoo, including one written by hand around ``rlbd train`` runs.
 """
 
@@ -48,7 +49,7 @@ import numpy as np
 from pydantic import Field
 
 from rlbackdoor.attack import Attack, make_base_env
-from rlbackdoor.errors import ArtifactError, SpecError
+from rlbackdoor.errors import ArtifactError, RlbdError, SpecError
 from rlbackdoor.specs import ExperimentSpec, _Spec, apply_overrides, parse, read_yaml
 
 MANIFEST = "manifest.json"
@@ -257,6 +258,27 @@ def _train_one(experiment: dict[str, Any], run_dir: str, wandb_mode: str | None)
     return str(train(spec, path, wandb_mode=wandb_mode))
 
 
+def _check_previous(root: Path, config: dict[str, Any]) -> None:
+    """Let ``build_zoo`` go on in ``root``: a zoo of another config is refused, unless no agent of it finished
+    (an attempt that failed or was stopped first), which is started over."""
+    from rlbackdoor.training.artifacts import CARD
+
+    if not (root / MANIFEST).is_file():
+        return
+    try:
+        previous = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):
+        previous = None
+    if isinstance(previous, dict) and previous.get("config") == config:
+        return
+    unfinished = isinstance(previous, dict) and "config" in previous and previous.get("agents") == []
+    if not unfinished or any(root.glob(f"agents/*/{CARD}")):
+        raise ArtifactError(
+            f"{root}: the zoo was built from another config; resume it with that config or use a new --out"
+        )
+    shutil.rmtree(root / "agents", ignore_errors=True)  # checkpoints of the other config, never resumable
+
+
 def build_zoo(
     spec: ZooSpec,
     out: str | Path,
@@ -267,13 +289,16 @@ def build_zoo(
     """Train every agent of ``spec`` under ``out/agents/`` and write ``out/manifest.json``.
 
     Finished agents (with a ``card.json``) are skipped, interrupted ones resumed from their last
-    checkpoint. The manifest lists the finished agents and is rewritten as each one finishes.
+    checkpoint. The manifest lists the finished agents and is rewritten as each one finishes, and once
+    more when training stops (an agent failed, or an interrupt). A zoo of another config is refused,
+    unless none of its agents finished: that one is started over with ``spec``.
 
     :param spec: the zoo.
     :param out: the zoo directory.
     :param workers: training processes (each trains on one thread).
     :param wandb_mode: W&B mode of every training run (see :mod:`rlbackdoor.tracking`).
     :param on_done: called with each agent's name as it finishes (progress reports).
+    :raises ArtifactError: an agent failed to train (after the agents still training have finished).
     """
     from rlbackdoor.training.artifacts import CARD
 
@@ -286,15 +311,7 @@ def build_zoo(
         for i, path in enumerate(paths)
     ]
     extra = {"name": spec.name, "config": spec.model_dump(mode="json")}
-    if (root / MANIFEST).is_file():
-        try:
-            previous = json.loads((root / MANIFEST).read_text()).get("config")
-        except (OSError, ValueError, AttributeError):
-            previous = None
-        if previous != extra["config"]:
-            raise ArtifactError(
-                f"{root}: the zoo was built from another config; resume it with that config or use a new --out"
-            )
+    _check_previous(root, extra["config"])
     root.mkdir(parents=True, exist_ok=True)
 
     def finished() -> list[ZooAgent]:
@@ -302,21 +319,36 @@ def build_zoo(
 
     todo = [i for i, a in enumerate(agents) if not (a.path / CARD).is_file()]
     write_manifest(root, finished(), extra)
+    failure: tuple[str, BaseException] | None = None
     if todo:
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=max(1, min(workers, len(todo))), mp_context=context) as pool:
-            futures = {
-                pool.submit(_train_one, runs[i].model_dump(mode="json"), str(paths[i]), wandb_mode): i for i in todo
-            }
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    if future.exception() is not None:
-                        for other in pending:
-                            other.cancel()
-                        raise future.exception()
-                    write_manifest(root, finished(), extra)
-                    if on_done is not None:
-                        on_done(names[futures[future]])
+        try:
+            with ProcessPoolExecutor(max_workers=max(1, min(workers, len(todo))), mp_context=context) as pool:
+                futures = {
+                    pool.submit(_train_one, runs[i].model_dump(mode="json"), str(paths[i]), wandb_mode): i for i in todo
+                }
+                pending = set(futures)
+                while pending and failure is None:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        name, error = names[futures[future]], future.exception()
+                        if error is not None:
+                            failure = failure or (name, error)
+                        else:
+                            write_manifest(root, finished(), extra)
+                            if on_done is not None:
+                                on_done(name)
+                for other in pending:  # the running ones finish (and are kept) before the pool closes
+                    other.cancel()
+        finally:
+            write_manifest(root, finished(), extra)
+    if failure is not None:
+        name, error = failure
+        if isinstance(error, RlbdError):
+            raise type(error)(f"zoo {spec.name}: agent {name}: {error}") from None
+        first = str(error).strip().splitlines()[:1] or [""]
+        raise ArtifactError(
+            f"zoo {spec.name}: agent {name} failed to train ({type(error).__name__}: {first[0]}); "
+            f"fix the cause, then rerun into {root}: finished agents are kept"
+        ) from error
     return finished()

@@ -135,6 +135,25 @@ def test_bad_backends_fail_before_any_cell(tmp_path: Path, capsys: pytest.Captur
     assert not out.exists()
 
 
+def test_bad_out_paths_fail_before_any_cell(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = write_bench(tmp_path / "b.yaml")
+
+    def refused(out: Path, message: str) -> None:
+        assert main(["bench", str(bench), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out}: {message}" in err and err.count("\n") == 1 and "Traceback" not in err
+
+    refused(bench, "is a file, not a folder")
+    refused(bench / "out", f"{bench} is a file, not a folder")
+    refused(bench / "deeper" / "out", f"{bench} is a file, not a folder")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path and real_access(path, mode))
+    refused(tmp_path / "new" / "out", f"folder {tmp_path} is not writable")
+    assert not (tmp_path / "new").exists() and bench.is_file()
+
+
 # ------------------------------------------------------------------------------------- a real bench
 def test_bench_killed_midway_resumes_without_recomputing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

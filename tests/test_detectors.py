@@ -330,9 +330,39 @@ def test_weights_that_do_not_match_the_card_exit_2(zoo: Path, tmp_path: Path, ca
     card["policy"]["kwargs"]["net_arch"] = [8]
     write_json(run / "card.json", card)
     err = one_line_error(capsys, ["detect", str(run), "-d", "reverse"])
-    assert "weights do not fit the policy in the card" in err
+    assert "weights do not fit the policy in" in err
     broken = sub_zoo(zoo, tmp_path / "broken", [0, 1], {1: run})
     assert "weights do not fit" in one_line_error(capsys, ["detect", str(broken), "-d", "probe"])
+
+
+def test_bad_json_paths_exit_2_before_any_work(tmp_path: Path, capsys) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for command in (["detect", str(tmp_path / "nowhere"), "-d", "probe"], ["cleanse", str(tmp_path / "nowhere")]):
+        assert f"--json {tmp_path}: is a folder" in one_line_error(capsys, [*command, "--json", str(tmp_path)])
+        bad = afile / "r.json"
+        assert f"--json {bad}: {afile} is a file, not a folder" in one_line_error(
+            capsys, [*command, "--json", str(bad)]
+        )
+    assert afile.read_text() == ""
+
+
+@pytest.fixture(scope="module")
+def multiagent_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seconds-long victim of rlbd/TrojanRPS-v0 (a multi-agent env)."""
+    spec = load_experiment(
+        CONFIGS / "experiments" / "rps_inner.yaml",
+        ["timesteps=128", "n_envs=2", "hyperparams.n_steps=64", "hyperparams.batch_size=64"],
+    )
+    return train(spec, tmp_path_factory.mktemp("ma") / "rps", wandb_mode="disabled")
+
+
+def test_multiagent_runs_and_zoos_point_to_rlbd_cleanse(multiagent_run: Path, tmp_path: Path, capsys) -> None:
+    hint = "rlbd/TrojanRPS-v0 is a multi-agent env id and rlbd detect handles single-agent envs; "
+    hint += "for multi-agent runs use rlbd cleanse RUN..."
+    assert f"{multiagent_run}: {hint}" in one_line_error(capsys, ["detect", str(multiagent_run), "-d", "bands"])
+    write_manifest(tmp_path, [ZooAgent(multiagent_run, True, None)])
+    assert f"{multiagent_run}: {hint}" in one_line_error(capsys, ["detect", str(tmp_path), "-d", "probe"])
 
 
 class Payload:

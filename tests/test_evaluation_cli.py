@@ -68,7 +68,7 @@ def test_learnt_backdoor_has_high_asr_and_clean_agent_does_not(runs: dict[str, P
 
 def test_rlbd_eval_writes_card_json_and_one_wandb_run(run: Path, runs: dict[str, Path], wandb_dir: Path) -> None:
     before = read_card(run)
-    out = run.parent / "metrics.json"
+    out = run.parent / "reports" / "metrics.json"  # missing folders are created
     argv = ["eval", str(run), "--baseline", str(runs["clean"]), "--episodes", "3", "--seeds", "2", "--json", str(out)]
     assert main(argv) == 0
     metrics = json.loads(out.read_text())
@@ -116,8 +116,8 @@ def test_rlbd_eval_bad_inputs_exit_2_with_one_line_and_leave_the_card(
     empty = tmp_path / "empty"
     empty.mkdir()
     fails(["eval", str(empty)], "no card.json")
-    fails(["eval", str(run), "--json", str(tmp_path / "missing" / "m.json")], "does not exist")
-    fails(["eval", str(run), "--json", str(tmp_path), "--episodes", "1", "--seeds", "1"], "is a directory")
+    fails(["eval", str(run), "--json", str(run / "card.json" / "m.json")], "card.json is a file, not a folder")
+    fails(["eval", str(run), "--json", str(tmp_path), "--episodes", "1", "--seeds", "1"], "is a folder; name a file")
     fails(["eval", str(run), "--baseline", str(empty)], "no card.json")
     fails(["eval", str(run), "--wandb-mode", "sometimes"], "sometimes")
     fails(["eval", str(run), "--episodes", "0"], "episodes")

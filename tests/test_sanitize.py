@@ -104,7 +104,7 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_cli_reports_before_and_after_as_json(smoke_run: Path, tmp_path: Path):
-    out = tmp_path / "s.json"
+    out = tmp_path / "reports" / "s.json"  # missing folders are created
     code = main(
         ["sanitize", str(smoke_run), "--method", "support", "--n-clean", "40", "--curve", "20",
          "--episodes", "2", "--seeds", "1", "--json", str(out)]
@@ -166,6 +166,36 @@ def test_trajectory_actions_outside_the_action_space_are_refused(tmp_path: Path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "action 7 of transition 3 is not in rlbd/TrojanCartPole-v0's Discrete(2)" in err[0]
     assert not out.exists()
+
+
+def test_bad_output_paths_exit_2_before_any_work(smoke_run: Path, tmp_path: Path, capsys):
+    data = collect(gym.make("rlbd/TrojanCartPole-v0"), None, 50, 0, "rlbd/TrojanCartPole-v0").save(tmp_path / "t.npz")
+    under = data / "r.json"
+    for argv, message in [
+        (["sanitize", str(smoke_run), "--json", str(tmp_path)], f"--json {tmp_path}: is a folder; name a file"),
+        (["sanitize", str(smoke_run), "--json", str(under)], f"--json {under}: {data} is a file, not a folder"),
+        (["sanitize", "--trajectories", str(data), "--out", str(tmp_path)], f"--out {tmp_path}: is a folder"),
+        (["sanitize", "--trajectories", str(data), "--out", str(under)], f"--out {under}: {data} is a file"),
+    ]:
+        assert main([*argv, "--wandb-mode", "disabled"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.npz"]
+
+
+def test_multiagent_runs_and_datasets_point_to_rlbd_cleanse(tmp_path: Path, capsys):
+    spec = rlbackdoor.specs.load_experiment(
+        Path("configs/experiments/rps_inner.yaml"),
+        ["timesteps=128", "n_envs=2", "hyperparams.n_steps=64", "hyperparams.batch_size=64"],
+    )
+    run = rlbackdoor.train(spec, tmp_path / "rps", wandb_mode="disabled")
+    data = collect(gym.make("CartPole-v1"), None, 50, 0, "rlbd/TrojanRPS-v0").save(tmp_path / "rps.npz")
+    hint = "rlbd/TrojanRPS-v0 is a multi-agent env id and rlbd sanitize handles single-agent envs; "
+    hint += "for multi-agent runs use rlbd cleanse RUN..."
+    for argv, where in [(["sanitize", str(run)], run), (["sanitize", "--trajectories", str(data)], data)]:
+        assert main([*argv, "--wandb-mode", "disabled"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{where}: {hint}" in err[0]
 
 
 @pytest.mark.parametrize("poisoning", ["inner", "outer"])

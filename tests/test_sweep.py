@@ -124,6 +124,26 @@ def test_bad_sweep_files(tmp_path: Path, capsys: pytest.CaptureFixture[str], fie
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name", ["../escape", "a/b", "/tmp/abs", "..", ".hidden", "two words"])
+def test_sweep_names_that_are_not_folder_names_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = write_sweep(tmp_path / "s.yaml", name=name)
+    assert main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: name '{name}' is not a folder name (runs/sweeps/<name>)" in err and err.count("\n") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["s.yaml"]  # no runs/ folder, inside runs/sweeps/ or out of it
+
+
+def test_bad_out_paths_are_refused_before_any_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_sweep(tmp_path / "s.yaml")
+    for out, message in [(path, "is a file, not a folder"), (path / "out", f"{path} is a file, not a folder")]:
+        assert main(["sweep", str(path), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out}: {message}" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
 def test_repository_sweep_files_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)  # their commands name configs relative to the repository
     for path in sorted((ROOT / "configs" / "sweeps").glob("*.yaml")):

@@ -579,6 +579,13 @@ def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_cli_out_under_a_file_is_exit_2_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "afile").write_text("keep")
+    assert main(["train", str(SMOKE), "--out", str(tmp_path / "afile" / "run"), "--no-progress"]) == 2
+    assert "afile is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
 def test_cli_missing_config_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", str(tmp_path / "nope.yaml")]) == 2
     assert "cannot read" in capsys.readouterr().err

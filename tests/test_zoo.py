@@ -136,6 +136,32 @@ def test_rlbd_zoo_trains_writes_the_manifest_and_resumes(tmp_path: Path) -> None
     assert main([*argv, "--set", "timesteps=512"]) == 2  # never mixes agents of two configs
 
 
+def test_a_zoo_that_finished_no_agent_reruns_into_the_same_out_with_a_fixed_config(tmp_path: Path, capsys) -> None:
+    broken = {**TINY, "hyperparams": {**TINY["hyperparams"], "policy_kwargs": {"net_arch": [-1]}}}
+    out = tmp_path / "zoo"
+    argv = ["--out", str(out), "--wandb-mode", "disabled"]
+    assert main(["zoo", str(write(tmp_path, broken, "broken.yaml")), *argv]) == 2  # one worker: agent 0 fails first
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert "zoo tiny: agent 0-clean failed to train (RuntimeError: " in err and f"rerun into {out}" in err
+    assert json.loads((out / "manifest.json").read_text())["agents"] == []
+    partial = out / "agents" / "1-backdoored" / "checkpoints" / "000128"  # an interrupted agent of that config
+    partial.mkdir(parents=True)
+    (partial / "state.json").write_text("{}")
+    assert main(["zoo", str(write(tmp_path, TINY)), *argv, "--workers", "2"]) == 0
+    assert [a.backdoored for a in read_manifest(out)] == [False, True]
+    assert read_card(out / "agents" / "1-backdoored")["config"]["hyperparams"]["policy_kwargs"]["net_arch"] == [16]
+
+
+def test_bad_out_paths_fail_before_training(tmp_path: Path, capsys) -> None:
+    config = write(tmp_path, TINY)
+    for out, message in [(config, "is a file, not a folder"), (config / "zoo", f"{config} is a file, not a folder")]:
+        assert main(["zoo", str(config), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"rlbd: error: --out {out}: {message}") and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["zoo.yaml"]
+
+
 # ------------------------------------------------------------------------------------------ manifests
 def test_hand_written_manifest_with_absolute_and_relative_paths(tmp_path: Path) -> None:
     (tmp_path / "inside").mkdir()

@@ -68,6 +68,8 @@ DISTRIBUTIONS = (
     "q_normal",
 )
 _ENVVAR = re.compile(r"\$\{envvar:([A-Z0-9_]*)\}")
+_NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
+"""A sweep's name, also its folder under ``runs/sweeps/``: the pattern zoo and bench names follow."""
 
 
 class Sweep:
@@ -92,6 +94,11 @@ class Sweep:
                 "or use grid or random here"
             )
         self.name = str(data.get("name") or self.path.stem)
+        if not _NAME.fullmatch(self.name):
+            raise SpecError(
+                f"{where}: name '{self.name}' is not a folder name (runs/sweeps/<name>); "
+                "use letters, digits, -, _ and ., starting with a letter or digit"
+            )
         self.program = data.get("program")
         command = data.get("command", DEFAULT_COMMAND)
         if not (isinstance(command, list) and command and all(isinstance(c, (str, int, float)) for c in command)):

@@ -12,6 +12,7 @@ from typing import Any
 
 import typer
 
+from rlbackdoor.cli.checks import check_out_dir
 from rlbackdoor.cli.train import WandbMode, sweep_overrides
 
 
@@ -28,6 +29,8 @@ def bench(
 ) -> None:
     """Run every unfinished cell of CONFIG's matrix into OUT, then write the tables and plots (exit 1 if a cell failed)."""
     from rlbackdoor.bench.runner import run_bench
+
+    check_out_dir(out, "--out")
 
     def progress(record: dict[str, Any]) -> None:
         what = " ".join(f"{k}={record.get(k)}" for k in ("env", "poisoning", "poison_rate", "seed", "defense"))

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from rlbackdoor.cli.checks import check_file_out, check_single_agent_runs, write_json_out
 from rlbackdoor.cli.train import WandbMode
 from rlbackdoor.errors import SpecError
 from rlbackdoor.specs import apply_overrides
@@ -51,14 +52,13 @@ def detect(
         raise SpecError("give TARGET and --detector NAME (rlbd detect --list shows the detectors)")
     from rlbackdoor.defenses.detectors import detect as run
     from rlbackdoor.defenses.detectors import log_report
-    from rlbackdoor.training.artifacts import write_json
 
+    check_file_out(json_out, "--json")
+    check_single_agent_runs(target, "detect")
     params = apply_overrides({}, param)
     report = run(target, detector, params, n_clean=n_clean, seed=seed, inputs=inputs)
     payload = report.to_json()
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        write_json(json_out, payload)
+    write_json_out(json_out, payload)
     config = {"detector": detector, "target": str(target), "params": params, "n_clean": n_clean, "seed": seed}
     log_report(report, config, wandb_mode.value if wandb_mode else None)
     table = Table("agent", "backdoored", "score", "P(backdoored)", "population", "input AUROC", "seconds")

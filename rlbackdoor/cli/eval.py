@@ -13,8 +13,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from rlbackdoor.cli.checks import check_file_out, write_json_out
 from rlbackdoor.cli.train import WandbMode
-from rlbackdoor.errors import ArtifactError, SpecError
+from rlbackdoor.errors import SpecError
 from rlbackdoor.specs import locate
 
 HEADLINE = ("ctp", "ctp_ratio", "asr", "asr_raw", "triggered_return", "return_drop", "random_return", "baseline_ctp")
@@ -67,20 +68,14 @@ def eval_run(
     from rlbackdoor.training.artifacts import CARD, read_card, write_json
 
     mode = tracking.resolve_mode(wandb_mode.value if wandb_mode else None)
-    if json_out is not None and not json_out.parent.is_dir():
-        raise ArtifactError(
-            f"--json {json_out}: folder {json_out.parent} does not exist; create it or pick another path"
-        )
-    if json_out is not None and json_out.is_dir():
-        raise ArtifactError(f"--json {json_out}: is a directory; name a file, e.g. {json_out / 'metrics.json'}")
+    check_file_out(json_out, "--json")
     try:
         metrics = evaluate_run(run_dir, baseline, episodes=episodes, seeds=seeds, t0=t0)
     except SpecError as err:  # the card's attack does not fit its env: name the card and the attack block
         raise locate(err, str(run_dir / CARD), "attack.") from None
     card = read_card(run_dir)
     card["metrics"] = {**(card.get("metrics") or {}), **metrics}
-    if json_out is not None:
-        write_json(json_out, metrics)
+    write_json_out(json_out, metrics)
     write_json(run_dir / CARD, card)
     console.print(metrics_table(metrics))
 

@@ -3,9 +3,6 @@ of a trajectory dataset."""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,20 +10,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from rlbackdoor.cli.checks import check_file_out, check_single_agent, check_single_agent_runs, write_json_out
 from rlbackdoor.errors import SpecError
 
 if TYPE_CHECKING:
     import numpy as np
 
 console = Console()
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 def _ci(m: dict[str, Any], key: str) -> str:
@@ -63,14 +53,16 @@ def sanitize(
             table.add_row(name, what)
         console.print(table)
         return
+    check_file_out(json_out, "--json")
+    check_file_out(out, "--out")
     if trajectories is not None:
         results = _filter_dataset(trajectories, method, n_clean, dim, out, mode)
     elif run_dir is not None:
+        check_single_agent_runs(run_dir, "sanitize")
         results = _sanitize_run(run_dir, method, n_clean, dim, baseline, episodes, seeds, curve, wandb_mode)
     else:
         raise SpecError("sanitize: give a RUN_DIR, or --trajectories FILE, or --list")
-    if json_out is not None:
-        _write_json(json_out, results)
+    write_json_out(json_out, results)
 
 
 def _sanitize_run(
@@ -140,6 +132,7 @@ def _filter_dataset(
     data = Trajectories.load(path)
     if not data.env:
         raise SpecError(f"{path}: the dataset does not name its env; save it with env=<id>")
+    check_single_agent(data.env, str(path), "sanitize")
     clean_env = run_env(data.env)
     probe = clean_env.make()
     if probe.observation_space.shape != data.observations.shape[1:]:

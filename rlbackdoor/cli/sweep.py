@@ -7,6 +7,8 @@ from typing import Any
 
 import typer
 
+from rlbackdoor.cli.checks import check_out_dir
+
 
 def sweep(
     path: Path = typer.Argument(..., help="a W&B sweep file (see configs/sweeps/)"),
@@ -21,6 +23,7 @@ def sweep(
     from rlbackdoor.bench.sweep import Sweep, run_sweep
 
     target = out or Path("runs") / "sweeps" / Sweep(path).name
+    check_out_dir(target, "--out")
 
     def progress(record: dict[str, Any]) -> None:
         status = "ok" if record.get("returncode") == 0 else f"failed (exit {record.get('returncode')})"

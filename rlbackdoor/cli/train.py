@@ -58,8 +58,10 @@ def train(
     ),
 ) -> None:
     """Train an agent as CONFIG describes; print the run directory."""
+    from rlbackdoor.cli.checks import check_out_dir
     from rlbackdoor.training.loop import train as run
 
+    check_out_dir(out, "--out")
     sanitized = [f"sanitize.method={sanitize}"] if sanitize else []
     spec = load_experiment(config, [*set_, *sweep_overrides(ctx.args), *sanitized])
     try:

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from rlbackdoor.cli.checks import check_out_dir
 from rlbackdoor.cli.train import WandbMode
 
 console = Console(stderr=True)
@@ -23,6 +24,7 @@ def zoo(
     """Train CONFIG's agents (half clean, half backdoored) under OUT and write OUT/manifest.json."""
     from rlbackdoor.zoo import build_zoo, load_zoo
 
+    check_out_dir(out, "--out")
     spec = load_zoo(config, set_)
     agents = build_zoo(
         spec,
