@@ -10,6 +10,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -239,7 +240,7 @@ def test_rlbd_detect_single_run_and_list(zoo: Path, tmp_path: Path, capsys: pyte
 
 def test_rlbd_detect_scores_the_steps_of_a_trajectory_file(zoo: Path, tmp_path: Path, capsys) -> None:
     from rlbackdoor.registry import make_env
-    from rlbackdoor.trajectories import collect
+    from rlbackdoor.trajectories import FIELDS, Trajectories, collect
 
     run = backdoored_agent(zoo)
     policy, card = load_policy(run)
@@ -256,6 +257,13 @@ def test_rlbd_detect_scores_the_steps_of_a_trajectory_file(zoo: Path, tmp_path: 
         capsys, ["detect", str(zoo), "-d", "spectral", "--inputs", str(path)]
     )
     assert "not a trajectory file" in one_line_error(capsys, ["detect", str(run), "-d", "bands", "--inputs", str(out)])
+    other = collect(gym.make("Acrobot-v1"), None, 50, seed=0, env_id="Acrobot-v1").save(tmp_path / "acrobot.npz")
+    err = one_line_error(capsys, ["detect", str(run), "-d", "bands", "--inputs", str(other)])
+    assert f"--inputs {other}: steps of Acrobot-v1, but {run} is a run of CartPole-v1; record steps of" in err
+    # a file that does not name its env is still checked against the run's observations
+    wide = Trajectories(steps.observations[:, :3], *(getattr(steps, f) for f in FIELDS[1:]))
+    err = one_line_error(capsys, ["detect", str(run), "-d", "bands", "--inputs", str(wide.save(tmp_path / "w.npz"))])
+    assert "observations of shape (3,), but" in err and "observes (4,)" in err
 
 
 # ------------------------------------------------------------------------------------ bad inputs

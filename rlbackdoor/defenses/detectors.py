@@ -272,6 +272,24 @@ def _targets(target: Path) -> tuple[list[tuple[Path, bool | None]], bool]:
     raise ArtifactError(f"{target}: neither a run directory (card.json) nor a zoo (manifest.json); pass one of them")
 
 
+def _check_steps(path: str | Path, steps: Trajectories, run: Path, card: dict[str, Any]) -> None:
+    """Steps to score come from the run's clean env (when the file names its env) and have its observations."""
+    from rlbackdoor.evaluation.envs import run_env
+    from rlbackdoor.evaluation.evaluate import clean_env_id
+
+    ours = clean_env_id(card)
+    if steps.env and clean_env_id({"env": steps.env}) != ours:
+        raise SpecError(f"--inputs {path}: steps of {steps.env}, but {run} is a run of {ours}; record steps of {ours}")
+    env = run_env(card).make()
+    shape = env.observation_space.shape
+    env.close()
+    if steps.observations.shape[1:] != shape:
+        raise SpecError(
+            f"--inputs {path}: observations of shape {steps.observations.shape[1:]}, but {run} observes {shape}; "
+            f"record steps of {ours}"
+        )
+
+
 def _check_family(cards: list[tuple[Path, dict[str, Any]]]) -> None:
     for path, card in cards:
         if not isinstance(card.get("policy"), dict):
@@ -372,6 +390,7 @@ def detect(
         if is_zoo or "input" not in cls.levels:
             raise SpecError("--inputs gives the steps an input-level detector scores for one run; pass a run directory")
         steps = Trajectories.load(inputs)
+        _check_steps(inputs, steps, agents[0][0], read_card(agents[0][0]))
     _check_family([(path, read_card(path)) for path, _ in agents])
     size = 2 * n_clean if "input" in cls.levels else n_clean
     shared, collect_seconds = _pooled(agents, size, seed) if is_zoo else (None, [0.0])

@@ -129,7 +129,7 @@ def _check_card(run_dir: str | Path, card: Mapping[str, Any]) -> None:
             raise ArtifactError(f"{path}: '{key}' is not a mapping; {fix}")
 
 
-def _clean_env(card: Mapping[str, Any]) -> str:
+def clean_env_id(card: Mapping[str, Any]) -> str:
     """The id of the clean env a run plays: its attack's base env, else its env."""
     env = str(card["env"]).removeprefix("rlbackdoor:")
     if is_multiagent(env):
@@ -145,7 +145,7 @@ def load_baseline(baseline_dir: str | Path, run_dir: str | Path, card: Mapping[s
 
     policy, baseline_card = load_policy(baseline_dir)
     _check_card(baseline_dir, baseline_card)
-    ours, theirs = _clean_env(card), _clean_env(baseline_card)
+    ours, theirs = clean_env_id(card), clean_env_id(baseline_card)
     if ours != theirs:
         raise ArtifactError(
             f"baseline {baseline_dir}: a run of {theirs}, but {run_dir} is a run of {ours}; "
