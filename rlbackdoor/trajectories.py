@@ -20,6 +20,7 @@ import gymnasium as gym
 import numpy as np
 
 from rlbackdoor.errors import ArtifactError
+from rlbackdoor.evaluation.rollouts import check_policy_fits
 
 FIELDS = ("observations", "actions", "rewards", "dones", "poisoned", "triggered")
 
@@ -106,6 +107,8 @@ def _check_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
 
 def collect(env: gym.Env, policy: Any, steps: int, seed: int, env_id: str = "") -> Trajectories:
     """Roll ``policy`` (SB3-style ``predict``; ``None`` for uniform random actions) in ``env`` for ``steps`` steps."""
+    if policy is not None:
+        check_policy_fits(policy, env)
     env.action_space.seed(seed)
     obs, info = env.reset(seed=seed)
     triggered_now = bool(info.get("rlbd", {}).get("triggered", False))

@@ -194,9 +194,9 @@ def nan_weights(run: Path) -> None:
         ),
         (
             lambda run: edit_card(run, lambda c: c["policy"]["observation_space"].update(type="Graph")),
-            "unknown policy space",
+            "policy.observation_space.type: unknown space type 'Graph'",
         ),
-        (lambda run: edit_card(run, lambda c: c.pop("policy")), "no 'policy' entry"),
+        (lambda run: edit_card(run, lambda c: c.pop("policy")), "card.json: policy: missing"),
     ],
 )
 def test_damaged_runs_raise_one_line_artifact_errors(copy_run: Path, damage: Any, message: str) -> None:

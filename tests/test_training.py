@@ -559,6 +559,8 @@ NAN_OBS, NAN_REWARD = "observation contains NaN or inf; fix", "reward is NaN or 
         (["--set", "env=BrokenRewardCartPole-v0", "--set", "poisoning=outer"], NAN_REWARD),
         (["--set", "hyperparams.n_stepz=8"], "n_stepz"),
         (["--set", "hyperparams.batch_size=1"], "batch_size"),
+        (["--set", "hyperparams.policy_kwargs.net_arch=[-1]"], "net_arch [-1] is not a list of positive layer sizes"),
+        (["--set", "hyperparams.policy_kwargs.net_arch={pi: [8], vf: [0]}"], "is not a list of positive layer sizes"),
         (["--set", "env=rlbd/TrojanCartPole-v0"], "registered backdoor env"),
         (["--set", "attack.base=Acrobot-v1"], "disagrees"),
         (["--set", "env=NoSuchEnv-v0", "--set", "poisoning=null", "--set", "attack=null"], "NoSuchEnv"),

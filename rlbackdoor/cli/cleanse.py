@@ -25,14 +25,13 @@ def cleanse(
 ) -> None:
     """Train a probing opponent against each frozen victim; a collapse of its return flags a backdoor."""
     from rlbackdoor import tracking
+    from rlbackdoor.cli.checks import check_file_out, write_json_out
     from rlbackdoor.multiagent.cleanse import cleanse_runs
-    from rlbackdoor.training.artifacts import write_json
 
     options = {"k": k, "window": window, "timesteps": timesteps, "episodes": episodes, "seed": seed}
+    check_file_out(json_out, "--json")
     report = cleanse_runs(runs, **options)
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        write_json(json_out, report)
+    write_json_out(json_out, report)
     table = Table("run", "backdoored", "score", "return (random probe)", "return (learned probe)", "trigger", "seconds")
     for row in report["rows"]:
         table.add_row(

@@ -10,6 +10,7 @@ learned probe's actions are the recovered trigger.
 
 from __future__ import annotations
 
+import textwrap
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -20,10 +21,12 @@ import gymnasium as gym
 import numpy as np
 import torch
 from stable_baselines3 import PPO
+from stable_baselines3.common.policies import BasePolicy
 
-from rlbackdoor.errors import SpecError
+from rlbackdoor.errors import ArtifactError, SpecError
 from rlbackdoor.multiagent.policies import AgentPolicy, PredictPolicy, RandomPolicy
 from rlbackdoor.multiagent.registry import build_policies, get_parallel_spec, make_base_parallel
+from rlbackdoor.specs import MultiAgentEnvSpec
 
 
 class ProbeEnv(gym.Env):
@@ -154,7 +157,7 @@ def policy_cleanse(
     torch.set_num_threads(1)
     spec = get_parallel_spec(env_id)
     agents = list(make_base_parallel(spec).possible_agents)
-    victim_agent = victim_agent or (spec.adapter.agent if spec.adapter is not None else agents[0])
+    victim_agent = _victim_seat(spec, agents, victim_agent)
     if prober is None:
         others = [agent for agent in agents if agent != victim_agent]
         if len(others) != 1:
@@ -171,11 +174,53 @@ def policy_cleanse(
     return CleanseResult(random_return - probed_return, random_return, probed_return, trigger)
 
 
+def _victim_seat(spec: MultiAgentEnvSpec, agents: list[str], victim_agent: str | None) -> str:
+    """The victim's seat: ``victim_agent``, else the env's adapter agent, else its first agent."""
+    return victim_agent or (spec.adapter.agent if spec.adapter is not None else agents[0])
+
+
+def _load_victim(run: Path, victim_agent: str | None) -> tuple[BasePolicy, str, bool]:
+    """A run's policy, env id and whether it was poisoned; a malformed card raises :class:`ArtifactError`."""
+    from rlbackdoor.multiagent.registry import is_multiagent
+    from rlbackdoor.training.artifacts import CARD, card_entry, load_policy
+
+    policy, card = load_policy(run)
+    path = run / CARD
+    env = card_entry(path, card, "env", str)
+    sharing = card_entry(path, card, "config", dict).get("sharing")
+    poisoning = card_entry(path, card, "poisoning", str, type(None))
+    if not is_multiagent(env) or sharing:
+        raise SpecError(
+            f"{run}: PolicyCleanse needs a victim trained as one agent of a multi-agent env (it trained on "
+            f"{env}{' with parameter sharing' if sharing else ''}); pick such runs"
+        )
+    _check_seat(path, env, policy, victim_agent)
+    return policy, env, poisoning is not None
+
+
+def _check_seat(path: Path, env_id: str, policy: BasePolicy, victim_agent: str | None) -> None:
+    """Refuse a card whose policy spaces do not fit the victim's seat (its ``predict`` would fail mid-probe)."""
+    from rlbackdoor.training.artifacts import CARD_FIX
+
+    spec = get_parallel_spec(env_id)
+    env = make_base_parallel(spec)
+    seat = _victim_seat(spec, list(env.possible_agents), victim_agent)
+    if seat not in env.possible_agents:
+        return  # ProbeEnv names the agents
+    observation, action = env.observation_space(seat), env.action_space(seat)
+    if policy.observation_space.shape != observation.shape or policy.action_space != action:
+        raise ArtifactError(
+            f"{path}: policy: observes shape {policy.observation_space.shape} and acts in "
+            f"{textwrap.shorten(str(policy.action_space), 80)}, but seat '{seat}' of {env_id} observes shape "
+            f"{observation.shape} and acts in {textwrap.shorten(str(action), 80)}; {CARD_FIX}"
+        )
+
+
 def cleanse_runs(run_dirs: list[Path], **options: Any) -> dict[str, Any]:
     """PolicyCleanse on every victim of a small zoo of multi-agent runs; AUROC when it mixes clean and backdoored.
 
     A run is backdoored when its card says it was poisoned. Every run must be of the same multi-agent env
-    with an adapter (its learner is the victim).
+    with an adapter (its learner is the victim). Every run is loaded and checked before any prober trains.
 
     :param run_dirs: finished run directories.
     :param options: :func:`policy_cleanse`'s keyword arguments (``k``, ``window``, ``timesteps``, ...).
@@ -183,30 +228,18 @@ def cleanse_runs(run_dirs: list[Path], **options: Any) -> dict[str, Any]:
     """
     from sklearn.metrics import roc_auc_score
 
-    from rlbackdoor.multiagent.registry import is_multiagent
-    from rlbackdoor.training.artifacts import CARD, check_card_code, load_policy, read_card
-
-    cards = [read_card(run) for run in run_dirs]
-    for run, card in zip(run_dirs, cards, strict=True):
-        check_card_code(Path(run) / CARD, card)
-        if not is_multiagent(str(card["env"])) or card["config"].get("sharing"):
-            raise SpecError(
-                f"{run}: PolicyCleanse needs a victim trained as one agent of a multi-agent env (it trained on "
-                f"{card['env']}{' with parameter sharing' if card['config'].get('sharing') else ''}); pick such runs"
-            )
-    if len({card["env"] for card in cards}) > 1:
-        raise SpecError(
-            f"runs of different envs ({sorted({c['env'] for c in cards})}); cleanse one env's zoo at a time"
-        )
+    victims = [_load_victim(Path(run), options.get("victim_agent")) for run in run_dirs]
+    envs = sorted({env for _, env, _ in victims})
+    if len(envs) > 1:
+        raise SpecError(f"runs of different envs ({envs}); cleanse one env's zoo at a time")
     rows = []
-    for run, card in zip(run_dirs, cards, strict=True):
-        policy, _ = load_policy(run)
+    for run, (policy, env, backdoored) in zip(run_dirs, victims, strict=True):
         start = time.monotonic()
-        found = policy_cleanse(card["env"], policy, **options)
+        found = policy_cleanse(env, policy, **options)
         rows.append(
             {
                 "run": str(run),
-                "backdoored": card["poisoning"] is not None,
+                "backdoored": backdoored,
                 "score": found.score,
                 "random_return": found.random_return,
                 "probed_return": found.probed_return,
@@ -216,4 +249,4 @@ def cleanse_runs(run_dirs: list[Path], **options: Any) -> dict[str, Any]:
         )
     labels = [row["backdoored"] for row in rows]
     auroc = float(roc_auc_score(labels, [row["score"] for row in rows])) if 0 < sum(labels) < len(labels) else None
-    return {"env": cards[0]["env"] if cards else None, "rows": rows, "auroc": auroc}
+    return {"env": envs[0] if envs else None, "rows": rows, "auroc": auroc}

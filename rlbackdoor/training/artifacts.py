@@ -2,21 +2,32 @@
 
 :func:`load_policy` rebuilds the policy from the card (policy class from an allow-list, spaces and
 ``policy_kwargs`` from JSON) and loads the safetensors weights with ``strict=True``: nothing is
-unpickled, so a tampered ``model.zip`` cannot run code during analysis.
+unpickled, so a tampered ``model.zip`` cannot run code during analysis. Every field of the card's
+``policy`` entry is checked (JSON types, closed lists of names, sizes within :data:`MAX_UNITS`,
+:data:`MAX_LAYERS` and :data:`MAX_WEIGHTS`) before anything is built, and so are the names, shapes and
+dtypes of the weights before they are loaded: a malformed or hostile run fails with one
+:class:`ArtifactError` line naming the file, the field and the fix.
 """
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
+import math
 import os
 import platform
+import reprlib
+import textwrap
 import uuid
+from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
+from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
+import torch
 from gymnasium import spaces
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
@@ -27,6 +38,7 @@ from stable_baselines3.common.policies import (
     BasePolicy,
     MultiInputActorCriticPolicy,
 )
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, CombinedExtractor
 from stable_baselines3.dqn.policies import CnnPolicy, DQNPolicy, MultiInputPolicy
 
 from rlbackdoor.errors import ArtifactError, SpecError
@@ -47,6 +59,95 @@ POLICIES: dict[str, type[BasePolicy]] = {
 
 _SKIPPED_KWARGS = ("observation_space", "action_space", "lr_schedule")
 PACKAGES = ("rlbackdoor", "stable-baselines3", "gymnasium", "torch", "numpy", "minigrid", "pettingzoo")
+
+CARD_FIX = f"{RETRAIN}, or fix {CARD}"
+MAX_LAYERS, MAX_UNITS, MAX_WEIGHTS = 64, 65_536, 2**27
+"""Caps on what a card may make :func:`rebuild_policy` allocate, checked before anything is built: 64 hidden
+layers per network; 65,536 units per layer, features extractor output, action or Discrete size; about 134M
+weights over the policy's networks (512 MiB of float32; the estimate counts every layer of the MLPs, from
+the flat observation to the actions). Trained runs stay far below (SB3's default MLP: about 10k weights,
+NatureCNN on Atari frames: about 2M); without the caps a few bytes of a hostile card could exhaust memory."""
+
+
+# ---------------------------------------------------------------------------------------- card checks
+_MISSING: Any = object()
+_JSON_TYPES = {
+    dict: "a mapping",
+    list: "a list",
+    str: "a string",
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    type(None): "null",
+}
+
+
+def _fail(field: str, problem: str) -> NoReturn:
+    raise ArtifactError(f"{field}: {problem}; {CARD_FIX}")
+
+
+def _show(value: Any) -> str:
+    """A short one-line repr of a value read from a card or weights file."""
+    return reprlib.repr(value)
+
+
+def _join(field: str, key: str | int) -> str:
+    """``field.key``, a long or unprintable key as a short repr (messages stay one line)."""
+    text = str(key)
+    return f"{field}.{text if text.isprintable() and len(text) <= 40 else _show(text)}"
+
+
+def _expect(field: str, value: Any, *kinds: type) -> Any:
+    """``value`` if it has one of the JSON types ``kinds`` (``true`` is no number), else an :class:`ArtifactError`."""
+    if value is _MISSING:
+        _fail(field, "missing")
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        _fail(field, f"{_show(value)} is not {' or '.join(_JSON_TYPES[kind] for kind in kinds)}")
+    return value
+
+
+def _get(field: str, data: Mapping[str, Any], key: str, *kinds: type) -> Any:
+    """``data[key]`` checked by :func:`_expect`."""
+    return _expect(_join(field, key), data.get(key, _MISSING), *kinds)
+
+
+def _int(field: str, value: Any, low: int | None = None, high: int | None = None, what: str = "an integer") -> int:
+    """``value`` if it is an integer in ``low..high`` (``high`` open when ``None``; no bounds without ``low``)."""
+    if value is _MISSING:
+        _fail(field, "missing")
+    if type(value) is not int or (low is not None and value < low) or (high is not None and value > high):
+        bounds = "" if low is None else f" in {low}..{high}" if high is not None else f" >= {low}"
+        _fail(field, f"{_show(value)} is not {what}{bounds}")
+    return value
+
+
+def _number(field: str, value: Any) -> float:
+    """``value`` as a float if it is a finite number (an integer too large for a float is not)."""
+    if type(value) not in (int, float) or not abs(value) < 1e300:  # also false for NaN
+        _fail(field, f"{_show(value)} is not a finite number")
+    return float(value)
+
+
+def _ints(
+    field: str, value: Any, low: int | None, high: int | None, length: range, what: str = "an integer"
+) -> list[int]:
+    """A list of :func:`_int` whose length is in ``length``."""
+    items = _expect(field, value, list)
+    if len(items) not in length:
+        _fail(field, f"{len(items)} entries, expected {length.start} to {length.stop - 1}")
+    return [_int(_join(field, i), item, low, high, what) for i, item in enumerate(items)]
+
+
+def _choice(field: str, name: Any, options: Mapping[str, Any], what: str = "class") -> Any:
+    """``options[name]``; a name outside the closed list raises (nothing is ever imported by name)."""
+    if not isinstance(name, str) or name not in options:
+        _fail(field, f"unknown {what} {_show(name)} (known: {', '.join(options)})")
+    return options[name]
+
+
+def card_entry(path: Path, card: Mapping[str, Any], key: str, *kinds: type) -> Any:
+    """``card[key]`` checked to be one of the JSON types ``kinds``; missing or otherwise raises :class:`ArtifactError`."""
+    return _expect(f"{path}: {key}", card.get(key, _MISSING), *kinds)
 
 
 # --------------------------------------------------------------------------------------- atomic writes
@@ -103,27 +204,95 @@ def space_to_json(space: spaces.Space) -> dict[str, Any]:
     )
 
 
-def space_from_json(data: dict[str, Any]) -> spaces.Space:
-    """The space :func:`space_to_json` described; anything else raises :class:`ArtifactError`."""
+_BOUND_NAMES = ("inf", "-inf", "nan")
+_OFFSETS = (-(2**31), 2**31 - 1)
+"""The range of Discrete and MultiDiscrete ``start`` offsets (int32)."""
+
+
+def _dtype(field: str, name: str) -> np.dtype:
+    """The numpy dtype ``name`` if it is a bool, integer or float type (what a Box takes)."""
     try:
-        kind = data["type"]
-        if kind == "Box":
-            dtype = np.dtype(data["dtype"])
-            shape = tuple(data["shape"])
-            low = np.asarray(data["low"], dtype=dtype).reshape(shape)
-            high = np.asarray(data["high"], dtype=dtype).reshape(shape)
-            return spaces.Box(low, high, shape=shape, dtype=dtype)
-        if kind == "Discrete":
-            return spaces.Discrete(int(data["n"]), start=int(data["start"]))
-        if kind == "MultiDiscrete":
-            return spaces.MultiDiscrete(data["nvec"], start=data["start"])
-        if kind == "MultiBinary":
-            return spaces.MultiBinary(data["n"])
-        if kind == "Dict":
-            return spaces.Dict({k: space_from_json(v) for k, v in data["spaces"].items()})
-    except (KeyError, TypeError, ValueError) as err:
-        raise ArtifactError(f"card.json: policy space is malformed ({err}); {RETRAIN}") from None
-    raise ArtifactError(f"card.json: unknown policy space type {kind!r}; {RETRAIN}")
+        dtype = np.dtype(name)
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype is None or dtype.kind not in "biuf":
+        _fail(field, f"{_show(name)} is not a numpy bool, integer or float dtype")
+    return dtype
+
+
+def _bounds(field: str, value: Any, size: int, dtype: np.dtype) -> np.ndarray:
+    """A Box bound: a flat list of ``size`` numbers (``inf``, ``-inf``, ``nan`` as strings), as an array."""
+    items = _expect(field, value, list)
+    if len(items) != size:
+        _fail(field, f"{len(items)} entries for a shape of {size} elements")
+    for i, item in enumerate(items):
+        if not (type(item) is float or (type(item) is int and abs(item) < 2**64) or item in _BOUND_NAMES):
+            _fail(_join(field, i), f"{_show(item)} is not a number, 'inf', '-inf' or 'nan'")
+    bounds = np.asarray(items, dtype=np.float64)
+    return bounds.astype(dtype) if dtype.kind == "f" else bounds  # gymnasium range-checks integer bounds
+
+
+def _box(field: str, data: Mapping[str, Any]) -> spaces.Box:
+    """A Box: ``dtype``, ``shape`` (1 to 31 axes) and flat ``low`` and ``high`` lists."""
+    dtype = _dtype(_join(field, "dtype"), _get(field, data, "dtype", str))
+    shape = tuple(_ints(_join(field, "shape"), data.get("shape", _MISSING), 1, None, range(1, 32), "a size"))
+    low, high = (
+        _bounds(_join(field, key), data.get(key, _MISSING), math.prod(shape), dtype) for key in ("low", "high")
+    )
+    try:
+        return spaces.Box(low.reshape(shape), high.reshape(shape), shape, dtype)
+    except ValueError as err:  # gymnasium's checks of the bounds against each other and the dtype
+        _fail(field, str(err).partition(",")[0])
+
+
+def _discrete(field: str, data: Mapping[str, Any]) -> spaces.Discrete:
+    """A Discrete space: ``n`` in 1..:data:`MAX_UNITS` and a ``start`` offset."""
+    n = _int(_join(field, "n"), data.get("n", _MISSING), 1, MAX_UNITS)
+    return spaces.Discrete(n, start=_int(_join(field, "start"), data.get("start", _MISSING), *_OFFSETS))
+
+
+def _multi_discrete(field: str, data: Mapping[str, Any]) -> spaces.MultiDiscrete:
+    """A MultiDiscrete space: a flat ``nvec`` (SB3 takes no other) and as many ``start`` offsets."""
+    nvec = _ints(_join(field, "nvec"), data.get("nvec", _MISSING), 1, MAX_UNITS, range(1, MAX_UNITS + 1))
+    start = _ints(_join(field, "start"), data.get("start", _MISSING), *_OFFSETS, range(len(nvec), len(nvec) + 1))
+    return spaces.MultiDiscrete(nvec, start=start)
+
+
+def _multi_binary(field: str, data: Mapping[str, Any]) -> spaces.MultiBinary:
+    """A MultiBinary space: ``n`` a size or a list of sizes."""
+    n = data.get("n", _MISSING)
+    shape = _ints(_join(field, "n"), n, 1, MAX_UNITS, range(1, 32)) if isinstance(n, list) else None
+    return spaces.MultiBinary(shape or _int(_join(field, "n"), n, 1, MAX_UNITS))
+
+
+def _dict(field: str, data: Mapping[str, Any]) -> spaces.Dict:
+    """A Dict space: a non-empty mapping of names to non-Dict spaces."""
+    field = _join(field, "spaces")
+    entries = _expect(field, data.get("spaces", _MISSING), dict)
+    if not entries:
+        _fail(field, "no entries")
+    out = {}
+    for key, entry in entries.items():
+        if isinstance(entry, dict) and entry.get("type") == "Dict":
+            _fail(_join(field, key), "a nested Dict space, which SB3 policies do not take")
+        out[key] = space_from_json(entry, _join(field, key))
+    return spaces.Dict(out)
+
+
+_SPACE_READERS: dict[str, Callable[[str, Mapping[str, Any]], spaces.Space]] = {
+    "Box": _box,
+    "Discrete": _discrete,
+    "MultiDiscrete": _multi_discrete,
+    "MultiBinary": _multi_binary,
+    "Dict": _dict,
+}
+
+
+def space_from_json(data: Any, field: str = "space") -> spaces.Space:
+    """The space :func:`space_to_json` described; anything else raises :class:`ArtifactError` naming ``field``."""
+    data = _expect(field, data, dict)
+    read = _choice(_join(field, "type"), _get(field, data, "type", str), _SPACE_READERS, "space type")
+    return read(field, data)
 
 
 # --------------------------------------------------------------------------------------------- policy
@@ -165,21 +334,123 @@ def describe_policy(policy: BasePolicy) -> dict[str, Any]:
     }
 
 
-def rebuild_policy(description: dict[str, Any]) -> BasePolicy:
-    """A fresh policy (random weights) from :func:`describe_policy`'s output; bad cards raise :class:`ArtifactError`."""
-    try:
-        cls = POLICIES[description["class"]]
-        kwargs = {k: CLASSES[v] if k in CLASS_KEYS else v for k, v in dict(description.get("kwargs") or {}).items()}
-        observation_space = space_from_json(description["observation_space"])
-        action_space = space_from_json(description["action_space"])
-    except (KeyError, TypeError) as err:
-        raise ArtifactError(
-            f"card.json: policy entry is incomplete or names an unknown class ({err}); {RETRAIN}"
-        ) from None
+_FLAGS: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(("normalize_images", "ortho_init", "use_sde", "share_features_extractor"), (bool,)),
+    **dict.fromkeys(("full_std", "use_expln", "squash_output"), (bool, type(None))),  # the card records null there
+}
+_EXTRACTOR_SIZES = ("features_dim", "cnn_output_dim")
+_CLASS_KINDS: dict[str, dict[str, type]] = {
+    "activation_fn": {
+        k: c for k, c in CLASSES.items() if issubclass(c, torch.nn.Module) and not issubclass(c, BaseFeaturesExtractor)
+    },
+    "optimizer_class": {k: c for k, c in CLASSES.items() if issubclass(c, torch.optim.Optimizer)},
+    "features_extractor_class": {k: c for k, c in CLASSES.items() if issubclass(c, BaseFeaturesExtractor)},
+}
+"""The classes each class-valued policy kwarg may name."""
+
+
+def _policy_kwargs(field: str, cls: type[BasePolicy], value: Any) -> dict[str, Any]:
+    """``cls``'s constructor kwargs as the card records them, classes resolved (the extractor's default included)."""
+    kwargs = dict(_expect(field, value, dict, type(None)) or {})
+    params = inspect.signature(cls).parameters
+    for key, item in list(kwargs.items()):
+        where = _join(field, key)
+        if key not in params or key in _SKIPPED_KWARGS:
+            _fail(where, f"not a parameter of {cls.__name__}")
+        if key in _FLAGS:
+            _expect(where, item, *_FLAGS[key])
+        elif key == "log_std_init":
+            kwargs[key] = _number(where, item)
+        elif key == "optimizer_kwargs":
+            _expect(where, item, dict, type(None))
+        elif key in _CLASS_KINDS:
+            kwargs[key] = _choice(where, item, _CLASS_KINDS[key])
+    extractor = kwargs.setdefault("features_extractor_class", params["features_extractor_class"].default)
+    where = _join(field, "features_extractor_kwargs")
+    kwargs["features_extractor_kwargs"] = _extractor_kwargs(where, extractor, kwargs.get("features_extractor_kwargs"))
+    return kwargs
+
+
+def _extractor_kwargs(field: str, extractor: type, value: Any) -> dict[str, Any]:
+    """``features_extractor_kwargs``: parameters of ``extractor``, its output sizes capped at :data:`MAX_UNITS`."""
+    kwargs = _expect(field, value, dict, type(None)) or {}
+    params = inspect.signature(extractor).parameters
+    for key, item in kwargs.items():
+        where = _join(field, key)
+        if key not in params or key == "observation_space":
+            _fail(where, f"not a parameter of {extractor.__name__}")
+        if key in _EXTRACTOR_SIZES:
+            _int(where, item, 1, MAX_UNITS)
+        else:
+            _expect(where, item, bool)
+    return kwargs
+
+
+def _layers(field: str, value: Any) -> list[int]:
+    """The layer sizes of one network: at most :data:`MAX_LAYERS`, each in 1..:data:`MAX_UNITS`."""
+    return _ints(field, value, 1, MAX_UNITS, range(MAX_LAYERS + 1), "a layer size")
+
+
+def _networks(field: str, value: Any, cls: type[BasePolicy]) -> list[list[int]]:
+    """The hidden layer sizes of the two MLPs ``net_arch`` builds (actor and critic, or Q and target Q)."""
+    if value is None:
+        return [[64, 64]] * 2  # SB3's default
+    if isinstance(value, dict) and not issubclass(cls, DQNPolicy):
+        for key in value:
+            if key not in ("pi", "vf"):
+                _fail(_join(field, key), "not a network of net_arch (pi, vf)")
+        return [_layers(_join(field, key), value.get(key, [])) for key in ("pi", "vf")]
+    return [_layers(field, value)] * 2
+
+
+def _check_size(
+    field: str, cls: type[BasePolicy], observation: spaces.Space, action: spaces.Space, kwargs: dict[str, Any]
+) -> None:
+    """Refuse a policy whose MLPs hold more than :data:`MAX_WEIGHTS` weights, counted from the flat observation
+    through the extractor's features and the hidden layers to the actions (an over-estimate for CNN extractors)."""
+    networks = _networks(_join(field, "kwargs.net_arch"), kwargs.get("net_arch"), cls)
+    params = inspect.signature(kwargs["features_extractor_class"]).parameters
+    features = [kwargs["features_extractor_kwargs"].get(k, params[k].default) for k in _EXTRACTOR_SIZES if k in params]
+    chains = [[spaces.flatdim(observation), *features, *layers, spaces.flatdim(action)] for layers in networks]
+    weights = sum(a * b for chain in chains for a, b in pairwise(chain))
+    if weights > MAX_WEIGHTS:
+        _fail(field, f"about {weights:,} weights, more than the cap of {MAX_WEIGHTS:,} (artifacts.MAX_WEIGHTS)")
+
+
+def _read_policy(field: str, data: Any) -> tuple[type[BasePolicy], spaces.Space, spaces.Space, dict[str, Any]]:
+    """The class, spaces and constructor kwargs a card's ``policy`` entry describes, checked before anything is built."""
+    data = _expect(field, data, dict)
+    cls = _choice(_join(field, "class"), _get(field, data, "class", str), POLICIES)
+    observation = space_from_json(data.get("observation_space", _MISSING), _join(field, "observation_space"))
+    action = space_from_json(data.get("action_space", _MISSING), _join(field, "action_space"))
+    if isinstance(action, spaces.Dict) or (issubclass(cls, DQNPolicy) and not isinstance(action, spaces.Discrete)):
+        _fail(_join(field, "action_space"), f"{cls.__name__} cannot act in a {type(action).__name__} space")
+    kwargs = _policy_kwargs(_join(field, "kwargs"), cls, data.get("kwargs"))
+    extractor = kwargs["features_extractor_class"]
+    if issubclass(extractor, CombinedExtractor) != isinstance(observation, spaces.Dict):
+        where = _join(field, "kwargs.features_extractor_class")
+        _fail(where, f"{extractor.__name__} does not take a {type(observation).__name__} observation space")
+    _check_size(field, cls, observation, action, kwargs)
+    return cls, observation, action, kwargs
+
+
+def rebuild_policy(description: Any, source: str | Path = CARD) -> BasePolicy:
+    """A fresh policy (random weights) from :func:`describe_policy`'s output.
+
+    :param description: a card's ``policy`` entry; anything malformed raises :class:`ArtifactError` naming the field.
+    :param source: the card it comes from, named in errors.
+    """
+    cls, observation_space, action_space, kwargs = _read_policy(f"{source}: policy", description)
     try:
         return cls(observation_space, action_space, lambda _: 0.0, **kwargs)
-    except (TypeError, ValueError, AssertionError) as err:
-        raise ArtifactError(f"card.json: cannot rebuild the {cls.__name__} ({err}); {RETRAIN}") from None
+    except (TypeError, ValueError, AssertionError, RuntimeError) as err:
+        # _read_policy checked the structure, types and sizes; SB3, torch and the optimizer check what is left
+        # (optimizer_kwargs values, a NatureCNN on a non-image space or on images smaller than its kernels)
+        # and report it with these
+        problem = textwrap.shorten(str(err), 200, placeholder=" ...")
+        raise ArtifactError(
+            f"{source}: policy: SB3 cannot build the {cls.__name__} it describes ({problem}); {CARD_FIX}"
+        ) from None
 
 
 def save_weights(policy: BasePolicy, path: Path) -> None:
@@ -203,11 +474,13 @@ def versions() -> dict[str, str]:
 def read_card(run_dir: str | Path) -> dict[str, Any]:
     """The ``card.json`` of a finished run; a missing or unreadable card raises :class:`ArtifactError`."""
     path = Path(run_dir) / CARD
+    if path.exists() and not path.is_file():
+        raise ArtifactError(f"{path}: not a regular file; {RETRAIN}")
     if not path.is_file():
         raise ArtifactError(f"{run_dir}: no {CARD}; pass the directory of a finished run (rlbd train writes it last)")
     try:
         card = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: JSON nested too deep
         raise ArtifactError(f"{path}: unreadable ({err}); {RETRAIN}") from None
     if not isinstance(card, dict):
         raise ArtifactError(f"{path}: expected a JSON object; {RETRAIN}")
@@ -229,9 +502,7 @@ def load_policy(run_dir: str | Path) -> tuple[BasePolicy, dict[str, Any]]:
     """
     card = read_card(run_dir)
     check_card_code(Path(run_dir) / CARD, card)
-    if not isinstance(card.get("policy"), dict):
-        raise ArtifactError(f"{run_dir}/{CARD}: no 'policy' entry to rebuild from; {RETRAIN}")
-    policy = rebuild_policy(card["policy"])
+    policy = rebuild_policy(card.get("policy", _MISSING), Path(run_dir) / CARD)
     path = Path(run_dir) / WEIGHTS
     if not path.is_file():
         raise ArtifactError(f"{path}: missing; {RETRAIN}")
@@ -239,18 +510,28 @@ def load_policy(run_dir: str | Path) -> tuple[BasePolicy, dict[str, Any]]:
         state = load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
         raise ArtifactError(f"{path}: corrupt safetensors file ({err}); {RETRAIN}") from None
+    misfit = _misfit(state, policy.state_dict())
+    if misfit:
+        raise ArtifactError(f"{path}: weights do not fit the policy in {CARD} ({misfit}); {RETRAIN}")
     broken = [name for name, tensor in state.items() if not tensor.isfinite().all()]
     if broken:
         raise ArtifactError(f"{path}: weights {broken[0]} hold NaN or inf; {RETRAIN}")
-    try:
-        policy.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        raise ArtifactError(
-            f"{path}: weights do not fit the policy in the card ({first[-1].strip()}); {RETRAIN}"
-        ) from None
+    policy.load_state_dict(state, strict=True)
     policy.set_training_mode(False)
     return policy, card
+
+
+def _misfit(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str | None:
+    """How the tensors of a weights file differ from the policy's (names, shapes, dtypes), or ``None``."""
+    missing, extra = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or extra:
+        first = f"no tensor {missing[0]}" if missing else f"unexpected tensor {_show(extra[0])}"
+        return f"{first}; {len(missing)} missing, {len(extra)} unexpected"
+    for name, tensor in expected.items():
+        got = state[name]
+        if got.shape != tensor.shape or got.dtype != tensor.dtype:
+            return f"{name} is {list(got.shape)} {got.dtype}, the policy needs {list(tensor.shape)} {tensor.dtype}"
+    return None
 
 
 TRUSTED_MODULES = ("gymnasium", "minigrid", "pettingzoo", "mpe2", "rlbackdoor")
@@ -261,7 +542,7 @@ imports nothing else, since a hostile card could name any callable."""
 def check_card_code(path: Path, card: dict[str, Any]) -> None:
     """Refuse a card whose env ids or base wrappers would import a module outside :data:`TRUSTED_MODULES`."""
     attack = card.get("attack") if isinstance(card.get("attack"), dict) else {}
-    wrappers = attack.get("base_wrappers") or []
+    wrappers = _expect(f"{path}: attack.base_wrappers", attack.get("base_wrappers") or [], list)
     names = [("env", card.get("env")), ("attack.base", attack.get("base"))]
     names += [
         (f"attack.base_wrappers.{i}", w.get("name") if isinstance(w, dict) else w) for i, w in enumerate(wrappers)
@@ -272,6 +553,6 @@ def check_card_code(path: Path, card: dict[str, Any]) -> None:
         module = str(name).partition(":")[0] if ":" in str(name) else ""
         if module and module.split(".")[0] not in TRUSTED_MODULES:
             raise ArtifactError(
-                f"{path}: {field} '{name}' would import module '{module}', which loading a run for analysis never does "
+                f"{path}: {field} {_show(name)} would import module {_show(module)}, which loading a run for analysis never does "
                 f"(trusted: {', '.join(TRUSTED_MODULES)}); rebuild the env yourself if you trust this run"
             )
