@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -23,6 +24,7 @@ from rlbackdoor.errors import ArtifactError, SpecError
 from rlbackdoor.specs import ExperimentSpec, parse
 from rlbackdoor.training.artifacts import describe_policy, load_policy, read_card, space_from_json, space_to_json
 from rlbackdoor.training.loop import train
+from rlbackdoor.trajectories import collect
 
 ALGOS = {"ppo": PPO, "a2c": A2C, "dqn": DQN}
 HYPER = {
@@ -211,7 +213,14 @@ def test_a_card_naming_code_outside_the_trusted_packages_runs_nothing(copy_run: 
     marker = tmp_path / "pwned"
     hostile = {"name": "pydoc:pipepager", "kwargs": {"cmd": f"touch {marker}"}}
     edit_card(copy_run, lambda c: c["attack"].update(base_wrappers=[hostile]))
-    for argv in (["eval", str(copy_run)], ["detect", str(copy_run), "-d", "probe"], ["sanitize", str(copy_run)]):
+    steps = collect(gym.make("CartPole-v1"), None, 20, seed=0).save(tmp_path / "steps.npz")
+    inputs = ["detect", str(copy_run), "-d", "bands", "--inputs", str(steps)]
+    for argv in (
+        ["eval", str(copy_run)],
+        ["detect", str(copy_run), "-d", "probe"],
+        inputs,
+        ["sanitize", str(copy_run)],
+    ):
         assert main([*argv, "--wandb-mode", "disabled"]) == 2
         err = capsys.readouterr().err.strip()
         assert (

@@ -276,7 +276,10 @@ def _check_steps(path: str | Path, steps: Trajectories, run: Path, card: dict[st
     """Steps to score come from the run's clean env (when the file names its env) and have its observations."""
     from rlbackdoor.evaluation.envs import run_env
     from rlbackdoor.evaluation.evaluate import clean_env_id
+    from rlbackdoor.training.artifacts import CARD, card_entry, check_card_code
 
+    check_card_code(run / CARD, card)  # before making the run's env: a hostile card may name any module
+    card_entry(run / CARD, card, "env", str)
     ours = clean_env_id(card)
     if steps.env and clean_env_id({"env": steps.env}) != ours:
         raise SpecError(f"--inputs {path}: steps of {steps.env}, but {run} is a run of {ours}; record steps of {ours}")
