@@ -259,9 +259,10 @@ def _train_one(experiment: dict[str, Any], run_dir: str, wandb_mode: str | None)
 
 
 def _check_previous(root: Path, config: dict[str, Any]) -> None:
-    """Let ``build_zoo`` go on in ``root``: a zoo of another config is refused, unless no agent of it finished
-    (an attempt that failed or was stopped first), which is started over."""
+    """Let ``build_zoo`` go on in ``root``: a zoo of another config is refused, unless it holds nothing to keep (no
+    agent finished, none interrupted with a checkpoint: an attempt that failed first), which is started over."""
     from rlbackdoor.training.artifacts import CARD
+    from rlbackdoor.training.checkpoints import FOLDER, STATE
 
     if not (root / MANIFEST).is_file():
         return
@@ -271,12 +272,14 @@ def _check_previous(root: Path, config: dict[str, Any]) -> None:
         previous = None
     if isinstance(previous, dict) and previous.get("config") == config:
         return
-    unfinished = isinstance(previous, dict) and "config" in previous and previous.get("agents") == []
-    if not unfinished or any(root.glob(f"agents/*/{CARD}")):
+    ours = isinstance(previous, dict) and "config" in previous and previous.get("agents") == []
+    finished, interrupted = (len(list(root.glob(f"agents/*/{part}"))) for part in (CARD, f"{FOLDER}/*/{STATE}"))
+    if not ours or finished or interrupted:
         raise ArtifactError(
-            f"{root}: the zoo was built from another config; resume it with that config or use a new --out"
+            f"{root}: the zoo was built from another config ({finished} agents finished, {interrupted} interrupted); "
+            "resume it with that config or use a new --out"
         )
-    shutil.rmtree(root / "agents", ignore_errors=True)  # checkpoints of the other config, never resumable
+    shutil.rmtree(root / "agents", ignore_errors=True)  # nothing to keep: no finished agent and no checkpoint
 
 
 def build_zoo(
@@ -301,6 +304,7 @@ def build_zoo(
     :raises ArtifactError: an agent failed to train (after the agents still training have finished).
     """
     from rlbackdoor.training.artifacts import CARD
+    from rlbackdoor.training.loop import check_trainable
 
     root = Path(out)
     runs = experiments(spec)
@@ -312,12 +316,17 @@ def build_zoo(
     ]
     extra = {"name": spec.name, "config": spec.model_dump(mode="json")}
     _check_previous(root, extra["config"])
+    todo = [i for i, a in enumerate(agents) if not (a.path / CARD).is_file()]
+    for i in sorted({i % 2: i for i in reversed(todo)}.values()):  # the first unfinished clean and backdoored agents
+        try:
+            check_trainable(runs[i])
+        except RlbdError as err:
+            raise type(err)(f"zoo {spec.name}: agent {names[i]}: {err}") from None
     root.mkdir(parents=True, exist_ok=True)
 
     def finished() -> list[ZooAgent]:
         return [a for a in agents if (a.path / CARD).is_file()]
 
-    todo = [i for i, a in enumerate(agents) if not (a.path / CARD).is_file()]
     write_manifest(root, finished(), extra)
     failure: tuple[str, BaseException] | None = None
     if todo:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -136,21 +137,35 @@ def test_rlbd_zoo_trains_writes_the_manifest_and_resumes(tmp_path: Path) -> None
     assert main([*argv, "--set", "timesteps=512"]) == 2  # never mixes agents of two configs
 
 
-def test_a_zoo_that_finished_no_agent_reruns_into_the_same_out_with_a_fixed_config(tmp_path: Path, capsys) -> None:
+def test_a_zoo_of_an_untrainable_config_fails_before_writing_anything(tmp_path: Path, capsys) -> None:
     broken = {**TINY, "hyperparams": {**TINY["hyperparams"], "policy_kwargs": {"net_arch": [-1]}}}
     out = tmp_path / "zoo"
-    argv = ["--out", str(out), "--wandb-mode", "disabled"]
-    assert main(["zoo", str(write(tmp_path, broken, "broken.yaml")), *argv]) == 2  # one worker: agent 0 fails first
+    assert (
+        main(["zoo", str(write(tmp_path, broken, "broken.yaml")), "--out", str(out), "--wandb-mode", "disabled"]) == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "Traceback" not in err
-    assert "zoo tiny: agent 0-clean failed to train (RuntimeError: " in err and f"rerun into {out}" in err
-    assert json.loads((out / "manifest.json").read_text())["agents"] == []
-    partial = out / "agents" / "1-backdoored" / "checkpoints" / "000128"  # an interrupted agent of that config
-    partial.mkdir(parents=True)
-    (partial / "state.json").write_text("{}")
-    assert main(["zoo", str(write(tmp_path, TINY)), *argv, "--workers", "2"]) == 0
+    assert "zoo tiny: agent 0-clean: hyperparams: SB3 PPO rejects the run (Trying to create tensor" in err
+    assert not out.exists()
+
+
+def test_a_zoo_that_kept_nothing_reruns_with_another_config_and_one_that_kept_something_does_not(
+    tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "zoo"
+    other = load_zoo(write(tmp_path, {**TINY, "timesteps": 512}, "other.yaml"))
+    interrupted = out / "agents" / "1-backdoored" / "checkpoints" / "000128"  # an agent of that config, resumable
+    interrupted.mkdir(parents=True)
+    write_manifest(out, [], {"name": "tiny", "config": other.model_dump(mode="json")})  # a first attempt that failed
+    (interrupted / "state.json").write_text("{}")
+    argv = ["zoo", str(write(tmp_path, TINY)), "--out", str(out), "--wandb-mode", "disabled"]
+    assert main(argv) == 2
+    assert "another config (0 agents finished, 1 interrupted); resume it with that config" in capsys.readouterr().err
+    assert (interrupted / "state.json").is_file()
+    shutil.rmtree(interrupted)  # nothing left to keep: the rerun starts over
+    assert main([*argv, "--workers", "2"]) == 0
     assert [a.backdoored for a in read_manifest(out)] == [False, True]
-    assert read_card(out / "agents" / "1-backdoored")["config"]["hyperparams"]["policy_kwargs"]["net_arch"] == [16]
+    assert read_card(out / "agents" / "1-backdoored")["config"]["timesteps"] == TINY["timesteps"]
 
 
 def test_bad_out_paths_fail_before_training(tmp_path: Path, capsys) -> None:

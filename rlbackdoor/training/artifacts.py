@@ -63,10 +63,11 @@ PACKAGES = ("rlbackdoor", "stable-baselines3", "gymnasium", "torch", "numpy", "m
 CARD_FIX = f"{RETRAIN}, or fix {CARD}"
 MAX_LAYERS, MAX_UNITS, MAX_WEIGHTS = 64, 65_536, 2**27
 """Caps on what a card may make :func:`rebuild_policy` allocate, checked before anything is built: 64 hidden
-layers per network; 65,536 units per layer, features extractor output, action or Discrete size; about 134M
-weights over the policy's networks (512 MiB of float32; the estimate counts every layer of the MLPs, from
-the flat observation to the actions). Trained runs stay far below (SB3's default MLP: about 10k weights,
-NatureCNN on Atari frames: about 2M); without the caps a few bytes of a hostile card could exhaust memory."""
+layers per network; 65,536 units per layer or features extractor output, and entries per MultiDiscrete; about
+134M weights over the policy's networks (512 MiB of float32; the estimate counts every layer of the MLPs, from
+the flat observation to the actions, so it also bounds Discrete and MultiBinary sizes). Trained runs stay far
+below (SB3's default MLP: about 10k weights, NatureCNN on Atari frames: about 2M), and training refuses a policy
+beyond them (:func:`describe_policy`); without the caps a few bytes of a hostile card could exhaust memory."""
 
 
 # ---------------------------------------------------------------------------------------- card checks
@@ -82,8 +83,20 @@ _JSON_TYPES = {
 }
 
 
+class CardError(ArtifactError):
+    """A field of a card that fails its check (the message adds the fix).
+
+    :param field: the field's path, prefixed with the card file.
+    :param problem: what is wrong with it.
+    """
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}; {CARD_FIX}")
+        self.field, self.problem = field, problem
+
+
 def _fail(field: str, problem: str) -> NoReturn:
-    raise ArtifactError(f"{field}: {problem}; {CARD_FIX}")
+    raise CardError(field, problem)
 
 
 def _show(value: Any) -> str:
@@ -177,7 +190,10 @@ def save_model(model: BaseAlgorithm, path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- spaces
 def _finite_or_name(values: np.ndarray) -> list[Any]:
-    """Bounds as JSON: non-finite entries as the strings ``inf``, ``-inf``, ``nan`` (numpy parses them back)."""
+    """Bounds as JSON: integers as they are; floats with non-finite entries as the strings ``inf``, ``-inf``, ``nan``
+    (numpy parses them back)."""
+    if values.dtype.kind != "f":
+        return values.reshape(-1).tolist()
     return [v if np.isfinite(v) else str(v) for v in values.astype(np.float64).reshape(-1).tolist()]
 
 
@@ -221,21 +237,27 @@ def _dtype(field: str, name: str) -> np.dtype:
 
 
 def _bounds(field: str, value: Any, size: int, dtype: np.dtype) -> np.ndarray:
-    """A Box bound: a flat list of ``size`` numbers (``inf``, ``-inf``, ``nan`` as strings), as an array."""
+    """A Box bound: a flat list of ``size`` entries, as an array of ``dtype``: integers within its range for integer
+    dtypes, else numbers (``inf``, ``-inf``, ``nan`` as strings)."""
     items = _expect(field, value, list)
     if len(items) != size:
         _fail(field, f"{len(items)} entries for a shape of {size} elements")
+    if dtype.kind == "f":
+        for i, item in enumerate(items):
+            if not (type(item) in (int, float) or item in _BOUND_NAMES) or (type(item) is int and abs(item) >= 2**64):
+                _fail(_join(field, i), f"{_show(item)} is not a number, 'inf', '-inf' or 'nan'")
+        return np.asarray(items, dtype=np.float64).astype(dtype)
+    kind, low, high = (bool, 0, 1) if dtype.kind == "b" else (int, np.iinfo(dtype).min, np.iinfo(dtype).max)
     for i, item in enumerate(items):
-        if not (type(item) is float or (type(item) is int and abs(item) < 2**64) or item in _BOUND_NAMES):
-            _fail(_join(field, i), f"{_show(item)} is not a number, 'inf', '-inf' or 'nan'")
-    bounds = np.asarray(items, dtype=np.float64)
-    return bounds.astype(dtype) if dtype.kind == "f" else bounds  # gymnasium range-checks integer bounds
+        if type(item) is not kind or not low <= item <= high:
+            _fail(_join(field, i), f"{_show(item)} is not a {dtype} value")
+    return np.asarray(items, dtype=dtype)
 
 
 def _box(field: str, data: Mapping[str, Any]) -> spaces.Box:
-    """A Box: ``dtype``, ``shape`` (1 to 31 axes) and flat ``low`` and ``high`` lists."""
+    """A Box: ``dtype``, ``shape`` (up to 31 axes) and flat ``low`` and ``high`` lists."""
     dtype = _dtype(_join(field, "dtype"), _get(field, data, "dtype", str))
-    shape = tuple(_ints(_join(field, "shape"), data.get("shape", _MISSING), 1, None, range(1, 32), "a size"))
+    shape = tuple(_ints(_join(field, "shape"), data.get("shape", _MISSING), 1, None, range(32), "a size"))
     low, high = (
         _bounds(_join(field, key), data.get(key, _MISSING), math.prod(shape), dtype) for key in ("low", "high")
     )
@@ -246,14 +268,14 @@ def _box(field: str, data: Mapping[str, Any]) -> spaces.Box:
 
 
 def _discrete(field: str, data: Mapping[str, Any]) -> spaces.Discrete:
-    """A Discrete space: ``n`` in 1..:data:`MAX_UNITS` and a ``start`` offset."""
-    n = _int(_join(field, "n"), data.get("n", _MISSING), 1, MAX_UNITS)
+    """A Discrete space: ``n`` >= 1 (the policy's size cap bounds it) and a ``start`` offset."""
+    n = _int(_join(field, "n"), data.get("n", _MISSING), 1)
     return spaces.Discrete(n, start=_int(_join(field, "start"), data.get("start", _MISSING), *_OFFSETS))
 
 
 def _multi_discrete(field: str, data: Mapping[str, Any]) -> spaces.MultiDiscrete:
     """A MultiDiscrete space: a flat ``nvec`` (SB3 takes no other) and as many ``start`` offsets."""
-    nvec = _ints(_join(field, "nvec"), data.get("nvec", _MISSING), 1, MAX_UNITS, range(1, MAX_UNITS + 1))
+    nvec = _ints(_join(field, "nvec"), data.get("nvec", _MISSING), 1, None, range(1, MAX_UNITS + 1))
     start = _ints(_join(field, "start"), data.get("start", _MISSING), *_OFFSETS, range(len(nvec), len(nvec) + 1))
     return spaces.MultiDiscrete(nvec, start=start)
 
@@ -261,8 +283,8 @@ def _multi_discrete(field: str, data: Mapping[str, Any]) -> spaces.MultiDiscrete
 def _multi_binary(field: str, data: Mapping[str, Any]) -> spaces.MultiBinary:
     """A MultiBinary space: ``n`` a size or a list of sizes."""
     n = data.get("n", _MISSING)
-    shape = _ints(_join(field, "n"), n, 1, MAX_UNITS, range(1, 32)) if isinstance(n, list) else None
-    return spaces.MultiBinary(shape or _int(_join(field, "n"), n, 1, MAX_UNITS))
+    shape = _ints(_join(field, "n"), n, 1, None, range(1, 32)) if isinstance(n, list) else None
+    return spaces.MultiBinary(shape or _int(_join(field, "n"), n, 1))
 
 
 def _dict(field: str, data: Mapping[str, Any]) -> spaces.Dict:
@@ -326,12 +348,20 @@ def describe_policy(policy: BasePolicy) -> dict[str, Any]:
     kwargs = {k: _kwarg_to_json(k, v) for k, v in params.items() if k not in _SKIPPED_KWARGS}
     if isinstance(policy, ActorCriticPolicy):
         kwargs["share_features_extractor"] = policy.share_features_extractor
-    return {
+    description = {
         "class": _policy_name(policy),
         "observation_space": space_to_json(policy.observation_space),
         "action_space": space_to_json(policy.action_space),
         "kwargs": kwargs,
     }
+    try:
+        _read_policy("policy", description)  # what trains must load back for analysis
+    except CardError as err:
+        raise SpecError(
+            f"hyperparams: rlbd could not rebuild this policy for analysis ({err.field}: {err.problem}); "
+            "change policy_kwargs"
+        ) from None
+    return description
 
 
 _FLAGS: dict[str, tuple[type, ...]] = {

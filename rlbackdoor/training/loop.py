@@ -80,6 +80,18 @@ def _run_directory(run_dir: Path) -> Iterator[None]:
         raise
 
 
+def check_trainable(spec: ExperimentSpec) -> None:
+    """Build the env and the model of ``spec`` and check its policy can be recorded, as :func:`train` does before
+    it writes anything, and write nothing (e.g. one agent of a zoo, before the zoo starts)."""
+    attack = run_attack(spec)
+    hyperparams = presets.resolve(spec.algo, preset_keys(spec, attack), spec.hyperparams)
+    venv, _ = make_train_env(spec, attack, spec.seed)
+    try:
+        describe_policy(presets.build_model(spec.algo, venv, hyperparams, spec.seed).policy)
+    finally:
+        venv.close()
+
+
 def train(
     spec: ExperimentSpec,
     out: Path | None = None,

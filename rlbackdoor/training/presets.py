@@ -108,17 +108,6 @@ def _schedule(key: str, value: Any) -> Any:
     return value
 
 
-def _check_net_arch(net_arch: Any) -> None:
-    """``policy_kwargs.net_arch``: ``None``, a list of positive layer sizes, or a mapping of network names to such lists."""
-    networks = net_arch.values() if isinstance(net_arch, dict) else [net_arch]
-    for sizes in networks:
-        if sizes is not None and not (isinstance(sizes, list) and all(type(n) is int and n > 0 for n in sizes)):
-            raise SpecError(
-                f"hyperparams: policy_kwargs.net_arch {net_arch!r} is not a list of positive layer sizes "
-                "(or a mapping pi/vf/qf to such lists); write e.g. net_arch: [64, 64]"
-            )
-
-
 def to_sb3(hyperparams: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The SB3 policy name and constructor kwargs a hyperparameter mapping describes."""
     kwargs = {key: _schedule(key, value) for key, value in hyperparams.items() if key != "policy"}
@@ -126,7 +115,6 @@ def to_sb3(hyperparams: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     if policy_kwargs is not None:
         if not isinstance(policy_kwargs, dict):
             raise SpecError("hyperparams: policy_kwargs must be a mapping; write policy_kwargs: {net_arch: [64, 64]}")
-        _check_net_arch(policy_kwargs.get("net_arch"))
         kwargs["policy_kwargs"] = {k: _to_class(k, v) if k in CLASS_KEYS else v for k, v in policy_kwargs.items()}
     return str(hyperparams.get("policy", "MlpPolicy")), kwargs
 
@@ -143,7 +131,7 @@ def build_model(algo: str, env: VecEnv, hyperparams: dict[str, Any], seed: int) 
     _check_types(algo, kwargs)
     try:
         return ALGOS[algo](policy, env, seed=seed, device="cpu", verbose=0, **kwargs)
-    except (TypeError, ValueError, AssertionError, KeyError) as err:
+    except (TypeError, ValueError, AssertionError, KeyError, RuntimeError) as err:  # torch: e.g. a negative layer size
         detail = " ".join(str(err).split()) or type(err).__name__
         raise SpecError(
             f"hyperparams: SB3 {algo.upper()} rejects the run ({detail}); fix that hyperparameter or pick another algo"
