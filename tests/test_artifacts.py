@@ -226,6 +226,9 @@ def test_a_card_naming_code_outside_the_trusted_packages_runs_nothing(copy_run: 
         assert (
             len(err.splitlines()) == 1 and "attack.base_wrappers.0 'pydoc:pipepager' would import module 'pydoc'" in err
         )
+    edit_card(copy_run, lambda c: c.update(attack=None) or c["config"].update(attack={"base_wrappers": [hostile]}))
+    with pytest.raises(ArtifactError, match=r"config\.attack\.base_wrappers\.0 'pydoc:pipepager' would import module"):
+        load_policy(copy_run)
     edit_card(copy_run, lambda c: c.update(env="this:Foo-v0"))
     with pytest.raises(ArtifactError, match="env 'this:Foo-v0' would import module 'this'"):
         load_policy(copy_run)

@@ -215,3 +215,12 @@ def test_a_baseline_must_play_the_runs_clean_env(tmp_path: Path) -> None:
         evaluate_run(run, other, episodes=1, seeds=1)
     with pytest.raises(ArtifactError, match=message):
         sanitize_run(run, "subspace", 64, baseline_dir=other, episodes=1, seeds=1)
+
+
+def test_a_clean_run_of_an_attacks_env_is_evaluated_on_its_base_wrappers(tmp_path: Path) -> None:
+    lavagap = SMOKE.parent / "lavagap_inner.yaml"  # MiniGrid under ImgObsWrapper: the wrapper shapes the observation
+    tiny = ["poisoning=null", "timesteps=128", "n_envs=2", "hyperparams.n_steps=64", "hyperparams.batch_size=64"]
+    run = train(load_experiment(lavagap, tiny), tmp_path / "clean", wandb_mode="disabled")
+    assert read_card(run)["attack"] is None
+    metrics = evaluate_run(run, episodes=1, seeds=1)
+    assert metrics["ctp"] is not None and metrics["trigger_l0"] == 4  # the config's patch, on the clean agent

@@ -28,7 +28,7 @@ Source = AttackSpec | Mapping[str, Any] | str
 
 @dataclass(frozen=True)
 class RunEnv:
-    """The clean env maker of a run and its attack (``None`` for a clean run)."""
+    """The clean env maker of a run and its attack (``None`` when neither the run nor its env id names one)."""
 
     make: Callable[[], gym.Env]
     attack: AttackSpec | None
@@ -47,6 +47,9 @@ def run_env(source: Source) -> RunEnv:
         return RunEnv(partial(make_gym_env, source), None)
     if source.get("attack"):
         return run_env(parse(AttackSpec, source["attack"], "card.json: attack"))
+    config = source.get("config")
+    if isinstance(config, dict) and config.get("attack"):  # a clean run of an attack's env: its base env and wrappers
+        return run_env(parse(AttackSpec, config["attack"], "card.json: config.attack"))
     if not isinstance(source.get("env"), str):
         raise ArtifactError("card.json: neither 'attack' nor 'env' names the env of the run; retrain or fix the card")
     return run_env(source["env"])

@@ -571,12 +571,16 @@ imports nothing else, since a hostile card could name any callable."""
 
 def check_card_code(path: Path, card: dict[str, Any]) -> None:
     """Refuse a card whose env ids or base wrappers would import a module outside :data:`TRUSTED_MODULES`."""
-    attack = card.get("attack") if isinstance(card.get("attack"), dict) else {}
-    wrappers = _expect(f"{path}: attack.base_wrappers", attack.get("base_wrappers") or [], list)
-    names = [("env", card.get("env")), ("attack.base", attack.get("base"))]
-    names += [
-        (f"attack.base_wrappers.{i}", w.get("name") if isinstance(w, dict) else w) for i, w in enumerate(wrappers)
-    ]
+    config = card.get("config") if isinstance(card.get("config"), dict) else {}
+    names = [("env", card.get("env"))]
+    for where, attack in (("attack", card.get("attack")), ("config.attack", config.get("attack"))):
+        if not isinstance(attack, dict):
+            continue
+        wrappers = _expect(f"{path}: {where}.base_wrappers", attack.get("base_wrappers") or [], list)
+        names.append((f"{where}.base", attack.get("base")))
+        names += [
+            (f"{where}.base_wrappers.{i}", w.get("name") if isinstance(w, dict) else w) for i, w in enumerate(wrappers)
+        ]
     for field, name in names:
         if name is None:
             continue
