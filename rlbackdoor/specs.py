@@ -65,6 +65,10 @@ def _distinct(indices: list[int]) -> list[int]:
 
 Indices = Annotated[list[int], Field(min_length=1), AfterValidator(_distinct)]
 
+FOLDER_NAME = r"^[A-Za-z0-9][\w.-]*$"
+"""What names that become folder names match (runs, zoos, benchmarks, sweeps): no ``/``, no leading ``.``."""
+FolderName = Annotated[str, Field(pattern=FOLDER_NAME)]
+
 
 class _IndexedTrigger(_Spec):
     indices: Indices
@@ -442,7 +446,7 @@ class ExperimentSpec(_Spec):
     either loop.
     """
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
+    name: FolderName
     env: str = Field(min_length=1)
     attack: AttackSpec | None = None
     poisoning: Literal["inner", "outer"] | None = None

@@ -50,7 +50,7 @@ from pydantic import Field
 
 from rlbackdoor.attack import Attack, make_base_env
 from rlbackdoor.errors import ArtifactError, RlbdError, SpecError
-from rlbackdoor.specs import ExperimentSpec, _Spec, apply_overrides, parse, read_yaml
+from rlbackdoor.specs import ExperimentSpec, FolderName, _Spec, apply_overrides, parse, read_yaml
 
 MANIFEST = "manifest.json"
 DRAW_KINDS = ("choice", "uniform", "randint", "sample")
@@ -59,7 +59,7 @@ DRAW_KINDS = ("choice", "uniform", "randint", "sample")
 class ZooSpec(_Spec):
     """A zoo config: an experiment template, the population size and the attack's draws."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
+    name: FolderName
     agents: int = Field(ge=2)
     seed: int = Field(0, ge=0)
     env: str = Field(min_length=1)

@@ -367,7 +367,7 @@ def multiagent_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_multiagent_runs_and_zoos_point_to_rlbd_cleanse(multiagent_run: Path, tmp_path: Path, capsys) -> None:
     hint = "rlbd/TrojanRPS-v0 is a multi-agent env id and rlbd detect handles single-agent envs; "
-    hint += "for multi-agent runs use rlbd cleanse RUN..."
+    hint += "for multi-agent runs use rlbd cleanse"
     assert f"{multiagent_run}: {hint}" in one_line_error(capsys, ["detect", str(multiagent_run), "-d", "bands"])
     write_manifest(tmp_path, [ZooAgent(multiagent_run, True, None)])
     assert f"{multiagent_run}: {hint}" in one_line_error(capsys, ["detect", str(tmp_path), "-d", "probe"])

@@ -191,11 +191,14 @@ def test_multiagent_runs_and_datasets_point_to_rlbd_cleanse(tmp_path: Path, caps
     run = rlbackdoor.train(spec, tmp_path / "rps", wandb_mode="disabled")
     data = collect(gym.make("CartPole-v1"), None, 50, 0, "rlbd/TrojanRPS-v0").save(tmp_path / "rps.npz")
     hint = "rlbd/TrojanRPS-v0 is a multi-agent env id and rlbd sanitize handles single-agent envs; "
-    hint += "for multi-agent runs use rlbd cleanse RUN..."
-    for argv, where in [(["sanitize", str(run)], run), (["sanitize", "--trajectories", str(data)], data)]:
+    fixes = ["for multi-agent runs use rlbd cleanse", "filter steps of a single-agent env"]
+    for argv, where, fix in [
+        (["sanitize", str(run)], run, fixes[0]),
+        (["sanitize", "--trajectories", str(data)], data, fixes[1]),
+    ]:
         assert main([*argv, "--wandb-mode", "disabled"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and f"{where}: {hint}" in err[0]
+        assert len(err) == 1 and f"{where}: {hint}{fix}" in err[0]
 
 
 @pytest.mark.parametrize("poisoning", ["inner", "outer"])

@@ -456,7 +456,7 @@ def test_spaces_that_do_not_start_at_zero_are_refused_before_training(tmp_path: 
         )
         with pytest.raises(SpecError, match="CartPole-v1 with its base_wrappers has a Discrete action space"):
             train(spec, tmp_path / "run")
-        with pytest.raises(SpecError, match=r"action space Discrete\(2, start=-1\) does not start at 0"):
+        with pytest.raises(SpecError, match=r"the action space Discrete\(2, start=-1\) starting at -1, and SB3"):
             n_discrete_actions(gym.spaces.Discrete(2, start=-1))
     finally:
         gym.registry.pop("ShiftedCartPole-v0")

@@ -37,7 +37,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from rlbackdoor.errors import SpecError
-from rlbackdoor.specs import ExperimentSpec, _Spec, apply_overrides, parse, read_yaml
+from rlbackdoor.specs import ExperimentSpec, FolderName, _Spec, apply_overrides, parse, read_yaml
 
 
 class EvalSettings(_Spec):
@@ -79,7 +79,7 @@ class DefenseSettings(_Spec):
 class BenchSpec(_Spec):
     """A bench config (see the module docstring)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
+    name: FolderName
     envs: list[str] = Field(min_length=1)
     poisoning: list[Literal["inner", "outer"]] = Field(["inner"], min_length=1)
     poison_rates: list[float] | None = None

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from rlbackdoor.errors import SpecError
-from rlbackdoor.specs import read_yaml
+from rlbackdoor.specs import FOLDER_NAME, read_yaml
 
 METHODS = ("grid", "random", "bayes")
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
@@ -68,8 +68,6 @@ DISTRIBUTIONS = (
     "q_normal",
 )
 _ENVVAR = re.compile(r"\$\{envvar:([A-Z0-9_]*)\}")
-_NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
-"""A sweep's name, also its folder under ``runs/sweeps/``: the pattern zoo and bench names follow."""
 
 
 class Sweep:
@@ -94,7 +92,7 @@ class Sweep:
                 "or use grid or random here"
             )
         self.name = str(data.get("name") or self.path.stem)
-        if not _NAME.fullmatch(self.name):
+        if not re.fullmatch(FOLDER_NAME, self.name):
             raise SpecError(
                 f"{where}: name '{self.name}' is not a folder name (runs/sweeps/<name>); "
                 "use letters, digits, -, _ and ., starting with a letter or digit"

@@ -13,9 +13,9 @@ from typing import Any
 from rlbackdoor.errors import ArtifactError, SpecError
 
 
-def _check_parents(path: Path, option: str) -> None:
-    """The nearest existing ancestor of ``path`` is a writable folder."""
-    parent = path.parent
+def _check_parents(path: Path, option: str, start: Path) -> None:
+    """The nearest existing folder from ``start`` up (``start`` itself if it exists) is a writable folder."""
+    parent = start
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
@@ -30,7 +30,7 @@ def check_file_out(path: Path | None, option: str) -> None:
         return
     if path.is_dir():
         raise ArtifactError(f"{option} {path}: is a folder; name a file, in it or elsewhere")
-    _check_parents(path, option)
+    _check_parents(path, option, path.parent)
 
 
 def check_out_dir(path: Path | None, option: str) -> None:
@@ -39,7 +39,7 @@ def check_out_dir(path: Path | None, option: str) -> None:
         return
     if path.exists() and not path.is_dir():
         raise ArtifactError(f"{option} {path}: is a file, not a folder; name a new or an existing folder")
-    _check_parents(path, option)
+    _check_parents(path, option, path)
 
 
 def write_json_out(path: Path | None, data: dict[str, Any]) -> None:
@@ -52,14 +52,15 @@ def write_json_out(path: Path | None, data: dict[str, Any]) -> None:
     write_json(path, data)
 
 
-def check_single_agent(env_id: object, where: str, command: str) -> None:
-    """Refuse a multi-agent env id: ``rlbd command`` handles single-agent envs, ``rlbd cleanse`` multi-agent runs."""
+def check_single_agent(
+    env_id: object, where: str, command: str, fix: str = "for multi-agent runs use rlbd cleanse"
+) -> None:
+    """Refuse a multi-agent env id: ``rlbd command`` handles single-agent envs (``fix`` ends the message)."""
     from rlbackdoor.multiagent.registry import is_multiagent
 
     if isinstance(env_id, str) and is_multiagent(env_id):
         raise SpecError(
-            f"{where}: {env_id} is a multi-agent env id and rlbd {command} handles single-agent envs; "
-            "for multi-agent runs use rlbd cleanse RUN... (and rlbd eval)"
+            f"{where}: {env_id} is a multi-agent env id and rlbd {command} handles single-agent envs; {fix}"
         )
 
 

@@ -132,7 +132,7 @@ def _filter_dataset(
     data = Trajectories.load(path)
     if not data.env:
         raise SpecError(f"{path}: the dataset does not name its env; save it with env=<id>")
-    check_single_agent(data.env, str(path), "sanitize")
+    check_single_agent(data.env, str(path), "sanitize", "filter steps of a single-agent env")
     clean_env = run_env(data.env)
     probe = clean_env.make()
     if probe.observation_space.shape != data.observations.shape[1:]:

@@ -23,7 +23,7 @@ def sweep(
     from rlbackdoor.bench.sweep import Sweep, run_sweep
 
     target = out or Path("runs") / "sweeps" / Sweep(path).name
-    check_out_dir(target, "--out")
+    check_out_dir(target, "--out" if out is not None else "sweep folder")
 
     def progress(record: dict[str, Any]) -> None:
         status = "ok" if record.get("returncode") == 0 else f"failed (exit {record.get('returncode')})"

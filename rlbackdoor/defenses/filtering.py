@@ -38,6 +38,7 @@ from rlbackdoor.defenses.base import Access, Sanitizer
 from rlbackdoor.defenses.support import TransitionModel
 from rlbackdoor.errors import SpecError
 from rlbackdoor.specs import SanitizeSpec
+from rlbackdoor.training.envs import zero_start
 from rlbackdoor.trajectories import Trajectories, collect
 
 
@@ -86,10 +87,7 @@ def n_discrete_actions(space: spaces.Space) -> int | None:
     """A :class:`TransitionFilter`'s ``n_actions`` for an env's action space: its size when Discrete, else ``None``."""
     if not isinstance(space, spaces.Discrete):
         return None
-    if space.start != 0:
-        raise SpecError(
-            f"action space {space} does not start at 0, as rlbd's agents and datasets do; shift it to start at 0"
-        )
+    zero_start(space, f"the action space {space}")
     return int(space.n)
 
 

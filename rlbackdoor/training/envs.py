@@ -62,15 +62,21 @@ def make_train_env(spec: ExperimentSpec, attack: AttackSpec | None, seed: int) -
 
 
 def check_zero_start(env_id: str, observation_space: spaces.Space, action_space: spaces.Space) -> None:
-    """Refuse (Multi)Discrete spaces that do not start at 0: SB3 agents read and act in ``0 .. n - 1``."""
+    """Refuse (Multi)Discrete spaces of ``env_id`` that do not start at 0 (see :func:`zero_start`)."""
     named = [("action", action_space)]
     if isinstance(observation_space, spaces.Dict):
         named += [(f"observation '{key}'", space) for key, space in observation_space.spaces.items()]
     else:
         named.append(("observation", observation_space))
     for what, space in named:
-        if isinstance(space, (spaces.Discrete, spaces.MultiDiscrete)) and np.any(space.start != 0):
-            raise SpecError(
-                f"env: {env_id} has a {type(space).__name__} {what} space starting at {space.start}, and SB3 agents "
-                "use 0 .. n-1; shift it to start at 0 (e.g. with a base_wrappers ActionWrapper)"
-            )
+        zero_start(space, f"env: {env_id} has a {type(space).__name__} {what} space")
+
+
+def zero_start(space: spaces.Space, what: str) -> None:
+    """Refuse a (Multi)Discrete ``space`` (described as ``what``) that does not start at 0: SB3 agents, and the
+    datasets and defenses built on them, read and act in ``0 .. n-1``."""
+    if isinstance(space, (spaces.Discrete, spaces.MultiDiscrete)) and np.any(space.start != 0):
+        raise SpecError(
+            f"{what} starting at {space.start}, and SB3 agents use 0 .. n-1; shift it to start at 0 "
+            "(e.g. with a base_wrappers ActionWrapper)"
+        )
