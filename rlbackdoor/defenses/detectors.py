@@ -294,9 +294,10 @@ def _check_steps(path: str | Path, steps: Trajectories, run: Path, card: dict[st
 
 
 def _check_family(cards: list[tuple[Path, dict[str, Any]]]) -> None:
+    from rlbackdoor.training.artifacts import CARD, card_entry
+
     for path, card in cards:
-        if not isinstance(card.get("policy"), dict):
-            raise ArtifactError(f"{path}/card.json: no 'policy' entry; retrain or re-export the run")
+        card_entry(path / CARD, card, "policy", dict)
     first_path, first = cards[0]
     for path, card in cards[1:]:
         for key in ("observation_space", "action_space"):

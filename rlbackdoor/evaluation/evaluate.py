@@ -119,14 +119,13 @@ def attack_metrics(
 
 def _check_card(run_dir: str | Path, card: Mapping[str, Any]) -> None:
     """What evaluation reads from a run's card: ``env`` an env id, ``config`` and ``metrics`` mappings where set."""
-    from rlbackdoor.training.artifacts import CARD
+    from rlbackdoor.training.artifacts import CARD, card_entry
 
     path = Path(run_dir) / CARD
-    if not (isinstance(card.get("env"), str) and card["env"]):
-        raise ArtifactError(f"{path}: no 'env' entry naming the env of the run; retrain or fix the card")
-    for key, fix in (("config", "retrain or fix the card"), ("metrics", "delete it (rlbd eval writes it anew)")):
-        if not isinstance(card.get(key) or {}, dict):
-            raise ArtifactError(f"{path}: '{key}' is not a mapping; {fix}")
+    card_entry(path, card, "env", str)
+    for key in ("config", "metrics"):
+        if key in card:
+            card_entry(path, card, key, dict, type(None))
 
 
 def clean_env_id(card: Mapping[str, Any]) -> str:
