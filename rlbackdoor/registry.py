@@ -42,7 +42,9 @@ def get_env_spec(env_id: str) -> EnvSpec:
     env_id = env_id.removeprefix("rlbackdoor:")
     specs = env_specs()
     if env_id not in specs:
-        known = ", ".join(specs)
+        from rlbackdoor.multiagent.registry import parallel_env_specs
+
+        known = ", ".join([*specs, *parallel_env_specs()])
         raise SpecError(f"unknown backdoor env id '{env_id}'; registered ids: {known}")
     return specs[env_id]
 

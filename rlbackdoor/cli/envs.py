@@ -9,7 +9,6 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from rlbackdoor.attack import Attack, make_base_env, sample_observations
-from rlbackdoor.errors import SpecError
 from rlbackdoor.multiagent import get_parallel_spec, parallel_env_specs
 from rlbackdoor.multiagent.registry import is_multiagent
 from rlbackdoor.registry import FACTORY_ID, env_specs, get_env_spec
@@ -49,11 +48,6 @@ def show(
 ) -> None:
     """Print a spec's resolved fields and its trigger's stealth figures (L0/L2/Linf, absolute and relative);
     a multi-agent spec's figures are per victim (an action-sequence trigger's L0 counts its actions)."""
-    known = [*env_specs(), *parallel_env_specs()]
-    if env_id.removeprefix("rlbackdoor:") not in known:
-        raise SpecError(
-            f"unknown backdoor env id '{env_id.removeprefix('rlbackdoor:')}'; registered ids: {', '.join(known)}"
-        )
     if is_multiagent(env_id):
         from rlbackdoor.multiagent.evaluation import stealth
 
