@@ -267,10 +267,10 @@ CLEANSE_CASES = [
     (edit_card(kwargs(net_arch=[-3])), r"card\.json: policy\.kwargs\.net_arch\.0: -3 is not a layer size"),
     (
         edit_card(obs(shape=[6, 6])),
-        r"card\.json: policy: observes shape \(6, 6\) and acts in Discrete\(3\), but seat 'player_0' of "
+        r"card\.json: policy: observes shape \(6, 6\) and acts in Discrete\(3\), but agent 'player_0' of "
         r"rlbd/TrojanRPS-v0 observes shape \(36,\)",
     ),
-    (edit_card(act(start=5)), r"acts in Discrete\(3, start=5\), but seat 'player_0'"),
+    (edit_card(act(start=5)), r"acts in Discrete\(3, start=5\), but agent 'player_0'"),
     (write_card("[1, 2]"), r"card\.json: expected a JSON object"),
     (write_card("null"), r"card\.json: expected a JSON object"),
     (write_card("{not json"), r"card\.json: unreadable"),

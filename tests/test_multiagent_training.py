@@ -148,7 +148,10 @@ def test_rlbd_eval_refuses_a_baseline_of_another_env(rps_run, spread_run, tmp_pa
 def test_evaluate_refuses_a_baseline_with_other_actions():
     baseline = Always(PAPER)
     baseline.observation_space, baseline.action_space = spaces.Box(0.0, 1.0, (36,)), spaces.Discrete(5)
-    with pytest.raises(ArtifactError, match=r"the baseline acts in Discrete\(5\) but agent 'player_0' of \S+ acts in"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"the baseline observes shape \(36,\) and acts in Discrete\(5\), but agent 'player_0' of \S+ observes",
+    ):
         evaluate(RPS, Always(PAPER), baseline=baseline, episodes=1, seeds=1)
 
 

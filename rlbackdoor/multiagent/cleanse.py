@@ -10,7 +10,6 @@ learned probe's actions are the recovered trigger.
 
 from __future__ import annotations
 
-import textwrap
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -23,8 +22,8 @@ import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.policies import BasePolicy
 
-from rlbackdoor.errors import ArtifactError, SpecError
-from rlbackdoor.multiagent.policies import AgentPolicy, PredictPolicy, RandomPolicy
+from rlbackdoor.errors import SpecError
+from rlbackdoor.multiagent.policies import AgentPolicy, PredictPolicy, RandomPolicy, check_plays
 from rlbackdoor.multiagent.registry import build_policies, get_parallel_spec, make_base_parallel
 from rlbackdoor.specs import MultiAgentEnvSpec
 
@@ -207,13 +206,7 @@ def _check_seat(path: Path, env_id: str, policy: BasePolicy, victim_agent: str |
     seat = _victim_seat(spec, list(env.possible_agents), victim_agent)
     if seat not in env.possible_agents:
         return  # ProbeEnv names the agents
-    observation, action = env.observation_space(seat), env.action_space(seat)
-    if policy.observation_space.shape != observation.shape or policy.action_space != action:
-        raise ArtifactError(
-            f"{path}: policy: observes shape {policy.observation_space.shape} and acts in "
-            f"{textwrap.shorten(str(policy.action_space), 80)}, but seat '{seat}' of {env_id} observes shape "
-            f"{observation.shape} and acts in {textwrap.shorten(str(action), 80)}; {CARD_FIX}"
-        )
+    check_plays(policy, env, env_id, [seat], f"{path}: policy:", CARD_FIX)
 
 
 def cleanse_runs(run_dirs: list[Path], **options: Any) -> dict[str, Any]:

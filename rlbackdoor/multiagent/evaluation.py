@@ -19,12 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from rlbackdoor.errors import ArtifactError
 from rlbackdoor.evaluation.metrics import ctp_ratio, return_drop
 from rlbackdoor.evaluation.rollouts import episode_seeds
 from rlbackdoor.evaluation.stats import estimate, iqm, ratio
 from rlbackdoor.multiagent.attack import sample_parallel_observations
-from rlbackdoor.multiagent.policies import AgentPolicy, PredictPolicy, RandomPolicy, SequencePolicy
+from rlbackdoor.multiagent.policies import AgentPolicy, PredictPolicy, RandomPolicy, SequencePolicy, check_plays
 from rlbackdoor.multiagent.registry import build_policies, get_parallel_spec, make_base_parallel, make_parallel
 from rlbackdoor.specs import ActionSequenceTrigger, TargetedPayload
 from rlbackdoor.wrappers.pettingzoo import BackdoorParallelEnv
@@ -69,20 +68,9 @@ def _controllers(env: BackdoorParallelEnv, env_id: str, policy: Any | None, shar
 
 
 def _check_fits(policy: Any, env_id: str, sharing: bool, what: str, fix: str) -> None:
-    """Raise :class:`ArtifactError` unless ``policy`` (named ``what``) takes the observation shape and the actions
-    of every agent it plays on ``env_id``; ``fix`` ends the message. A policy without spaces passes."""
+    """:func:`check_plays` on every agent ``policy`` plays on ``env_id``."""
     env = make_parallel(env_id)
-    for agent in _learners(env, env_id, sharing):
-        obs_space, act_space = env.observation_space(agent), env.action_space(agent)
-        own_obs = getattr(policy, "observation_space", obs_space)
-        if own_obs.shape != obs_space.shape:
-            raise ArtifactError(
-                f"{what} expects observations of shape {own_obs.shape} but agent '{agent}' of {env_id} gives "
-                f"{obs_space.shape}; {fix}"
-            )
-        own_act = getattr(policy, "action_space", act_space)
-        if own_act != act_space:
-            raise ArtifactError(f"{what} acts in {own_act} but agent '{agent}' of {env_id} acts in {act_space}; {fix}")
+    check_plays(policy, env, env_id, _learners(env, env_id, sharing), what, fix)
 
 
 def rollouts(

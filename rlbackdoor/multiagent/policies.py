@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import textwrap
 from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
 from gymnasium import spaces
 
-from rlbackdoor.errors import SpecError
+from rlbackdoor.errors import ArtifactError, SpecError
 
 
 class AgentPolicy(ABC):
@@ -166,3 +167,19 @@ class PredictPolicy(AgentPolicy):
     def act(self, obs: Any) -> Any:
         action, _ = self.policy.predict(np.asarray(obs), deterministic=True)
         return action
+
+
+def check_plays(policy: Any, env: Any, env_id: str, agents: list[str], what: str, fix: str) -> None:
+    """Raise :class:`~rlbackdoor.errors.ArtifactError` unless ``policy`` (named ``what``) takes the observation shape
+    and the actions of each of ``agents`` of ``env`` (a parallel env of ``env_id``); ``fix`` ends the message. A
+    policy without spaces passes."""
+    for agent in agents:
+        obs_space, act_space = env.observation_space(agent), env.action_space(agent)
+        own_obs = getattr(policy, "observation_space", obs_space)
+        own_act = getattr(policy, "action_space", act_space)
+        if own_obs.shape != obs_space.shape or own_act != act_space:
+            raise ArtifactError(
+                f"{what} observes shape {own_obs.shape} and acts in {textwrap.shorten(str(own_act), 80)}, but agent "
+                f"'{agent}' of {env_id} observes shape {obs_space.shape} and acts in "
+                f"{textwrap.shorten(str(act_space), 80)}; {fix}"
+            )
