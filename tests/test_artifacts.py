@@ -22,7 +22,8 @@ import rlbackdoor
 from rlbackdoor.cli import main
 from rlbackdoor.errors import ArtifactError, SpecError
 from rlbackdoor.specs import ExperimentSpec, parse
-from rlbackdoor.training.artifacts import describe_policy, load_policy, read_card, space_from_json, space_to_json
+from rlbackdoor.training.artifacts import load_policy, read_card
+from rlbackdoor.training.card_schema import describe_policy, space_from_json, space_to_json
 from rlbackdoor.training.loop import train
 from rlbackdoor.trajectories import collect
 

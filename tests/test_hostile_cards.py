@@ -17,7 +17,8 @@ from rlbackdoor.cli import main
 from rlbackdoor.errors import ArtifactError
 from rlbackdoor.multiagent import cleanse
 from rlbackdoor.specs import ExperimentSpec, parse
-from rlbackdoor.training.artifacts import load_policy, read_card, rebuild_policy
+from rlbackdoor.training.artifacts import load_policy, read_card
+from rlbackdoor.training.card_schema import rebuild_policy
 from rlbackdoor.training.loop import train
 
 TINY = {"n_steps": 32, "batch_size": 64, "n_epochs": 1, "policy_kwargs": {"net_arch": [16]}}

@@ -276,7 +276,8 @@ def _check_steps(path: str | Path, steps: Trajectories, run: Path, card: dict[st
     """Steps to score come from the run's clean env (when the file names its env) and have its observations."""
     from rlbackdoor.evaluation.envs import run_env
     from rlbackdoor.evaluation.evaluate import clean_env_id
-    from rlbackdoor.training.artifacts import CARD, card_entry, check_card_code
+    from rlbackdoor.training.artifacts import CARD, check_card_code
+    from rlbackdoor.training.card_schema import card_entry
 
     check_card_code(run / CARD, card)  # before making the run's env: a hostile card may name any module
     card_entry(run / CARD, card, "env", str)
@@ -294,7 +295,7 @@ def _check_steps(path: str | Path, steps: Trajectories, run: Path, card: dict[st
 
 
 def _check_family(cards: list[tuple[Path, dict[str, Any]]]) -> None:
-    from rlbackdoor.training.artifacts import CARD, card_entry
+    from rlbackdoor.training.card_schema import CARD, card_entry
 
     for path, card in cards:
         card_entry(path / CARD, card, "policy", dict)

@@ -119,7 +119,7 @@ def attack_metrics(
 
 def _check_card(run_dir: str | Path, card: Mapping[str, Any]) -> None:
     """What evaluation reads from a run's card: ``env`` an env id, ``config`` and ``metrics`` mappings where set."""
-    from rlbackdoor.training.artifacts import CARD, card_entry
+    from rlbackdoor.training.card_schema import CARD, card_entry
 
     path = Path(run_dir) / CARD
     card_entry(path, card, "env", str)

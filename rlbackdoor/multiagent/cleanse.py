@@ -181,7 +181,8 @@ def _victim_seat(spec: MultiAgentEnvSpec, agents: list[str], victim_agent: str |
 def _load_victim(run: Path, victim_agent: str | None) -> tuple[BasePolicy, str, bool]:
     """A run's policy, env id and whether it was poisoned; a malformed card raises :class:`ArtifactError`."""
     from rlbackdoor.multiagent.registry import is_multiagent
-    from rlbackdoor.training.artifacts import CARD, card_entry, load_policy
+    from rlbackdoor.training.artifacts import CARD, load_policy
+    from rlbackdoor.training.card_schema import card_entry
 
     policy, card = load_policy(run)
     path = run / CARD
@@ -199,7 +200,7 @@ def _load_victim(run: Path, victim_agent: str | None) -> tuple[BasePolicy, str, 
 
 def _check_seat(path: Path, env_id: str, policy: BasePolicy, victim_agent: str | None) -> None:
     """Refuse a card whose policy spaces do not fit the victim's seat (its ``predict`` would fail mid-probe)."""
-    from rlbackdoor.training.artifacts import CARD_FIX
+    from rlbackdoor.training.card_schema import CARD_FIX
 
     spec = get_parallel_spec(env_id)
     env = make_base_parallel(spec)

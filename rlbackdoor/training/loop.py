@@ -24,8 +24,9 @@ from rlbackdoor.errors import ArtifactError
 from rlbackdoor.evaluation.callback import EvalCallback
 from rlbackdoor.specs import ExperimentSpec
 from rlbackdoor.training import presets
-from rlbackdoor.training.artifacts import CARD, describe_policy, versions, write_artifacts
+from rlbackdoor.training.artifacts import CARD, versions, write_artifacts
 from rlbackdoor.training.callbacks import PoisonCounter, PoisonRateLog, ProgressBar, TrackerOutput, poison_rate
+from rlbackdoor.training.card_schema import describe_policy
 from rlbackdoor.training.checkpoints import FOLDER, Checkpointer, counts_of, latest_checkpoint, restore
 from rlbackdoor.training.envs import env_factory, make_train_env, preset_keys, run_attack
 from rlbackdoor.training.outer import OuterLoopPoisoning
