@@ -18,6 +18,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 
 from rlbackdoor.errors import ArtifactError
 from rlbackdoor.evaluation.rollouts import check_policy_fits
@@ -106,9 +107,16 @@ def _check_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def collect(env: gym.Env, policy: Any, steps: int, seed: int, env_id: str = "") -> Trajectories:
-    """Roll ``policy`` (SB3-style ``predict``; ``None`` for uniform random actions) in ``env`` for ``steps`` steps."""
+    """Roll ``policy`` (SB3-style ``predict``, sampling its actions; ``None`` for uniform random actions) in ``env``
+    for ``steps`` steps. ``seed`` seeds the env, the action space and, for the call, torch (SB3 samples with it)."""
     if policy is not None:
         check_policy_fits(policy, env)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _collect(env, policy, steps, seed, env_id)
+
+
+def _collect(env: gym.Env, policy: Any, steps: int, seed: int, env_id: str) -> Trajectories:
     env.action_space.seed(seed)
     obs, info = env.reset(seed=seed)
     triggered_now = bool(info.get("rlbd", {}).get("triggered", False))

@@ -13,7 +13,7 @@ from stable_baselines3.common.env_util import make_vec_env
 import rlbackdoor
 from rlbackdoor.attack import make_base_env
 from rlbackdoor.defenses import SubspaceSanitizer, SupportSanitizer
-from rlbackdoor.defenses.filtering import FilterVecEnv, RolloutFilter, TransitionFilter
+from rlbackdoor.defenses.filtering import FilterReport, FilterVecEnv, RolloutFilter, TransitionFilter
 from rlbackdoor.errors import ArtifactError, SpecError
 from rlbackdoor.trajectories import FIELDS, Trajectories, collect
 from rlbackdoor.wrappers.vec import BackdoorVecEnv
@@ -265,3 +265,18 @@ def test_offline_repair_predicts_stamped_observations_in_time_order():
     np.testing.assert_array_equal(repaired.observations[first], filt.repair_observations(stamped[[first]], [True])[0])
     untouched = np.setdiff1d(np.arange(len(data)), run)
     np.testing.assert_array_equal(repaired.observations[untouched], data.observations[untouched])
+
+
+def test_collect_with_a_sampling_policy_is_reproducible_and_leaves_torch_alone() -> None:
+    policy = PPO("MlpPolicy", gym.make("CartPole-v1"), seed=0, device="cpu").policy  # untrained: near-uniform
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    first, again = (collect(gym.make("rlbackdoor:rlbd/TrojanCartPole-v0"), policy, 300, seed=5) for _ in range(2))
+    assert np.array_equal(first.actions, again.actions) and np.array_equal(first.observations, again.observations)
+    assert not np.array_equal(first.actions, collect(gym.make("CartPole-v1"), policy, 300, seed=6).actions)
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_filter_reports_undefined_precision_and_recall_as_null() -> None:
+    report = FilterReport(n=10, flagged=0, poisoned=0, true_positives=0)
+    assert report.as_dict()["precision"] is None and report.as_dict()["recall"] is None

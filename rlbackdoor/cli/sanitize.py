@@ -150,8 +150,9 @@ def _filter_dataset(
     kept.save(target)
     results = {"trajectories": str(path), "out": str(target), "method": method, "mode": mode, "n_clean": n_clean}
     results |= report.as_dict()
+    precision, recall = ("n/a" if value is None else f"{value:.3f}" for value in (report.precision, report.recall))
     console.print(
-        f"{path}: flagged {report.flagged} of {report.n} transitions (precision {report.precision:.3f}, "
-        f"recall {report.recall:.3f} against the recorded poisoned flags); wrote {len(kept)} to {target}"
+        f"{path}: flagged {report.flagged} of {report.n} transitions (precision {precision}, "
+        f"recall {recall} against the recorded poisoned flags); wrote {len(kept)} to {target}"
     )
     return results

@@ -52,15 +52,17 @@ class FilterReport:
     true_positives: int
 
     @property
-    def precision(self) -> float:
-        return self.true_positives / self.flagged if self.flagged else float("nan")
+    def precision(self) -> float | None:
+        """Flagged steps that were poisoned, over flagged steps (``None`` with none flagged)."""
+        return self.true_positives / self.flagged if self.flagged else None
 
     @property
-    def recall(self) -> float:
-        return self.true_positives / self.poisoned if self.poisoned else float("nan")
+    def recall(self) -> float | None:
+        """Poisoned steps flagged, over poisoned steps (``None`` with none poisoned)."""
+        return self.true_positives / self.poisoned if self.poisoned else None
 
-    def as_dict(self, prefix: str = "") -> dict[str, float]:
-        """Counts, precision and recall under ``prefix`` keys."""
+    def as_dict(self, prefix: str = "") -> dict[str, float | None]:
+        """Counts, precision and recall under ``prefix`` keys (``None``, JSON ``null``, where undefined)."""
         return {
             f"{prefix}n": self.n,
             f"{prefix}flagged": self.flagged,

@@ -14,7 +14,6 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-import torch
 
 from rlbackdoor.attack import Attack
 from rlbackdoor.defenses.base import SanitizedPolicy, Sanitizer
@@ -67,9 +66,7 @@ def clean_transitions(
     if n < 2:
         raise SpecError(f"sanitize: n_clean={n} is too small; use at least 2 (typically 2x the observation size)")
     steps = max(n, min_steps)
-    with torch.random.fork_rng():  # the agent samples its actions with torch: seeded here, as everything else
-        torch.manual_seed(seed)
-        data = collect(run_env(card).make(), policy, steps + 1, seed)
+    data = collect(run_env(card).make(), policy, steps + 1, seed)
     pick = np.random.default_rng(seed).permutation(steps)[:n]
     has_next = ~data.dones[pick].astype(bool)
     return data.observations[pick], data.actions[pick], data.observations[np.where(has_next, pick + 1, pick)], has_next
