@@ -173,3 +173,24 @@ def test_two_run_sweep_runs_rlbd_train_offline_in_the_sweep_group(
     assert len(runs) == 2 and all(r.run.run_group == "smoke-grid" and r.run.job_type == "train" for r in runs)
     assert all(list(r.run.tags) == ["sweep"] for r in runs)
     assert sorted(r.config["attack"]["schedule"]["rate"] for r in runs) == [0.05, 0.2]
+
+
+@pytest.mark.parametrize(
+    ("parameter", "message"),
+    [
+        ({"distribution": "normal", "sigma": -1}, "sigma -1 is not a finite number >= 0"),
+        ({"distribution": "normal", "mu": "x"}, "mu 'x' is not a finite number"),
+        ({"distribution": "q_uniform", "min": 0, "max": 1, "q": 0}, "q 0 is not a finite number > 0"),
+        ({"values": [0, 1], "probabilities": [0.9, 0.9]}, "probabilities [0.9, 0.9] are not one weight"),
+        ({"values": [0, 1], "probabilities": [1.0]}, "probabilities [1.0] are not one weight"),
+        ({"distribution": "int_uniform", "min": 0, "max": 10**30}, "int_uniform needs integer min and max"),
+    ],
+)
+def test_distribution_parameters_are_checked_before_any_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], parameter: dict[str, Any], message: str
+) -> None:
+    path = write_sweep(tmp_path / "s.yaml", method="random", parameters={"seed": parameter})
+    assert main(["sweep", str(path), "--count", "1", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: parameter 'seed': {message}" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

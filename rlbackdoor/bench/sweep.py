@@ -206,7 +206,34 @@ def _parameter(name: str, spec: Any, method: str, where: str) -> dict[str, Any]:
         raise SpecError(f"{where}: parameter '{name}': distribution {distribution} needs '{missing[0]}'; add it")
     if needs == ("min", "max"):
         _check_range(name, spec["min"], spec["max"], distribution.endswith("_values"), where)
+    if distribution == "int_uniform" and not all(type(spec[k]) is int and abs(spec[k]) < 2**62 for k in ("min", "max")):
+        raise SpecError(f"{where}: parameter '{name}': int_uniform needs integer min and max (|x| < 2**62); fix them")
+    for key, low in (("mu", None), ("sigma", 0.0), ("q", 0.0)):
+        if key in spec:
+            _check_number(name, key, spec[key], low, where)
+    if "probabilities" in spec:
+        _check_probabilities(name, spec, where)
     return {**spec, "distribution": distribution}
+
+
+def _check_number(name: str, key: str, value: Any, low: float | None, where: str) -> None:
+    """``value`` is a finite number, above ``low`` when given (``sigma`` >= 0 needs 0 allowed: ``q`` does not)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or (low is not None and (value < low or (key == "q" and value <= low))):
+        bound = "" if low is None else (" > 0" if key == "q" else " >= 0")
+        raise SpecError(f"{where}: parameter '{name}': {key} {value!r} is not a finite number{bound}; fix it")
+
+
+def _check_probabilities(name: str, spec: Mapping[str, Any], where: str) -> None:
+    """``probabilities`` gives each of ``values`` a non-negative weight, summing to 1."""
+    probs = spec["probabilities"]
+    ok = isinstance(probs, list) and len(probs) == len(spec.get("values") or [])
+    ok = ok and all(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1 for p in probs)
+    if not ok or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
+        raise SpecError(
+            f"{where}: parameter '{name}': probabilities {probs!r} are not one weight in [0, 1] per value, "
+            "summing to 1; fix them"
+        )
 
 
 def _check_range(name: str, low: Any, high: Any, positive: bool, where: str) -> None:
