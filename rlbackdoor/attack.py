@@ -48,7 +48,7 @@ def make_base_env(spec: AttackSpec, **make_kwargs: Any) -> gym.Env:
     """The clean env an attack applies to: ``gymnasium.make(base, **base_kwargs)`` then ``base_wrappers``."""
     try:
         env = make_gym_env(spec.base, "base", **{**spec.base_kwargs, **make_kwargs})
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise SpecError(f"base_kwargs: '{spec.base}' rejects them ({err}); fix base_kwargs") from None
     for ref in spec.base_wrappers:
         module, _, name = ref.name.partition(":")
@@ -60,6 +60,10 @@ def make_base_env(spec: AttackSpec, **make_kwargs: Any) -> gym.Env:
             env = wrapper(env, **ref.kwargs)
         except (TypeError, ValueError, gym.error.Error) as err:
             raise SpecError(f"base_wrappers: {ref.name} rejects its kwargs ({err}); fix them") from None
+        if not isinstance(env, gym.Env):
+            raise SpecError(
+                f"base_wrappers: {ref.name} returned {type(env).__name__}, not an env; name a gymnasium wrapper"
+            )
     return env
 
 

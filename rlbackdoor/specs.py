@@ -65,6 +65,9 @@ def _distinct(indices: list[int]) -> list[int]:
 
 Indices = Annotated[list[int], Field(min_length=1), AfterValidator(_distinct)]
 
+MAX_ENVS = 1024
+"""The most envs a run steps side by side (in one process): far more than its cores can serve."""
+
 FOLDER_NAME = r"^[A-Za-z0-9][\w.-]*$"
 """What names that become folder names match (runs, zoos, benchmarks, sweeps): no ``/``, no leading ``.``."""
 FolderName = Annotated[str, Field(pattern=FOLDER_NAME)]
@@ -453,7 +456,7 @@ class ExperimentSpec(_Spec):
     outer_reward: Literal["dynamic", "static"] = "dynamic"
     algo: Literal["ppo", "a2c", "dqn"]
     timesteps: int = Field(ge=1)
-    n_envs: int = Field(1, ge=1)
+    n_envs: int = Field(1, ge=1, le=MAX_ENVS)
     seed: int = Field(0, ge=0)
     hyperparams: dict[str, Any] = {}
     eval_every: int = Field(0, ge=0)

@@ -50,7 +50,7 @@ from pydantic import Field
 
 from rlbackdoor.attack import Attack, make_base_env
 from rlbackdoor.errors import ArtifactError, RlbdError, SpecError
-from rlbackdoor.specs import ExperimentSpec, FolderName, _Spec, apply_overrides, parse, read_yaml
+from rlbackdoor.specs import MAX_ENVS, ExperimentSpec, FolderName, _Spec, apply_overrides, parse, read_yaml
 
 MANIFEST = "manifest.json"
 DRAW_KINDS = ("choice", "uniform", "randint", "sample")
@@ -65,7 +65,7 @@ class ZooSpec(_Spec):
     env: str = Field(min_length=1)
     algo: Literal["ppo", "a2c", "dqn"]
     timesteps: int = Field(ge=1)
-    n_envs: int = Field(1, ge=1)
+    n_envs: int = Field(1, ge=1, le=MAX_ENVS)
     hyperparams: dict[str, Any] = Field(default_factory=dict)
     poisoning: Any = "inner"
     outer_reward: Any = "dynamic"

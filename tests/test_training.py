@@ -560,6 +560,13 @@ NAN_OBS, NAN_REWARD = "observation contains NaN or inf; fix", "reward is NaN or 
         (["--set", "hyperparams.n_stepz=8"], "n_stepz"),
         (["--set", "hyperparams.batch_size=1"], "batch_size"),
         (["--set", "hyperparams.policy_kwargs.net_arch=[-1]"], "SB3 PPO rejects the run (Trying to create tensor"),
+        (["--set", "n_envs=99999999999999999999"], "n_envs: Input should be less than or equal to 1024"),
+        (["--set", "attack.base_kwargs.max_episode_steps=0"], "attack.base_kwargs: 'CartPole-v1' rejects them"),
+        (["--set", "attack.base_wrappers=['builtins:id']"], "builtins:id returned int, not an env"),
+        (
+            ["--set", "attack.base_wrappers=[{name: 'gymnasium.wrappers:TransformReward', kwargs: {func: 3}}]"],
+            "env: stepping CartPole-v1 failed (TypeError: 'int' object is not callable)",
+        ),
         (["--set", "hyperparams.policy_kwargs.net_arch=[70000]"], "net_arch.0: 70000 is not a layer size in 1..65536"),
         (["--set", "hyperparams.policy_kwargs.net_arch={pi: [8], qf: [8]}"], "net_arch.qf: not a network of net_arch"),
         (["--set", "env=rlbd/TrojanCartPole-v0"], "registered backdoor env"),

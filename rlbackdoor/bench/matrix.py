@@ -37,7 +37,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from rlbackdoor.errors import SpecError
-from rlbackdoor.specs import ExperimentSpec, FolderName, _Spec, apply_overrides, parse, read_yaml
+from rlbackdoor.specs import MAX_ENVS, ExperimentSpec, FolderName, _Spec, apply_overrides, parse, read_yaml
 
 
 class EvalSettings(_Spec):
@@ -85,7 +85,7 @@ class BenchSpec(_Spec):
     poison_rates: list[float] | None = None
     algo: Literal["ppo", "a2c", "dqn"] | None = None
     timesteps: int | None = Field(None, ge=1)
-    n_envs: int | None = Field(None, ge=1)
+    n_envs: int | None = Field(None, ge=1, le=MAX_ENVS)
     hyperparams: dict[str, Any] = Field(default_factory=dict)
     seeds: int | list[int] = 2
     eval: EvalSettings = EvalSettings()

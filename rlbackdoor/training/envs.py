@@ -15,7 +15,7 @@ from gymnasium import spaces
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor
 
 from rlbackdoor.attack import make_base_env, make_gym_env
-from rlbackdoor.errors import SpecError
+from rlbackdoor.errors import RlbdError, SpecError
 from rlbackdoor.multiagent.registry import is_multiagent
 from rlbackdoor.multiagent.training import make_multiagent_train_env
 from rlbackdoor.registry import registered_attack
@@ -52,6 +52,7 @@ def make_train_env(spec: ExperimentSpec, attack: AttackSpec | None, seed: int) -
     if is_multiagent(spec.env) or spec.sharing:
         return make_multiagent_train_env(spec)  # type: ignore[return-value]
     factory = env_factory(spec, attack)
+    probe_env(factory, spec.env)
     venv: VecEnv = VecMonitor(DummyVecEnv([factory] * spec.n_envs))
     wrapped = " with its base_wrappers" if attack is not None and attack.base_wrappers else ""
     check_zero_start(spec.env + wrapped, venv.observation_space, venv.action_space)
@@ -59,6 +60,24 @@ def make_train_env(spec: ExperimentSpec, attack: AttackSpec | None, seed: int) -
         return FiniteVecEnv(venv), None
     backdoor = BackdoorVecEnv(venv, attack, seed=seed)
     return backdoor, backdoor
+
+
+def probe_env(factory: Callable[[], gym.Env], env_id: str) -> None:
+    """Reset and step one fresh env of a run, so that what only fails when stepping (e.g. a base wrapper given a
+    number for a function) fails here, as one :class:`SpecError` line before anything is written."""
+    env = factory()
+    try:
+        env.reset(seed=0)
+        env.step(env.action_space.sample())
+    except RlbdError:
+        raise
+    except Exception as err:  # the env's own code and its user-configured wrappers: anything may come out
+        detail = " ".join(str(err).split())[:200]
+        raise SpecError(
+            f"env: stepping {env_id} failed ({type(err).__name__}: {detail}); fix its base_kwargs or base_wrappers"
+        ) from None
+    finally:
+        env.close()
 
 
 def check_zero_start(env_id: str, observation_space: spaces.Space, action_space: spaces.Space) -> None:
