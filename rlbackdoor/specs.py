@@ -380,7 +380,28 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise SpecError(f"{path}: invalid YAML{where}; fix the syntax") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a YAML mapping at the top level; write key: value pairs")
+    _check_acyclic(data, path)
     return data
+
+
+def _check_acyclic(root: dict[str, Any], path: Path) -> None:
+    """Refuse YAML whose aliases make a node contain itself (``&a [*a]``): nothing could ever read it whole.
+    Shared nodes are walked once, so alias-heavy files cost their size, not their expanded size."""
+    done: set[int] = set()
+    open_: set[int] = set()
+
+    def walk(node: Any) -> None:
+        if not isinstance(node, (dict, list)) or id(node) in done:
+            return
+        if id(node) in open_:
+            raise SpecError(f"{path}: a YAML alias refers to a node that contains it; expand the alias")
+        open_.add(id(node))
+        for child in node.values() if isinstance(node, dict) else node:
+            walk(child)
+        open_.discard(id(node))
+        done.add(id(node))
+
+    walk(root)
 
 
 def locate(err: SpecError, source: str, section: str = "") -> SpecError:

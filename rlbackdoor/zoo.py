@@ -105,8 +105,8 @@ def _draw_args(node: dict[str, Any], where: str) -> tuple[str, Any]:
         raise SpecError(f"{where}: {kind} range [{lo}, {hi}] is not finite; give finite ends")
     if hi < lo:
         raise SpecError(f"{where}: {kind} range [{lo}, {hi}] is empty; put the low end first")
-    if kind == "randint" and not (isinstance(lo, int) and isinstance(hi, int)):
-        raise SpecError(f"{where}: randint needs integer ends, got [{lo}, {hi}]; use uniform for floats")
+    if kind == "randint" and not (isinstance(lo, int) and isinstance(hi, int) and max(-lo, hi) < 2**62):
+        raise SpecError(f"{where}: randint needs integer ends below 2**62, got [{lo}, {hi}]; use uniform for floats")
     return kind, arg
 
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rlbackdoor.errors import SpecError
-from rlbackdoor.specs import AttackSpec, EnvSpec, load, parse
+from rlbackdoor.specs import AttackSpec, EnvSpec, load, parse, read_yaml
 
 finite = st.floats(-10.0, 10.0, allow_nan=False, width=32)
 small = st.integers(0, 20)
@@ -260,3 +260,13 @@ def test_unreadable_yaml_names_the_file(tmp_path: Path, content: bytes | None, p
 def test_a_directory_is_not_a_spec(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="cannot read the file"):
         load(EnvSpec, tmp_path)
+
+
+def test_yaml_whose_aliases_contain_themselves_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "loop.yaml"
+    path.write_text("name: x\nenv: CartPole-v1\nhyperparams: &h {a: *h}\n")
+    with pytest.raises(SpecError, match="a YAML alias refers to a node that contains it; expand the alias"):
+        read_yaml(path)
+    shared = "a: &a [1, 2]\nb: &b [*a, *a, *a]\nc: [*b, *b, *b]\n"  # shared, not recursive: fine
+    (tmp_path / "shared.yaml").write_text(shared)
+    assert read_yaml(tmp_path / "shared.yaml")["c"][2][1] == [1, 2]

@@ -15,8 +15,8 @@ console = Console()
 
 def cleanse(
     runs: list[Path] = typer.Argument(..., help="finished multi-agent run directories (clean and backdoored victims)"),
-    k: int = typer.Option(3, min=1, help="probing steps (at least the trigger's length)"),
-    window: int = typer.Option(6, min=1, help="post-probe steps over which the victim's return is scored"),
+    k: int = typer.Option(3, min=1, max=1000, help="probing steps (at least the trigger's length)"),
+    window: int = typer.Option(6, min=1, max=1000, help="post-probe steps over which the victim's return is scored"),
     timesteps: int = typer.Option(6144, min=1, help="PPO steps of each probing opponent"),
     episodes: int = typer.Option(50, min=1, help="episodes to score the random and the learned probe"),
     seed: int = typer.Option(0, min=0, help="seeds the probers and the episodes"),

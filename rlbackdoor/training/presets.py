@@ -150,3 +150,9 @@ def _check_types(algo: str, kwargs: dict[str, Any]) -> None:
             not isinstance(value, kinds[annotation]) or (annotation is not bool and isinstance(value, bool))
         ):
             raise SpecError(f"hyperparams.{key}: {value!r} is not {names[annotation]}; give {names[annotation]}")
+        if key in COUNTS and isinstance(value, int) and value < 1:
+            raise SpecError(f"hyperparams.{key}: {value} is not a count; give a whole number >= 1")
+
+
+COUNTS = ("n_steps", "n_epochs", "batch_size", "buffer_size", "target_update_interval")
+"""Hyperparameters that count steps, epochs or samples: SB3 takes any integer and fails mid-training below 1."""
