@@ -64,7 +64,7 @@ def test_draws_resolve_every_kind_and_repeat_with_the_seed() -> None:
         ({"uniform": [1.0]}, "x: uniform needs [low, high] numbers"),
         ({"uniform": [2.0, 1.0]}, "x: uniform range [2.0, 1.0] is empty"),
         ({"randint": [0.5, 2]}, "x: randint needs integer ends"),
-        ({"randint": [0, 2**63]}, "x: randint needs integer ends below 2**62"),
+        ({"randint": [0, 2**63]}, r"x: randint needs integer ends below 2\*\*62"),
         ({"sample": [1, 2], "k": 3}, "x: sample k=3 must be an integer in [1, 2]"),
         ({"uniform": [float("nan"), 4.0]}, "x: uniform range [nan, 4.0] is not finite"),
         ({"uniform": [0.0, float("inf")]}, "x: uniform range [0.0, inf] is not finite"),
