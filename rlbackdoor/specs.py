@@ -68,8 +68,12 @@ Indices = Annotated[list[int], Field(min_length=1), AfterValidator(_distinct)]
 MAX_ENVS = 1024
 """The most envs a run steps side by side (in one process): far more than its cores can serve."""
 
-FOLDER_NAME = r"^[A-Za-z0-9][\w.-]*$"
-"""What names that become folder names match (runs, zoos, benchmarks, sweeps): no ``/``, no leading ``.``."""
+MAX_SEED = 2**32 - 1
+"""The largest seed SB3 and numpy take."""
+
+FOLDER_NAME = r"^[A-Za-z0-9][\w.-]{0,99}$"
+"""What names that become folder names match (runs, zoos, benchmarks, sweeps): no ``/``, no leading ``.``, at most
+100 characters."""
 FolderName = Annotated[str, Field(pattern=FOLDER_NAME)]
 
 
@@ -374,13 +378,18 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise SpecError(f"{path}: is not UTF-8 text; save the spec as a UTF-8 YAML file") from None
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise SpecError(f"{path}: YAML nested too deep to read; flatten it") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SpecError(f"{path}: invalid YAML{where}; fix the syntax") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a YAML mapping at the top level; write key: value pairs")
-    _check_acyclic(data, path)
+    try:
+        _check_acyclic(data, path)
+    except RecursionError:
+        raise SpecError(f"{path}: YAML nested too deep to read; flatten it") from None
     return data
 
 
@@ -478,7 +487,7 @@ class ExperimentSpec(_Spec):
     algo: Literal["ppo", "a2c", "dqn"]
     timesteps: int = Field(ge=1)
     n_envs: int = Field(1, ge=1, le=MAX_ENVS)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     hyperparams: dict[str, Any] = {}
     eval_every: int = Field(0, ge=0)
     sharing: bool = False

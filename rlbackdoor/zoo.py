@@ -50,7 +50,7 @@ from pydantic import Field
 
 from rlbackdoor.attack import Attack, make_base_env
 from rlbackdoor.errors import ArtifactError, RlbdError, SpecError
-from rlbackdoor.specs import MAX_ENVS, ExperimentSpec, FolderName, _Spec, apply_overrides, parse, read_yaml
+from rlbackdoor.specs import MAX_ENVS, MAX_SEED, ExperimentSpec, FolderName, _Spec, apply_overrides, parse, read_yaml
 
 MANIFEST = "manifest.json"
 DRAW_KINDS = ("choice", "uniform", "randint", "sample")
@@ -61,7 +61,7 @@ class ZooSpec(_Spec):
 
     name: FolderName
     agents: int = Field(ge=2)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED // 10_000 - 1)  # agent i trains with seed * 10_000 + i
     env: str = Field(min_length=1)
     algo: Literal["ppo", "a2c", "dqn"]
     timesteps: int = Field(ge=1)

@@ -270,3 +270,10 @@ def test_yaml_whose_aliases_contain_themselves_is_one_line(tmp_path: Path) -> No
     shared = "a: &a [1, 2]\nb: &b [*a, *a, *a]\nc: [*b, *b, *b]\n"  # shared, not recursive: fine
     (tmp_path / "shared.yaml").write_text(shared)
     assert read_yaml(tmp_path / "shared.yaml")["c"][2][1] == [1, 2]
+
+
+def test_yaml_nested_too_deep_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "deep.yaml"
+    path.write_text("name: x\nattack: " + "[" * 3000 + "]" * 3000 + "\n")
+    with pytest.raises(SpecError, match="YAML nested too deep to read; flatten it"):
+        read_yaml(path)

@@ -194,3 +194,11 @@ def test_distribution_parameters_are_checked_before_any_run(
     err = capsys.readouterr().err
     assert f"{path}: parameter 'seed': {message}" in err and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("cap", [1.5, "abc", -3, 0, True])
+def test_run_caps_that_are_not_counts_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], cap: Any) -> None:
+    path = write_sweep(tmp_path / "s.yaml", run_cap=cap)
+    assert main(["sweep", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert f"run_cap {cap!r} is not a whole number >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

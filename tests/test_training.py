@@ -561,6 +561,8 @@ NAN_OBS, NAN_REWARD = "observation contains NaN or inf; fix", "reward is NaN or 
         (["--set", "hyperparams.batch_size=1"], "batch_size"),
         (["--set", "hyperparams.policy_kwargs.net_arch=[-1]"], "SB3 PPO rejects the run (Trying to create tensor"),
         (["--set", "n_envs=99999999999999999999"], "n_envs: Input should be less than or equal to 1024"),
+        (["--set", "seed=5000000000"], "seed: Input should be less than or equal to 4294967295"),
+        (["--set", f"name={'a' * 101}"], "name: String should match pattern"),
         (["--set", "hyperparams.n_epochs=-1"], "hyperparams.n_epochs: -1 is not a count; give a whole number >= 1"),
         (["--set", "attack.base_kwargs.max_episode_steps=0"], "attack.base_kwargs: 'CartPole-v1' rejects them"),
         (["--set", "attack.base_wrappers=['builtins:id']"], "builtins:id returned int, not an env"),

@@ -37,7 +37,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from rlbackdoor.errors import SpecError
-from rlbackdoor.specs import MAX_ENVS, ExperimentSpec, FolderName, _Spec, apply_overrides, parse, read_yaml
+from rlbackdoor.specs import MAX_ENVS, MAX_SEED, ExperimentSpec, FolderName, _Spec, apply_overrides, parse, read_yaml
 
 
 class EvalSettings(_Spec):
@@ -109,8 +109,10 @@ class BenchSpec(_Spec):
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, v: int | list[int]) -> int | list[int]:
-        if (isinstance(v, int) and v < 1) or (isinstance(v, list) and (not v or min(v) < 0)):
-            raise ValueError(f"seeds {v} must be a positive count or a list of non-negative seeds")
+        if (isinstance(v, int) and not 1 <= v <= 1000) or (
+            isinstance(v, list) and (not v or min(v) < 0 or max(v) > MAX_SEED)
+        ):
+            raise ValueError(f"seeds {v} must be a count in 1..1000 or a list of seeds in 0..{MAX_SEED}")
         return v
 
     @property
@@ -201,7 +203,10 @@ def _experiment(spec: BenchSpec, base: dict[str, Any], label: str, poisoning: st
     for key in ("algo", "timesteps", "n_envs"):
         if getattr(spec, key) is not None:
             fields[key] = getattr(spec, key)
-    fields["hyperparams"] = {**(base.get("hyperparams") or {}), **spec.hyperparams}
+    own = base.get("hyperparams") or {}
+    if not isinstance(own, dict):
+        raise SpecError(f"bench {spec.name}: env {label}: hyperparams must be a mapping; write key: value pairs")
+    fields["hyperparams"] = {**own, **spec.hyperparams}
     fields.pop("eval_every", None)
     experiment = parse(ExperimentSpec, fields, f"bench {spec.name}: env {label}")
     return experiment.model_dump(mode="json")

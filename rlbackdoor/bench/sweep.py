@@ -111,6 +111,8 @@ class Sweep:
         for name, spec in parameters.items():
             self.parameters[str(name)] = _parameter(str(name), spec, self.method, where)
         self.run_cap = data.get("run_cap")
+        if self.run_cap is not None and not (type(self.run_cap) is int and self.run_cap >= 1):
+            raise SpecError(f"{where}: run_cap {self.run_cap!r} is not a whole number >= 1; fix it or drop it")
         self._check_fields()
 
     def _target(self) -> tuple[str, Path]:
