@@ -226,8 +226,12 @@ def test_bench_killed_midway_resumes_without_recomputing(
     assert run.config["defenses"]["detectors"] == ["probe"]
 
 
-def test_failed_cell_is_retried_then_recorded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """An env whose agents SB3 rejects fails (twice), its dependants are recorded as failed, the rest completes."""
+def test_failed_cell_is_retried_then_recorded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cell that fails (twice) is recorded, its dependants as failed too, and the rest completes. The failure here
+    is an env whose agents SB3 rejects, let through the up-front check to stand for one that fails mid-training."""
+    monkeypatch.setattr("rlbackdoor.training.loop.check_trainable", lambda spec: None)
     broken = yaml.safe_load((ROOT / "configs/experiments/cartpole_smoke.yaml").read_text())
     broken |= {"name": "broken", "hyperparams": {**broken["hyperparams"], "not_a_ppo_argument": 1}}
     (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
@@ -257,3 +261,22 @@ def test_ray_backend_runs_a_tiny_matrix(tmp_path: Path, capsys: pytest.CaptureFi
     assert [r["poisoning"] for r in records] == ["clean", "inner"] and all(r["status"] == "ok" for r in records)
     assert all(r["pid"] != os.getpid() for r in records)  # ran in Ray workers
     assert records[1]["metrics"]["ctp_ratio"] is not None
+
+
+@pytest.mark.parametrize(
+    ("hyperparams", "message"),
+    [
+        ({"foo": 1}, "unexpected keyword argument 'foo'"),
+        ({"n_steps": -4}, "hyperparams.n_steps: -4 is not a count"),
+        ({"policy_kwargs": {"net_arch": [70000]}}, "net_arch.0: 70000 is not a layer size"),
+    ],
+)
+def test_agents_that_cannot_train_fail_before_any_cell(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], hyperparams: dict[str, Any], message: str
+) -> None:
+    bench = write_bench(tmp_path / "b.yaml", hyperparams={**TINY_HYPERPARAMS, **hyperparams})
+    out = tmp_path / "out"
+    assert main(["bench", str(bench), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "bench tiny: env rlbd/TrojanCartPole-v1: " in err and message in err and "Traceback" not in err
+    assert not out.exists()

@@ -177,9 +177,32 @@ def run_bench(
     cells = expand(spec, Path(config).parent)
     mode = tracking.resolve_mode(wandb_mode)  # a bad mode or backend fails before anything is written
     check_backend(backend, workers, ray_address)
+    _check_trainable(spec.name, cells)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     write_json(root / "bench.json", {"config": spec.model_dump(mode="json"), "cells": [asdict(c) for c in cells]})
     summary = run_cells(cells, root, workers, backend, ray_address, on_record)
     files = write_report(spec, cells, root, mode, wandb_project)
     return summary, files
+
+
+def _check_trainable(name: str, cells: list[Cell]) -> None:
+    """Build the env and the model of every distinct kind of agent the cells train (env, algo, hyperparameters,
+    envs, loop), as training would first, so that a bad one fails before anything is written."""
+    from rlbackdoor.errors import RlbdError
+    from rlbackdoor.specs import ExperimentSpec
+    from rlbackdoor.training.loop import check_trainable
+
+    seen = set()
+    for cell in cells:
+        if cell.kind != "train":
+            continue
+        experiment = cell.config["experiment"]
+        key = json.dumps([experiment.get(k) for k in ("env", "algo", "hyperparams", "n_envs", "poisoning")])
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            check_trainable(ExperimentSpec.model_validate(experiment))
+        except RlbdError as err:
+            raise type(err)(f"bench {name}: env {experiment['env']}: {err}") from None
