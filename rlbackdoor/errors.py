@@ -21,3 +21,11 @@ class ObservationError(RlbdError, ValueError):
 
 BAD_REWARD = "reward is NaN or inf; fix the environment or its reward function"
 """The message of the :class:`ObservationError` the wrappers raise on a NaN or inf reward."""
+
+
+def in_context(err: RlbdError, context: str) -> RlbdError:
+    """``err``'s class and message with ``context`` (e.g. ``zoo z: agent 3``) before it: where a batch of runs
+    reports one run's error. Built without the class's constructor, whose parameters may differ."""
+    out = RlbdError.__new__(type(err))
+    Exception.__init__(out, f"{context}: {err}")
+    return out

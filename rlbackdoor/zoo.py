@@ -28,8 +28,8 @@ wrappers) with an attack whose schedule never fires (``rate: 0``); the manifest 
 ``backdoored: false`` and ``attack: null``.
 
 :func:`build_zoo` trains the agents in worker processes (finished agents are skipped, interrupted
-ones resumed; a zoo none of whose agents finished may be rerun with another config) and writes
-``DIR/manifest.json``: ``{"agents": [{"path", "backdoored", "attack"}]}``.
+ones resumed; a zoo that kept nothing, no finished agent and no checkpoint, may be rerun with another
+config) and writes ``DIR/manifest.json``: ``{"agents": [{"path", "backdoored", "attack"}]}``.
 Any directory with such a manifest is a zoo, including one written by hand around ``rlbd train`` runs.
 """
 
@@ -49,7 +49,7 @@ import numpy as np
 from pydantic import Field
 
 from rlbackdoor.attack import Attack, make_base_env
-from rlbackdoor.errors import ArtifactError, RlbdError, SpecError
+from rlbackdoor.errors import ArtifactError, RlbdError, SpecError, in_context
 from rlbackdoor.specs import MAX_ENVS, MAX_SEED, ExperimentSpec, FolderName, _Spec, apply_overrides, parse, read_yaml
 
 MANIFEST = "manifest.json"
@@ -293,8 +293,9 @@ def build_zoo(
 
     Finished agents (with a ``card.json``) are skipped, interrupted ones resumed from their last
     checkpoint. The manifest lists the finished agents and is rewritten as each one finishes, and once
-    more when training stops (an agent failed, or an interrupt). A zoo of another config is refused,
-    unless none of its agents finished: that one is started over with ``spec``.
+    more when training stops (an agent failed, or an interrupt). The first unfinished clean and backdoored
+    agents are built before anything is written. A zoo of another config is refused, unless it kept nothing
+    (no finished agent, no checkpoint): that one is started over with ``spec``.
 
     :param spec: the zoo.
     :param out: the zoo directory.
@@ -321,7 +322,7 @@ def build_zoo(
         try:
             check_trainable(runs[i])
         except RlbdError as err:
-            raise type(err)(f"zoo {spec.name}: agent {names[i]}: {err}") from None
+            raise in_context(err, f"zoo {spec.name}: agent {names[i]}") from None
     root.mkdir(parents=True, exist_ok=True)
 
     def finished() -> list[ZooAgent]:
@@ -354,7 +355,7 @@ def build_zoo(
     if failure is not None:
         name, error = failure
         if isinstance(error, RlbdError):
-            raise type(error)(f"zoo {spec.name}: agent {name}: {error}") from None
+            raise in_context(error, f"zoo {spec.name}: agent {name}") from None
         first = str(error).strip().splitlines()[:1] or [""]
         raise ArtifactError(
             f"zoo {spec.name}: agent {name} failed to train ({type(error).__name__}: {first[0]}); "

@@ -310,3 +310,11 @@ def test_cleanse_runs_reads_env_and_poisoning_from_well_formed_cards(
     clean = copy_of(rps, tmp_path, lambda card: card.update(poisoning=None))
     report = cleanse.cleanse_runs([rps, clean], k=3)
     assert report["env"] == "rlbd/TrojanRPS-v0" and [row["backdoored"] for row in report["rows"]] == [True, False]
+
+
+def test_a_card_error_keeps_its_class_in_a_batch_context() -> None:
+    from rlbackdoor.errors import in_context
+    from rlbackdoor.training.card_schema import CardError
+
+    err = in_context(CardError("x/card.json: policy", "missing"), "zoo z: agent 1")
+    assert type(err) is CardError and str(err).startswith("zoo z: agent 1: x/card.json: policy: missing; retrain")

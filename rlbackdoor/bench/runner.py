@@ -189,7 +189,7 @@ def run_bench(
 def _check_trainable(name: str, cells: list[Cell]) -> None:
     """Build the env and the model of every distinct kind of agent the cells train (env, algo, hyperparameters,
     envs, loop), as training would first, so that a bad one fails before anything is written."""
-    from rlbackdoor.errors import RlbdError
+    from rlbackdoor.errors import RlbdError, in_context
     from rlbackdoor.specs import ExperimentSpec
     from rlbackdoor.training.loop import check_trainable
 
@@ -205,4 +205,4 @@ def _check_trainable(name: str, cells: list[Cell]) -> None:
         try:
             check_trainable(ExperimentSpec.model_validate(experiment))
         except RlbdError as err:
-            raise type(err)(f"bench {name}: env {experiment['env']}: {err}") from None
+            raise in_context(err, f"bench {name}: env {experiment['env']}") from None

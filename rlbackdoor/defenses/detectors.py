@@ -390,13 +390,13 @@ def detect(
         raise SpecError(f"detector '{name}': seed is set by detect's own seed (rlbd detect --seed), not a parameter")
     cls = DETECTORS[get_detector(name, **params).name]  # unknown names and bad parameters fail first
     agents, is_zoo = _targets(target)
-    steps = None
-    if inputs is not None:
-        if is_zoo or "input" not in cls.levels:
-            raise SpecError("--inputs gives the steps an input-level detector scores for one run; pass a run directory")
-        steps = Trajectories.load(inputs)
-        _check_steps(inputs, steps, agents[0][0], read_card(agents[0][0]))
-    _check_family([(path, read_card(path)) for path, _ in agents])
+    if inputs is not None and (is_zoo or "input" not in cls.levels):
+        raise SpecError("--inputs gives the steps an input-level detector scores for one run; pass a run directory")
+    cards = [(path, read_card(path)) for path, _ in agents]
+    steps = None if inputs is None else Trajectories.load(inputs)
+    if steps is not None:
+        _check_steps(inputs, steps, *cards[0])
+    _check_family(cards)
     size = 2 * n_clean if "input" in cls.levels else n_clean
     shared, collect_seconds = _pooled(agents, size, seed) if is_zoo else (None, [0.0])
     results = []
