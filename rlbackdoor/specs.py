@@ -71,6 +71,21 @@ MAX_ENVS = 1024
 MAX_SEED = 2**32 - 1
 """The largest seed SB3 and numpy take."""
 
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED, strict=True)]
+"""A seed: a whole number in ``0..MAX_SEED`` (strict: ``true`` is not a seed)."""
+
+MAX_SEED_COUNT = 1000
+"""The most seeds one command runs (a bench's training seeds, evaluation seeds)."""
+
+MAX_TIMESTEPS = 10**9
+"""The most steps one agent trains for (a run, a zoo or bench agent, a PolicyCleanse prober): days of CPU time."""
+
+MAX_EPISODES = 10_000
+"""The most episodes an evaluation plays per seed."""
+
+MAX_CLEAN = 1_000_000
+"""The most clean steps or observations a defense is fitted on (sanitizers, detectors, training-time filters)."""
+
 FOLDER_NAME = r"^[A-Za-z0-9][\w.-]{0,99}$"
 """What names that become folder names match (runs, zoos, benchmarks, sweeps): no ``/``, no leading ``.``, at most
 100 characters."""
@@ -291,7 +306,7 @@ class AttackSpec(_Spec):
     trigger: TriggerSpec
     schedule: ScheduleSpec
     payload: PayloadSpec
-    seed: int = 0
+    seed: Seed = 0
 
 
 class EnvSpec(AttackSpec):
@@ -344,7 +359,7 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
     return ".".join(parts) or "<root>"
 
 
-_UNION_FIELDS = {"trigger", "schedule", "payload", "target_action", "value", "env"}
+_UNION_FIELDS = {"trigger", "schedule", "payload", "target_action", "value", "env", "seeds"}
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
@@ -367,8 +382,57 @@ def parse(model: type[S], data: Any, source: str) -> S:
         raise SpecError(format_validation_error(err, source)) from None
 
 
+class YamlValueError(yaml.YAMLError):
+    """What :class:`Loader` refuses in a YAML document: ``problem`` (ending with its fix) at ``line``."""
+
+    def __init__(self, problem: str, line: int) -> None:
+        super().__init__(f"line {line}: {problem}")
+        self.problem, self.line = problem, line
+
+
+class Loader(yaml.SafeLoader):
+    """PyYAML's safe loader for every YAML the project reads (files and ``--set`` values), with YAML 1.2's rules where
+    YAML 1.1 silently differs: a mapping's keys are distinct (1.1 keeps the last), and a number with an exponent but
+    no dot (``3e-4``, ``1e5``) is a float (1.1 reads a string). It also refuses integers too long for ``int()``.
+    What it refuses raises :class:`YamlValueError`."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # <<: *base; the mapping's own keys may override its keys
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base constructor refuses it
+                continue
+            if duplicate:
+                raise YamlValueError(
+                    f"key '{key}' appears twice in one mapping; keep one", key_node.start_mark.line + 1
+                )
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+            raise YamlValueError(
+                f"an integer of {len(node.value)} digits is too large; give a smaller number", node.start_mark.line + 1
+            ) from None
+
+
+Loader.add_constructor("tag:yaml.org,2002:int", Loader.construct_yaml_int)
+Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; unreadable files and YAML syntax errors raise :class:`SpecError`."""
+    """Read a YAML mapping with :class:`Loader`; unreadable files, YAML syntax errors and what the loader refuses
+    (duplicate keys) raise :class:`SpecError`."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -377,9 +441,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise SpecError(f"{path}: is not UTF-8 text; save the spec as a UTF-8 YAML file") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=Loader)
     except RecursionError:
         raise SpecError(f"{path}: YAML nested too deep to read; flatten it") from None
+    except YamlValueError as err:
+        raise SpecError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -443,7 +509,7 @@ class SanitizeSpec(_Spec):
     """
 
     method: Literal["support", "impute", "subspace", "reward"]
-    n_clean: int = Field(1000, ge=10)
+    n_clean: int = Field(1000, ge=10, le=MAX_CLEAN)
     fpr: Number = Field(0.001, gt=0.0, lt=1.0)
     margin: Number = Field(5.0, ge=1.0)
     mode: Literal["repair", "drop"] = "repair"
@@ -485,9 +551,9 @@ class ExperimentSpec(_Spec):
     poisoning: Literal["inner", "outer"] | None = None
     outer_reward: Literal["dynamic", "static"] = "dynamic"
     algo: Literal["ppo", "a2c", "dqn"]
-    timesteps: int = Field(ge=1)
+    timesteps: int = Field(ge=1, le=MAX_TIMESTEPS)
     n_envs: int = Field(1, ge=1, le=MAX_ENVS)
-    seed: int = Field(0, ge=0, le=MAX_SEED)
+    seed: Seed = 0
     hyperparams: dict[str, Any] = {}
     eval_every: int = Field(0, ge=0)
     sharing: bool = False
@@ -519,9 +585,6 @@ class ExperimentSpec(_Spec):
         return self
 
 
-_EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-
-
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """A copy of ``data`` with ``a.b=value`` overrides set (values parsed as YAML; ``--a.b=value`` also accepted).
 
@@ -535,11 +598,11 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         if not sep or not all(parts):
             raise SpecError(f"override '{item}': expected key.path=value; write e.g. --set hyperparams.n_steps=64")
         try:
-            value = yaml.safe_load(raw)
+            value = yaml.load(raw, Loader=Loader)
+        except YamlValueError as err:
+            raise SpecError(f"override '{item}': {err.problem}") from None
         except yaml.YAMLError:
             raise SpecError(f"override '{item}': the value is not valid YAML; quote it") from None
-        if isinstance(value, str) and _EXPONENT.match(value):  # YAML 1.1 reads 1e-05 (Python's str) as a string
-            value = float(value)
         node = out
         for part in parts[:-1]:
             child = node.get(part)
@@ -589,7 +652,7 @@ class MultiAgentAttackSpec(_Spec):
     trigger: TriggerSpec
     schedule: ScheduleSpec
     payload: PayloadSpec
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _agents(self) -> MultiAgentAttackSpec:

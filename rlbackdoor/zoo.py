@@ -50,21 +50,33 @@ from pydantic import Field
 
 from rlbackdoor.attack import Attack, make_base_env
 from rlbackdoor.errors import ArtifactError, RlbdError, SpecError, in_context
-from rlbackdoor.specs import MAX_ENVS, MAX_SEED, ExperimentSpec, FolderName, _Spec, apply_overrides, parse, read_yaml
+from rlbackdoor.specs import (
+    MAX_ENVS,
+    MAX_SEED,
+    MAX_TIMESTEPS,
+    ExperimentSpec,
+    FolderName,
+    _Spec,
+    apply_overrides,
+    parse,
+    read_yaml,
+)
 
 MANIFEST = "manifest.json"
 DRAW_KINDS = ("choice", "uniform", "randint", "sample")
+MAX_AGENTS = 1000
+"""The most agents a zoo trains."""
 
 
 class ZooSpec(_Spec):
     """A zoo config: an experiment template, the population size and the attack's draws."""
 
     name: FolderName
-    agents: int = Field(ge=2)
-    seed: int = Field(0, ge=0, le=MAX_SEED // 10_000 - 1)  # agent i trains with seed * 10_000 + i
+    agents: int = Field(ge=2, le=MAX_AGENTS)
+    seed: int = Field(0, ge=0, le=MAX_SEED // 10_000 - 1, strict=True)  # agent i trains with seed * 10_000 + i
     env: str = Field(min_length=1)
     algo: Literal["ppo", "a2c", "dqn"]
-    timesteps: int = Field(ge=1)
+    timesteps: int = Field(ge=1, le=MAX_TIMESTEPS)
     n_envs: int = Field(1, ge=1, le=MAX_ENVS)
     hyperparams: dict[str, Any] = Field(default_factory=dict)
     poisoning: Any = "inner"
@@ -95,10 +107,11 @@ def _draw_args(node: dict[str, Any], where: str) -> tuple[str, Any]:
         if not isinstance(arg, list) or not arg:
             raise SpecError(f"{where}: {kind} needs a non-empty list of items; write {{{kind}: [a, b]}}")
         k = node.get("k", 1)
-        if kind == "sample" and not (isinstance(k, int) and 1 <= k <= len(arg)):
+        if kind == "sample" and not (type(k) is int and 1 <= k <= len(arg)):
             raise SpecError(f"{where}: sample k={k!r} must be an integer in [1, {len(arg)}]; fix k")
         return kind, arg
-    if not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(v, (int, float)) for v in arg)):
+    numbers = isinstance(arg, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in arg)
+    if not (numbers and len(arg) == 2):  # a bool is an int to Python, not the end of a range
         raise SpecError(f"{where}: {kind} needs [low, high] numbers; write {{{kind}: [0, 1]}}")
     lo, hi = arg
     if not math.isfinite(hi - lo):

@@ -101,12 +101,19 @@ def test_rates_of_a_budget_schedule_from_an_experiment_config(tmp_path: Path) ->
     [
         ("defenses.detectors=[nope]", "unknown detector 'nope'; use one of"),
         ("defenses.sanitizers=[nope]", "unknown sanitizer 'nope'; use one of"),
-        ("envs=[rlbd/Nope-v0]", "unknown env 'rlbd/Nope-v0'; use a registered id"),
+        ("envs=[rlbd/Nope-v0]", "{bench}: envs: unknown env 'rlbd/Nope-v0'; use a registered id"),
         ("envs=[missing.yaml]", "experiment config 'missing.yaml' not found"),
         ("poisonning=[inner]", "poisonning: Extra inputs are not permitted"),
         ("poison_rates=[0]", "poison_rates [0.0] must lie in (0, 1]"),
         ("poisoning=[sideways]", "poisoning.0: Input should be 'inner' or 'outer'"),
-        ("algo=null", "env rlbd/TrojanCartPole-v1: algo: Field required (fix: add this field)"),
+        ("algo=null", "{bench}: env rlbd/TrojanCartPole-v1: algo: Field required (fix: add this field)"),
+        ("eval.episodes=100000000000000000000", "eval.episodes: Input should be less than or equal to 10000"),
+        ("eval.seeds=1001", "eval.seeds: Input should be less than or equal to 1000"),
+        ("defenses.n_clean=100000000000000000000", "defenses.n_clean: Input should be less than or equal to 1000000"),
+        ("timesteps=100000000000000000000", "timesteps: Input should be less than or equal to 1000000000"),
+        ("poison_rates=[]", "poison_rates: List should have at least 1 item after validation, not 0"),
+        ("seeds=true", "seeds: Input should be a valid integer"),
+        ("seeds=[0, true]", "seeds.1: Input should be a valid integer"),
         ("seeds=[0, 0]", "seeds: seeds lists 0 twice; name each once"),
         ("defenses.detectors=[probe, probe]", "detectors lists probe twice"),
         ("envs=[rlbd/TrojanRPS-v0]", "is multi-agent; poison_rates, sanitizers and detectors apply to single-agent"),
@@ -119,7 +126,7 @@ def test_bad_bench_configs_fail_before_any_cell(
     out = tmp_path / "out"
     assert main(["bench", str(bench), "--out", str(out), f"--{override}"]) == 2
     err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert message.replace("{bench}", str(bench)) in err and err.count("\n") == 1 and "Traceback" not in err
     assert not out.exists()
 
 
@@ -278,5 +285,5 @@ def test_agents_that_cannot_train_fail_before_any_cell(
     out = tmp_path / "out"
     assert main(["bench", str(bench), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "bench tiny: env rlbd/TrojanCartPole-v1: " in err and message in err and "Traceback" not in err
+    assert f"rlbd: error: {bench}: env rlbd/TrojanCartPole-v1: " in err and message in err and "Traceback" not in err
     assert not out.exists()

@@ -284,6 +284,8 @@ def test_empty_zoo_unknown_detector_and_non_targets_exit_2(zoo: Path, tmp_path: 
     assert "neither a run directory" in one_line_error(capsys, ["detect", str(tmp_path), "-d", "probe"])
     assert "bad parameters" in one_line_error(capsys, ["detect", str(zoo), "-d", "probe", "--param", "bogus=1"])
     assert "give TARGET" in one_line_error(capsys, ["detect", str(zoo)])
+    huge = ["detect", str(zoo), "-d", "probe", "--n-clean", "10" * 10]
+    assert "'--n-clean': Input should be less than or equal to 1000000" in one_line_error(capsys, huge)
 
 
 @pytest.mark.parametrize(

@@ -121,6 +121,8 @@ def test_rlbd_eval_bad_inputs_exit_2_with_one_line_and_leave_the_card(
     fails(["eval", str(run), "--baseline", str(empty)], "no card.json")
     fails(["eval", str(run), "--wandb-mode", "sometimes"], "sometimes")
     fails(["eval", str(run), "--episodes", "0"], "episodes")
+    fails(["eval", str(run), "--episodes", "10" * 10], "'--episodes': Input should be less than or equal to 10000")
+    fails(["eval", str(run), "--seeds", "10" * 10], "'--seeds': Input should be less than or equal to 1000")
     (run / "policy.safetensors").write_bytes(b"not a safetensors file")
     fails(["eval", str(run)], "policy.safetensors", "corrupt")
     assert not any(wandb_dir.iterdir())

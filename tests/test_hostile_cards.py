@@ -216,6 +216,11 @@ def nested_json(run: Path) -> None:
     (run / "card.json").write_text("[" * 100_000)
 
 
+def huge_card(run: Path) -> None:
+    with (run / "card.json").open("r+b") as fh:
+        fh.truncate(17 * 2**20)  # sparse: cheap to write, 17 MiB to read
+
+
 def card_is_a_directory(run: Path) -> None:
     (run / "card.json").unlink()
     (run / "card.json").mkdir()
@@ -229,6 +234,7 @@ def wrappers_not_a_list(run: Path) -> None:
     ("damage", "message"),
     [
         (nested_json, r"card\.json: unreadable \(maximum recursion depth"),
+        (huge_card, r"card\.json: larger than the 16 MiB a card may hold; retrain"),
         (card_is_a_directory, r"card\.json: not a regular file"),
         (wrappers_not_a_list, r"card\.json: attack\.base_wrappers: 5 is not a list"),
     ],
@@ -300,6 +306,31 @@ def test_rlbd_cleanse_reports_a_malformed_card_in_one_line_before_training(
     assert err.startswith(f"rlbd: error: {bad}") and re.search(message, err)
     with pytest.raises(ArtifactError, match=message):
         cleanse.cleanse_runs([bad])
+
+
+def test_rlbd_cleanse_refuses_a_run_given_twice_before_training(
+    rps: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cleanse, "policy_cleanse", lambda *args, **kwargs: pytest.fail("a prober trained"))
+    again = rps.parent / ".." / rps.parent.name / rps.name
+    assert main(["cleanse", str(rps), str(again), "--wandb-mode", "disabled"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"rlbd: error: {again}: given twice (also as {rps}); name each run once"
+
+
+def test_a_card_that_names_no_env_is_one_line_naming_its_path(
+    cartpole: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rlbackdoor.evaluation.envs import run_env
+
+    run = copy_of(cartpole, tmp_path, lambda card: card.update(env=3))
+    message = f"{run / 'card.json'}: neither 'attack' nor 'env' names the env of the run; retrain or fix the card"
+    with pytest.raises(ArtifactError) as info:
+        run_env(read_card(run), run / "card.json")
+    assert str(info.value) == message
+    for argv in (["sanitize", str(run)], ["detect", str(run), "-d", "probe"]):
+        assert main([*argv, "--wandb-mode", "disabled"]) == 2
+        assert capsys.readouterr().err.strip() == f"rlbd: error: {message}"
 
 
 def test_cleanse_runs_reads_env_and_poisoning_from_well_formed_cards(

@@ -374,6 +374,22 @@ def test_bad_attacks_are_one_line_spec_errors(overrides, words):
     assert all(w in message for w in words), message
 
 
+@pytest.mark.parametrize(
+    ("env_id", "base_kwargs", "words"),
+    [
+        (RPS, {"num_actions": 0}, ["base_kwargs: 'pettingzoo.classic.rps_v2' rejects them", "equal or greater than 3"]),
+        (RPS, {"colour": "red"}, ["base_kwargs: 'pettingzoo.classic.rps_v2' rejects them", "colour"]),
+        (SPREAD, {"local_ratio": 5}, ["base_kwargs: 'mpe2.simple_spread_v3' rejects them", "between 0 and 1"]),
+        (SPREAD, {"N": 0}, ["base_kwargs: 'mpe2.simple_spread_v3' rejects them", "zero-size array"]),
+    ],
+)
+def test_base_kwargs_the_base_env_asserts_against_are_one_line_spec_errors(env_id, base_kwargs, words):
+    with pytest.raises(SpecError) as err:
+        make_parallel(env_id, base_kwargs=base_kwargs)
+    message = one_line(err)
+    assert all(w in message for w in words) and message.endswith("; fix base_kwargs"), message
+
+
 def test_unknown_ids_and_missing_packages_are_spec_errors():
     with pytest.raises(SpecError) as err:
         make_parallel("rlbd/TrojanChess-v0")

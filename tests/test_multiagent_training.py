@@ -196,6 +196,18 @@ def test_rlbd_train_names_sharing_on_a_single_agent_env(env, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_rlbd_train_refuses_eval_every_on_a_multiagent_env_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default run directory: runs/<name>/<timestamp>-<pid>
+    config = ROOT / "configs" / "experiments" / "rps_inner.yaml"
+    assert main(["train", str(config), "--set", "eval_every=100", "--no-progress", "--wandb-mode", "disabled"]) == 2
+    err = one_line_error(capsys)
+    assert (
+        f"{config}: eval_every: evaluation during training handles single-agent envs, and {RPS} is multi-agent" in err
+    )
+    assert "set eval_every: 0 and run rlbd eval on the finished run" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 NAN_ID = "rlbd/Spoiled-v0"
 
 

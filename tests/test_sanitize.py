@@ -134,7 +134,14 @@ def test_cli_filters_a_trajectory_dataset(tmp_path: Path):
         (["sanitize"], "give a RUN_DIR"),
         (["sanitize", "--trajectories", "missing.npz"], "not a trajectory file"),
         (["sanitize", "nowhere", "--method", "support"], "nowhere"),
-        (["sanitize", "nowhere", "--curve", "-3,0"], "--curve '-3,0' is not a comma-separated list of positive"),
+        (["sanitize", "nowhere", "--curve", "-3,0"], "--curve '-3,0' is not a comma-separated list of integers in 1"),
+        (["sanitize", "nowhere", "--curve", "8,1000001"], "list of integers in 1..1000000; e.g. 8,16,32"),
+        (["sanitize", "nowhere", "--curve", "9" * 5000], "list of integers in 1..1000000; e.g. 8,16,32"),
+        (["sanitize", "nowhere", "--n-clean", "10" * 10], "'--n-clean': Input should be less than or equal to 1000000"),
+        (["sanitize", "nowhere", "--episodes", "10001"], "'--episodes': Input should be less than or equal to 10000"),
+        (["sanitize", "nowhere", "--seeds", "1001"], "'--seeds': Input should be less than or equal to 1000"),
+        (["sanitize", "nowhere", "--mode", "repair"], "sanitize: --mode applies to --trajectories only; drop --mode"),
+        (["sanitize", "nowhere", "--out", "x.npz"], "sanitize: --out applies to --trajectories only; drop --out"),
         (["sanitize", "nowhere", "--dim", "-1"], "--dim"),
         (["sanitize", "nowhere", "--episodes", "0"], "--episodes"),
         (["sanitize", "nowhere", "--seeds", "0"], "--seeds"),
@@ -226,4 +233,4 @@ def test_sanitize_config_errors_are_one_line(capsys):
     argv = ["train", "configs/experiments/cartpole_smoke.yaml", "--sanitize", "magic", "--wandb-mode", "disabled"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "sanitize.method" in err[0]
+    assert len(err) == 1 and "'--sanitize': Value error, 'magic' is not one of 'support', 'impute'" in err[0]

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rlbackdoor.errors import SpecError
-from rlbackdoor.specs import AttackSpec, EnvSpec, load, parse, read_yaml
+from rlbackdoor.specs import AttackSpec, EnvSpec, apply_overrides, load, load_experiment, parse, read_yaml
 
 finite = st.floats(-10.0, 10.0, allow_nan=False, width=32)
 small = st.integers(0, 20)
@@ -198,6 +198,8 @@ def test_invalid_specs_name_file_and_field(
     [
         (("surprise", 1), "surprise"),
         (("seed", "zero"), "seed"),
+        (("seed", True), "seed"),
+        (("seed", -1), "seed"),
         (("base_wrappers", ["not a ref"]), "base_wrappers.0.name"),
     ],
 )
@@ -276,4 +278,55 @@ def test_yaml_nested_too_deep_is_one_line(tmp_path: Path) -> None:
     path = tmp_path / "deep.yaml"
     path.write_text("name: x\nattack: " + "[" * 3000 + "]" * 3000 + "\n")
     with pytest.raises(SpecError, match="YAML nested too deep to read; flatten it"):
+        read_yaml(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key"),
+    [
+        ("name: x\nenv: CartPole-v1\nname: y\n", 3, "name"),
+        ("name: x\nhyperparams:\n  learning_rate: 0.1\n  gamma: 0.9\n  learning_rate: 0.2\n", 5, "learning_rate"),
+        ("trigger: {kind: value, indices: [3], kind: patch}\n", 1, "kind"),
+    ],
+)
+def test_duplicate_yaml_keys_are_one_line_naming_file_and_key(tmp_path: Path, text: str, line: int, key: str) -> None:
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError) as err:
+        read_yaml(path)
+    assert str(err.value) == f"{path}: line {line}: key '{key}' appears twice in one mapping; keep one"
+    with pytest.raises(SpecError) as err:
+        apply_overrides({}, ["hyperparams={a: 1, a: 2}"])
+    assert str(err.value) == "override 'hyperparams={a: 1, a: 2}': key 'a' appears twice in one mapping; keep one"
+
+
+def test_merge_keys_may_be_overridden_by_the_mappings_own_keys(tmp_path: Path) -> None:
+    path = tmp_path / "merge.yaml"
+    path.write_text("base: &b {gamma: 0.9, lr: 0.1}\nrun: {<<: *b, lr: 0.2}\n")
+    assert read_yaml(path)["run"] == {"gamma": 0.9, "lr": 0.2}
+
+
+def test_exponents_without_a_dot_are_floats_in_files_as_in_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "floats.yaml"
+    path.write_text(
+        "name: x\nenv: CartPole-v1\nalgo: ppo\ntimesteps: 1e3\n"
+        "hyperparams: {learning_rate: 3e-4, ent_coef: 1.0e-2, vf_coef: 5E+1, n_steps: 64, note: 1e}\n"
+    )
+    data = read_yaml(path)
+    assert data["hyperparams"] == {
+        "learning_rate": 3e-4,
+        "ent_coef": 0.01,
+        "vf_coef": 50.0,
+        "n_steps": 64,
+        "note": "1e",
+    }
+    assert apply_overrides({}, ["hyperparams.learning_rate=3e-4"])["hyperparams"]["learning_rate"] == 3e-4
+    spec = load_experiment(path)  # YAML 1.1 read 1e3 and 3e-4 as strings: timesteps failed, SB3 got "3e-4"
+    assert spec.timesteps == 1000 and spec.hyperparams["learning_rate"] == 3e-4
+
+
+def test_integers_too_long_to_convert_are_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "long.yaml"
+    path.write_text("name: x\nseed: " + "9" * 5000 + "\n")
+    with pytest.raises(SpecError, match=r"long\.yaml: line 2: an integer of 5000 digits is too large; give a smaller"):
         read_yaml(path)

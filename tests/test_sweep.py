@@ -114,6 +114,17 @@ def one_random(name: str, **spec: Any) -> dict[str, Any]:
         ({"command": ["python", "train.py", "${args}"]}, "the command runs neither 'rlbd train CONFIG'"),
         ({"command": ["rlbd", "train", "nowhere.yaml", "${args}"]}, "the command's config nowhere.yaml does not exist"),
         ({"command": ["${program}", "train", str(SMOKE)], "program": None}, "uses ${program} but the file has no"),
+        ({"program": 3}, "program 3 is not a string; name the script the command runs"),
+        ({"program": ["rlbd", "train"]}, "program ['rlbd', 'train'] is not a string"),
+        (
+            {"parameters": {"seed": {"values": [0, 1]}, "attack.schedule.rate": {"values": [0.1, 0.2, 5.0]}}},
+            "parameter 'attack.schedule.rate' does not fit",
+        ),
+        ({"parameters": {"attack.schedule.rate": {"values": [0.1, 5.0]}}}, "with value 5.0 ("),
+        (one_random("attack.schedule.rate", min=0.5, max=2.0), "'attack.schedule.rate' does not fit"),
+        (one_random("seed", min=0, max=2**40), "parameter 'seed' does not fit"),
+        (one_random("attack.schedule.rate", distribution="log_uniform", min=-5, max=1), "with value 2.718"),
+        (one_random("n_envs", distribution="q_uniform", min=8, max=2000, q=8), "with value 2000 ("),
     ],
 )
 def test_bad_sweep_files(tmp_path: Path, capsys: pytest.CaptureFixture[str], fields: dict, message: str) -> None:
@@ -196,9 +207,11 @@ def test_distribution_parameters_are_checked_before_any_run(
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("cap", [1.5, "abc", -3, 0, True])
+@pytest.mark.parametrize("cap", [1.5, "abc", -3, 0, True, 10_001])
 def test_run_caps_that_are_not_counts_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], cap: Any) -> None:
     path = write_sweep(tmp_path / "s.yaml", run_cap=cap)
     assert main(["sweep", str(path), "--out", str(tmp_path / "out")]) == 2
-    assert f"run_cap {cap!r} is not a whole number >= 1" in capsys.readouterr().err
+    assert f"run_cap {cap!r} is not a whole number in 1..10000" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    assert main(["sweep", str(path), "--count", "10001", "--out", str(tmp_path / "out")]) == 2
+    assert "'--count': Input should be less than or equal to 10000" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -464,10 +465,22 @@ def test_spaces_that_do_not_start_at_zero_are_refused_before_training(tmp_path: 
 
 
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path: Path) -> None:
-    run = tmp_path / "runs" / "run"
+    run = tmp_path / "runs" / "test" / "run"
     with pytest.raises(KeyboardInterrupt):
         train(experiment(), run, checkpoint_every=0, callbacks=[Crash(300)])
-    assert not run.exists()
+    assert list(tmp_path.iterdir()) == []  # nor the folders above it that it created
+
+    class Beside(Crash):  # a run started beside it in the meantime keeps its folders
+        def _on_training_start(self) -> None:
+            (tmp_path / "runs" / "test" / "other").mkdir()
+
+    with pytest.raises(KeyboardInterrupt):
+        train(experiment(), run, checkpoint_every=0, callbacks=[Beside(300)])
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "runs",
+        "runs/test",
+        "runs/test/other",
+    ]
 
 
 def test_a_run_that_fails_after_writing_its_artifacts_keeps_them(tmp_path: Path, monkeypatch) -> None:
@@ -562,6 +575,23 @@ NAN_OBS, NAN_REWARD = "observation contains NaN or inf; fix", "reward is NaN or 
         (["--set", "hyperparams.policy_kwargs.net_arch=[-1]"], "SB3 PPO rejects the run (Trying to create tensor"),
         (["--set", "n_envs=99999999999999999999"], "n_envs: Input should be less than or equal to 1024"),
         (["--set", "seed=5000000000"], "seed: Input should be less than or equal to 4294967295"),
+        (["--set", "seed=true"], "seed: Input should be a valid integer (fix: give a whole number)"),
+        (["--set", "attack.seed=true"], "attack.seed: Input should be a valid integer"),
+        (["--set", "timesteps=100000000000000000000"], "timesteps: Input should be less than or equal to 1000000000"),
+        (
+            ["--set", "sanitize={method: support, n_clean: 100000000000000000000}"],
+            "sanitize.n_clean: Input should be less than or equal to 1000000",
+        ),
+        (["--sanitize", ""], "Invalid value for '--sanitize': Value error, '' is not one of 'support'"),
+        (
+            ["--set", "hyperparams.n_steps=1000000000000"],
+            "hyperparams.n_steps: n_steps x n_envs = 4000000000000 transitions is more than the 10000000 a buffer",
+        ),
+        (
+            ["--set", "algo=dqn", "--set", "hyperparams={buffer_size: 1000000000000}"],
+            "hyperparams.buffer_size: 1000000000000 transitions is more than the 10000000 a buffer may hold",
+        ),
+        (["--set", "algo=dqn", "--set", "hyperparams={n_steps: 1000000000000}"], "hyperparams.n_steps: 1000000000000"),
         (["--set", f"name={'a' * 101}"], "name: String should match pattern"),
         (["--set", "hyperparams.n_epochs=-1"], "hyperparams.n_epochs: -1 is not a count; give a whole number >= 1"),
         (["--set", "attack.base_kwargs.max_episode_steps=0"], "attack.base_kwargs: 'CartPole-v1' rejects them"),
@@ -590,6 +620,25 @@ def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(
     err = capsys.readouterr().err.strip()
     assert err.startswith("rlbd: error:") and "\n" not in err and message in err and "Traceback" not in err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_warnings_do_not_spill_above_a_one_line_error_and_follow_a_successful_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SB3 warns about a mini-batch size that does not divide the rollout, then (net_arch [-1]) rejects the run."""
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    monkeypatch.setattr(warnings, "showwarning", show)  # print them, as outside pytest (which records them)
+    argv = ["train", str(SMOKE), "--no-progress", "--wandb-mode", "disabled", "--set", "hyperparams.batch_size=100"]
+    assert main([*argv, "--out", str(tmp_path / "a"), "--set", "hyperparams.policy_kwargs.net_arch=[-1]"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rlbd: error: ") and err.count("\n") == 1 and "mini-batch" not in err
+    assert main([*argv, "--out", str(tmp_path / "b"), "--set", "timesteps=256"]) == 0
+    captured = capsys.readouterr()
+    assert "UserWarning: You have specified a mini-batch size of 100" in captured.err
+    assert captured.out.strip() == str(tmp_path / "b")
 
 
 def test_cli_out_under_a_file_is_exit_2_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -68,6 +68,9 @@ def test_draws_resolve_every_kind_and_repeat_with_the_seed() -> None:
         ({"sample": [1, 2], "k": 3}, "x: sample k=3 must be an integer in [1, 2]"),
         ({"uniform": [float("nan"), 4.0]}, "x: uniform range [nan, 4.0] is not finite"),
         ({"uniform": [0.0, float("inf")]}, "x: uniform range [0.0, inf] is not finite"),
+        ({"uniform": [True, 2.0]}, "x: uniform needs [low, high] numbers"),
+        ({"randint": [0, True]}, "x: randint needs [low, high] numbers"),
+        ({"sample": [1, 2], "k": True}, "x: sample k=True must be an integer in [1, 2]"),
     ],
 )
 def test_malformed_draws_are_spec_errors_naming_the_field(node: dict, message: str) -> None:
@@ -99,6 +102,24 @@ def test_attack_draws_that_do_not_fit_the_env_fail_before_training(tmp_path: Pat
     assert not out.exists()
     assert main(["zoo", str(write(tmp_path, {**TINY, "agents": 1})), "--out", str(out)]) == 2
     assert "agents" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"agents": 10**20}, "agents: Input should be less than or equal to 1000"),
+        ({"timesteps": 10**20}, "timesteps: Input should be less than or equal to 1000000000"),
+        ({"seed": True}, "seed: Input should be a valid integer"),
+    ],
+)
+def test_zoo_fields_beyond_their_limits_fail_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fields: dict, message: str
+) -> None:
+    config, out = write(tmp_path, {**TINY, **fields}), tmp_path / "zoo"
+    assert main(["zoo", str(config), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"rlbd: error: {config}: {message}") and "\n" not in err
+    assert not out.exists()
 
 
 def test_malformed_draws_anywhere_in_the_config_fail_naming_the_file(tmp_path: Path, capsys) -> None:

@@ -34,17 +34,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, StrictInt, ValidationInfo, field_validator
 
 from rlbackdoor.errors import SpecError
-from rlbackdoor.specs import MAX_ENVS, MAX_SEED, ExperimentSpec, FolderName, _Spec, apply_overrides, parse, read_yaml
+from rlbackdoor.specs import (
+    MAX_CLEAN,
+    MAX_ENVS,
+    MAX_EPISODES,
+    MAX_SEED,
+    MAX_SEED_COUNT,
+    MAX_TIMESTEPS,
+    ExperimentSpec,
+    FolderName,
+    _Spec,
+    apply_overrides,
+    parse,
+    read_yaml,
+)
 
 
 class EvalSettings(_Spec):
     """Evaluation of every agent: ``episodes`` per evaluation seed, ``seeds`` evaluation seeds."""
 
-    episodes: int = Field(5, ge=1)
-    seeds: int = Field(2, ge=1)
+    episodes: int = Field(5, ge=1, le=MAX_EPISODES)
+    seeds: int = Field(2, ge=1, le=MAX_SEED_COUNT)
 
 
 class DefenseSettings(_Spec):
@@ -52,7 +65,7 @@ class DefenseSettings(_Spec):
 
     sanitizers: list[str] = Field(default_factory=list)
     detectors: list[str] = Field(default_factory=list)
-    n_clean: int = Field(256, ge=16, description="clean observations each defense is fitted on")
+    n_clean: int = Field(256, ge=16, le=MAX_CLEAN, description="clean observations each defense is fitted on")
 
     @field_validator("sanitizers", "detectors")
     @classmethod
@@ -82,12 +95,12 @@ class BenchSpec(_Spec):
     name: FolderName
     envs: list[str] = Field(min_length=1)
     poisoning: list[Literal["inner", "outer"]] = Field(["inner"], min_length=1)
-    poison_rates: list[float] | None = None
+    poison_rates: list[float] | None = Field(None, min_length=1)
     algo: Literal["ppo", "a2c", "dqn"] | None = None
-    timesteps: int | None = Field(None, ge=1)
+    timesteps: int | None = Field(None, ge=1, le=MAX_TIMESTEPS)
     n_envs: int | None = Field(None, ge=1, le=MAX_ENVS)
     hyperparams: dict[str, Any] = Field(default_factory=dict)
-    seeds: int | list[int] = 2
+    seeds: StrictInt | list[StrictInt] = 2  # strict: true is not a count or a seed
     eval: EvalSettings = EvalSettings()
     defenses: DefenseSettings = DefenseSettings()
 
@@ -109,10 +122,10 @@ class BenchSpec(_Spec):
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, v: int | list[int]) -> int | list[int]:
-        if (isinstance(v, int) and not 1 <= v <= 1000) or (
+        if (isinstance(v, int) and not 1 <= v <= MAX_SEED_COUNT) or (
             isinstance(v, list) and (not v or min(v) < 0 or max(v) > MAX_SEED)
         ):
-            raise ValueError(f"seeds {v} must be a count in 1..1000 or a list of seeds in 0..{MAX_SEED}")
+            raise ValueError(f"seeds {v} must be a count in 1..{MAX_SEED_COUNT} or a list of seeds in 0..{MAX_SEED}")
         return v
 
     @property
@@ -197,22 +210,24 @@ def _with_rate(fields: dict[str, Any], rate: float | None, where: str) -> dict[s
     return {**fields, "attack": {**attack, "schedule": schedule}}
 
 
-def _experiment(spec: BenchSpec, base: dict[str, Any], label: str, poisoning: str | None, seed: int) -> dict[str, Any]:
-    """The validated experiment of one agent, as JSON."""
+def _experiment(
+    spec: BenchSpec, base: dict[str, Any], label: str, poisoning: str | None, seed: int, source: str
+) -> dict[str, Any]:
+    """The validated experiment of one agent, as JSON (errors name ``source`` and the env)."""
     fields = {**base, "name": f"{spec.name}-{label}".replace("/", "-"), "poisoning": poisoning, "seed": seed}
     for key in ("algo", "timesteps", "n_envs"):
         if getattr(spec, key) is not None:
             fields[key] = getattr(spec, key)
     own = base.get("hyperparams") or {}
     if not isinstance(own, dict):
-        raise SpecError(f"bench {spec.name}: env {label}: hyperparams must be a mapping; write key: value pairs")
+        raise SpecError(f"{source}: env {label}: hyperparams must be a mapping; write key: value pairs")
     fields["hyperparams"] = {**own, **spec.hyperparams}
     fields.pop("eval_every", None)
-    experiment = parse(ExperimentSpec, fields, f"bench {spec.name}: env {label}")
+    experiment = parse(ExperimentSpec, fields, f"{source}: env {label}")
     return experiment.model_dump(mode="json")
 
 
-def expand(spec: BenchSpec, root: Path = Path()) -> list[Cell]:
+def expand(spec: BenchSpec, root: Path = Path(), source: str | None = None) -> list[Cell]:
     """Every cell of the matrix, in run order (clean agents, backdoored agents, sanitizers, detectors).
 
     Unknown envs, rates that do not apply, invalid experiments and attacks that do not fit their env
@@ -220,10 +235,11 @@ def expand(spec: BenchSpec, root: Path = Path()) -> list[Cell]:
 
     :param spec: the bench.
     :param root: the folder relative experiment configs are found in (the bench file's).
+    :param source: what errors name first: the bench file's path (default ``bench <name>``).
     """
     from rlbackdoor.multiagent.registry import is_multiagent
 
-    source = f"bench {spec.name}"
+    source = source or f"bench {spec.name}"
     evaluation = spec.eval.model_dump()
     cells: list[Cell] = []
     rates: list[float | None] = list(spec.poison_rates) if spec.poison_rates else [None]
@@ -238,14 +254,14 @@ def expand(spec: BenchSpec, root: Path = Path()) -> list[Cell]:
         checked: set[str] = set()
         for seed in spec.seed_list:
             labels = {"env": label, "poisoning": "clean", "poison_rate": 0.0, "seed": seed}
-            clean = _train_cell(_experiment(spec, base, label, None, seed), labels, evaluation)
+            clean = _train_cell(_experiment(spec, base, label, None, seed, source), labels, evaluation)
             cells.append(clean)
             population = {clean.config["artifact"]: False}
             needs = [clean.id]
             for poisoning in spec.poisoning:
                 for rate in rates:
                     experiment = _experiment(
-                        spec, _with_rate(base, rate, f"{source}: env {label}"), label, poisoning, seed
+                        spec, _with_rate(base, rate, f"{source}: env {label}"), label, poisoning, seed, source
                     )
                     attack = experiment.get("attack")
                     if attack is not None and not multiagent and digest(attack) not in checked:

@@ -174,10 +174,10 @@ def run_bench(
     from rlbackdoor.training.artifacts import write_json
 
     spec = load_bench(config, overrides)
-    cells = expand(spec, Path(config).parent)
+    cells = expand(spec, Path(config).parent, str(config))
     mode = tracking.resolve_mode(wandb_mode)  # a bad mode or backend fails before anything is written
     check_backend(backend, workers, ray_address)
-    _check_trainable(spec.name, cells)
+    _check_trainable(str(config), cells)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     write_json(root / "bench.json", {"config": spec.model_dump(mode="json"), "cells": [asdict(c) for c in cells]})
@@ -186,9 +186,10 @@ def run_bench(
     return summary, files
 
 
-def _check_trainable(name: str, cells: list[Cell]) -> None:
+def _check_trainable(source: str, cells: list[Cell]) -> None:
     """Build the env and the model of every distinct kind of agent the cells train (env, algo, hyperparameters,
-    envs, loop), as training would first, so that a bad one fails before anything is written."""
+    envs, loop), as training would first, so that a bad one fails before anything is written (errors name
+    ``source``, the bench file)."""
     from rlbackdoor.errors import RlbdError, in_context
     from rlbackdoor.specs import ExperimentSpec
     from rlbackdoor.training.loop import check_trainable
@@ -205,4 +206,4 @@ def _check_trainable(name: str, cells: list[Cell]) -> None:
         try:
             check_trainable(ExperimentSpec.model_validate(experiment))
         except RlbdError as err:
-            raise in_context(err, f"bench {name}: env {experiment['env']}") from None
+            raise in_context(err, f"{source}: env {experiment['env']}") from None

@@ -17,7 +17,8 @@ run it unchanged; :func:`run_sweep` (``rlbd sweep FILE``) does what the agent do
   run goes to ``OUT/runs.jsonl`` and its output to ``OUT/run-<i>.log``.
 
 Parameters are dotted fields of the config the command runs (``rlbd train CONFIG`` or ``rlbd bench
-CONFIG``); each is checked against that config before any run starts.
+CONFIG``); each is checked against that config before any run starts, with every value of a list and the
+ends of a distribution.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from rlbackdoor.errors import SpecError
 from rlbackdoor.specs import FOLDER_NAME, read_yaml
 
 METHODS = ("grid", "random", "bayes")
+MAX_RUNS = 10_000
+"""The most runs one local sweep starts (``--count``, ``run_cap``)."""
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
 KEYS = {
     "program",
@@ -98,6 +101,8 @@ class Sweep:
                 "use letters, digits, -, _ and ., starting with a letter or digit"
             )
         self.program = data.get("program")
+        if self.program is not None and not isinstance(self.program, str):
+            raise SpecError(f"{where}: program {self.program!r} is not a string; name the script the command runs")
         command = data.get("command", DEFAULT_COMMAND)
         if not (isinstance(command, list) and command and all(isinstance(c, (str, int, float)) for c in command)):
             raise SpecError(f"{where}: command must be a list of words, e.g. [rlbd, train, CONFIG, '${{args}}']")
@@ -111,8 +116,10 @@ class Sweep:
         for name, spec in parameters.items():
             self.parameters[str(name)] = _parameter(str(name), spec, self.method, where)
         self.run_cap = data.get("run_cap")
-        if self.run_cap is not None and not (type(self.run_cap) is int and self.run_cap >= 1):
-            raise SpecError(f"{where}: run_cap {self.run_cap!r} is not a whole number >= 1; fix it or drop it")
+        if self.run_cap is not None and not (type(self.run_cap) is int and 1 <= self.run_cap <= MAX_RUNS):
+            raise SpecError(
+                f"{where}: run_cap {self.run_cap!r} is not a whole number in 1..{MAX_RUNS}; fix it or drop it"
+            )
         self._check_fields()
 
     def _target(self) -> tuple[str, Path]:
@@ -127,7 +134,8 @@ class Sweep:
         )
 
     def _check_fields(self) -> None:
-        """Every parameter is a field of the target config (checked with each parameter's first value)."""
+        """Every parameter is a field of the target config, and the config takes each of its values (every value of a
+        list, the ends of a distribution: see :func:`_bounds`), written as the run's command writes them."""
         from rlbackdoor.bench.matrix import load_bench
         from rlbackdoor.specs import load_experiment
 
@@ -137,13 +145,14 @@ class Sweep:
             raise SpecError(f"{self.path}: the command's config {config} does not exist; fix the path")
         load(config)
         for name, spec in self.parameters.items():
-            value = spec["values"][0] if "values" in spec else spec.get("value", spec.get("min"))
-            try:
-                load(config, [f"{name}={value}"])
-            except SpecError as err:
-                raise SpecError(
-                    f"{self.path}: parameter '{name}' does not fit {config} ({err}); use a field of that config"
-                ) from None
+            for value in dict.fromkeys(str(v) for v in _bounds(spec, self.method)):
+                try:
+                    load(config, [f"{name}={value}"])
+                except SpecError as err:
+                    raise SpecError(
+                        f"{self.path}: parameter '{name}' does not fit {config} with value {value} ({err}); "
+                        "fix the value, or use a field of that config"
+                    ) from None
 
     def points(self, count: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
         """The parameter values of each run: the whole grid (or its first ``count``), or ``count`` random draws."""
@@ -260,6 +269,35 @@ def _infer(spec: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _bounds(spec: Mapping[str, Any], method: str) -> list[Any]:
+    """The values that bound a parameter's runs: a grid's values, a constant's value, every categorical value, and a
+    range's ends as drawn (exponentiated for ``log_uniform``, rounded to ``q``); a normal, unbounded, gives ``mu``."""
+    kind = spec["distribution"]
+    if method == "grid":
+        return list(spec["values"]) if "values" in spec else [spec["value"]]
+    if kind == "constant":
+        return [spec["value"]]
+    if kind == "categorical":
+        return list(spec["values"])
+    if kind == "int_uniform":
+        return [spec["min"], spec["max"]]
+    if kind in ("normal", "q_normal"):
+        ends = [float(spec.get("mu", 0.0))]
+    elif kind == "log_uniform":  # min and max are exponents (natural log)
+        ends = [float(np.exp(spec["min"])), float(np.exp(spec["max"]))]
+    else:
+        ends = [float(spec["min"]), float(spec["max"])]
+    return [_quantized(spec, value) for value in ends]
+
+
+def _quantized(spec: Mapping[str, Any], value: float) -> float:
+    """``value`` rounded to a multiple of ``q`` (default 1) for the ``q_`` distributions, else ``value``."""
+    if not spec["distribution"].startswith("q_"):
+        return value
+    q = spec.get("q", 1.0)
+    return round(value / q) * q
+
+
 def _draw(spec: Mapping[str, Any], rng: np.random.Generator) -> Any:
     kind = spec["distribution"]
     if kind == "constant":
@@ -277,10 +315,7 @@ def _draw(spec: Mapping[str, Any], rng: np.random.Generator) -> Any:
         value = float(np.exp(rng.uniform(np.log(spec["min"]), np.log(spec["max"]))))
     else:
         value = float(rng.uniform(spec["min"], spec["max"]))
-    if kind.startswith("q_"):
-        q = spec.get("q", 1.0)
-        value = round(value / q) * q
-    return value
+    return _quantized(spec, value)
 
 
 def run_command(command: list[str], env: dict[str, str], log: str) -> dict[str, Any]:

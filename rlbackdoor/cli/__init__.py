@@ -6,6 +6,7 @@ Errors the project raises (:class:`rlbackdoor.errors.RlbdError`) print as one li
 from __future__ import annotations
 
 import sys
+import warnings
 
 import typer
 
@@ -33,13 +34,37 @@ app.command("bench", context_settings=train.CONTEXT)(bench.bench)
 app.command("sweep")(sweep.sweep)
 
 
+ERROR = 2
+"""The exit code of a one-line error (the project's errors and click's usage errors)."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run ``rlbd``; return the exit code (2 on a project error, with a one-line message)."""
+    """Run ``rlbd``; return the exit code (:data:`ERROR` on a project error, with a one-line message).
+
+    Python warnings raised in this process while a command runs (SB3's hyperparameter advice, gymnasium's) are held
+    back until it ends. When it fails with a one-line error they are dropped, so that stderr holds that line only:
+    they are about a run that never happens. Otherwise (success, a traceback) they print then, after the command's
+    own output. Worker processes (``rlbd zoo``, ``bench``, ``sweep``) print their own as they come.
+    """
+    held: list[warnings.WarningMessage] = []
+    code: int | None = None
+    try:
+        with warnings.catch_warnings(record=True) as held:
+            code = _run(argv)
+    finally:
+        if code != ERROR:
+            for w in held:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
+    """Run ``rlbd`` with ``argv``: the exit code, with project and usage errors printed as one line."""
     try:
         code = app(args=argv, standalone_mode=False)  # a command's typer.Exit(n) comes back as n
     except RlbdError as err:
         print(f"rlbd: error: {err}", file=sys.stderr)
-        return 2
+        return ERROR
     except typer.Exit as ex:
         return ex.exit_code
     except typer.Abort:
@@ -51,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         show = getattr(err, "format_message", None)
         print(f"rlbd: error: {show() if show else err}", file=sys.stderr)
-        return 2
+        return ERROR
     return code if isinstance(code, int) else 0
 
 

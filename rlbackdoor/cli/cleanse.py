@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rlbackdoor.cli.train import WandbMode
+from rlbackdoor.specs import MAX_EPISODES, MAX_TIMESTEPS
 
 console = Console()
 
@@ -17,8 +18,10 @@ def cleanse(
     runs: list[Path] = typer.Argument(..., help="finished multi-agent run directories (clean and backdoored victims)"),
     k: int = typer.Option(3, min=1, max=1000, help="probing steps (at least the trigger's length)"),
     window: int = typer.Option(6, min=1, max=1000, help="post-probe steps over which the victim's return is scored"),
-    timesteps: int = typer.Option(6144, min=1, help="PPO steps of each probing opponent"),
-    episodes: int = typer.Option(50, min=1, help="episodes to score the random and the learned probe"),
+    timesteps: int = typer.Option(6144, min=1, max=MAX_TIMESTEPS, help="PPO steps of each probing opponent"),
+    episodes: int = typer.Option(
+        50, min=1, max=MAX_EPISODES, help="episodes to score the random and the learned probe"
+    ),
     seed: int = typer.Option(0, min=0, help="seeds the probers and the episodes"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the report to this JSON file"),
     wandb_mode: WandbMode | None = typer.Option(None, help="W&B mode [default: WANDB_MODE, else online iff logged in]"),

@@ -11,7 +11,7 @@ from rich.table import Table
 from rlbackdoor.cli.checks import check_file_out, check_single_agent_runs, write_json_out
 from rlbackdoor.cli.train import WandbMode
 from rlbackdoor.errors import SpecError
-from rlbackdoor.specs import apply_overrides
+from rlbackdoor.specs import MAX_CLEAN, apply_overrides
 
 console = Console()
 
@@ -36,7 +36,7 @@ def detect(
     detector: str | None = typer.Option(None, "--detector", "-d", help="detector name (see --list)"),
     list_: bool = typer.Option(False, "--list", help="list the detectors and the access each needs"),
     param: list[str] = typer.Option([], "--param", help="detector parameter key=value (repeatable)"),
-    n_clean: int = typer.Option(1024, min=16, help="clean observations per fit"),
+    n_clean: int = typer.Option(1024, min=16, max=MAX_CLEAN, help="clean observations per fit"),
     seed: int = typer.Option(0, min=0, help="seeds rollouts, subsets and the detector"),
     inputs: Path | None = typer.Option(
         None, help="trajectory .npz whose steps an input-level detector scores (run dir)"

@@ -16,7 +16,7 @@ from rich.table import Table
 from rlbackdoor.cli.checks import check_file_out, write_json_out
 from rlbackdoor.cli.train import WandbMode
 from rlbackdoor.errors import SpecError
-from rlbackdoor.specs import locate
+from rlbackdoor.specs import MAX_EPISODES, MAX_SEED_COUNT, locate
 
 HEADLINE = ("ctp", "ctp_ratio", "asr", "asr_raw", "triggered_return", "return_drop", "random_return", "baseline_ctp")
 """Metrics with CIs, in table order."""
@@ -55,8 +55,8 @@ def scalars(metrics: dict[str, Any]) -> dict[str, float]:
 def eval_run(
     run_dir: Path = typer.Argument(..., help="a finished run directory (card.json, policy.safetensors)"),
     baseline: Path | None = typer.Option(None, help="a clean run of the same config, for ctp_ratio"),
-    episodes: int = typer.Option(10, min=1, help="episodes per evaluation seed"),
-    seeds: int = typer.Option(3, min=1, help="evaluation seeds 0..N-1"),
+    episodes: int = typer.Option(10, min=1, max=MAX_EPISODES, help="episodes per evaluation seed"),
+    seeds: int = typer.Option(3, min=1, max=MAX_SEED_COUNT, help="evaluation seeds 0..N-1"),
     t0: int = typer.Option(0, min=0, help="step from which the trigger is on in triggered rollouts"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the metrics to this JSON file"),
     wandb_mode: WandbMode | None = typer.Option(None, help="W&B mode [default: WANDB_MODE, else online iff logged in]"),

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from rlbackdoor.cli.checks import check_file_out, check_single_agent, check_single_agent_runs, write_json_out
 from rlbackdoor.errors import SpecError
+from rlbackdoor.specs import MAX_CLEAN, MAX_EPISODES, MAX_SEED_COUNT
 
 if TYPE_CHECKING:
     import numpy as np
@@ -30,15 +31,19 @@ def _ci(m: dict[str, Any], key: str) -> str:
 def sanitize(
     run_dir: Path | None = typer.Argument(None, help="a run directory (card.json, policy.safetensors)"),
     method: str = typer.Option("support", "--method", "-m", help="sanitizer: see --list"),
-    n_clean: int = typer.Option(200, "--n-clean", help="clean observations to fit on (the agent's own rollouts)"),
+    n_clean: int = typer.Option(
+        200, "--n-clean", max=MAX_CLEAN, help="clean observations to fit on (the agent's own rollouts)"
+    ),
     dim: int | None = typer.Option(None, "--dim", min=1, help="subspace dimension (default: the clean data's rank)"),
     baseline: Path | None = typer.Option(None, "--baseline", help="a clean run of the same config, for ctp_ratio"),
-    episodes: int = typer.Option(10, "--episodes", min=1, help="evaluation episodes per seed"),
-    seeds: int = typer.Option(3, "--seeds", min=1, help="evaluation seeds"),
+    episodes: int = typer.Option(10, "--episodes", min=1, max=MAX_EPISODES, help="evaluation episodes per seed"),
+    seeds: int = typer.Option(3, "--seeds", min=1, max=MAX_SEED_COUNT, help="evaluation seeds"),
     curve: str = typer.Option("", "--curve", help="comma-separated other n values to report (e.g. 8,16,32)"),
     trajectories: Path | None = typer.Option(None, "--trajectories", help="filter this .npz dataset instead"),
     out: Path | None = typer.Option(None, "--out", help="with --trajectories: where to write the filtered dataset"),
-    mode: str = typer.Option("drop", "--mode", help="with --trajectories: drop | repair flagged transitions"),
+    mode: str | None = typer.Option(
+        None, "--mode", help="with --trajectories: drop | repair flagged transitions [default: drop]"
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="write the results as JSON"),
     wandb_mode: str | None = typer.Option(None, "--wandb-mode", help="online | offline | disabled"),
     list_methods: bool = typer.Option(False, "--list", help="print the methods and exit"),
@@ -56,13 +61,29 @@ def sanitize(
     check_file_out(json_out, "--json")
     check_file_out(out, "--out")
     if trajectories is not None:
-        results = _filter_dataset(trajectories, method, n_clean, dim, out, mode)
+        results = _filter_dataset(trajectories, method, n_clean, dim, out, mode or "drop")
     elif run_dir is not None:
+        for option, value in (("--mode", mode), ("--out", out)):
+            if value is not None:
+                raise SpecError(
+                    f"sanitize: {option} applies to --trajectories only; drop {option} or give --trajectories FILE"
+                )
         check_single_agent_runs(run_dir, "sanitize")
-        results = _sanitize_run(run_dir, method, n_clean, dim, baseline, episodes, seeds, curve, wandb_mode)
+        sizes = _curve(curve)
+        results = _sanitize_run(run_dir, method, n_clean, dim, baseline, episodes, seeds, sizes, wandb_mode)
     else:
         raise SpecError("sanitize: give a RUN_DIR, or --trajectories FILE, or --list")
     write_json_out(json_out, results)
+
+
+def _curve(curve: str) -> list[int]:
+    """The values of n in ``--curve`` (comma-separated, each in ``1..MAX_CLEAN``)."""
+    values = [v.strip() for v in curve.split(",") if v.strip()]
+    if not all(v.isdigit() and len(v) <= len(str(MAX_CLEAN)) and 0 < int(v) <= MAX_CLEAN for v in values):
+        raise SpecError(
+            f"sanitize: --curve '{curve}' is not a comma-separated list of integers in 1..{MAX_CLEAN}; e.g. 8,16,32"
+        )
+    return [int(v) for v in values]
 
 
 def _sanitize_run(
@@ -73,16 +94,12 @@ def _sanitize_run(
     baseline: Path | None,
     episodes: int,
     seeds: int,
-    curve: str,
+    sizes: list[int],
     wandb_mode: str | None,
 ) -> dict[str, Any]:
     from rlbackdoor import tracking
     from rlbackdoor.defenses.sanitize import sanitize_run
 
-    values = [v.strip() for v in curve.split(",") if v.strip()]
-    if not all(v.isdigit() and int(v) > 0 for v in values):
-        raise SpecError(f"sanitize: --curve '{curve}' is not a comma-separated list of positive integers; e.g. 8,16,32")
-    sizes = [int(v) for v in values]
     results = sanitize_run(run_dir, method, n_clean, dim, baseline, episodes, seeds, sizes)
     table = Table("", "ASR", "CTP", "ctp_ratio", title=f"{run_dir}: {method} sanitizer, n={n_clean}")
     for when in ("before", "after"):

@@ -7,12 +7,15 @@ from typing import Any
 
 import typer
 
+from rlbackdoor.bench.sweep import MAX_RUNS
 from rlbackdoor.cli.checks import check_out_dir
 
 
 def sweep(
     path: Path = typer.Argument(..., help="a W&B sweep file (see configs/sweeps/)"),
-    count: int | None = typer.Option(None, min=1, help="at most N runs (random sweeps need it, or run_cap)"),
+    count: int | None = typer.Option(
+        None, min=1, max=MAX_RUNS, help="at most N runs (random sweeps need it, or run_cap)"
+    ),
     out: Path | None = typer.Option(None, help="folder for runs.jsonl and run logs [default: runs/sweeps/<name>]"),
     seed: int = typer.Option(0, min=0, help="seeds the random draws"),
     workers: int = typer.Option(1, min=1, help="runs at a time"),

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import get_args
 
 import typer
 
 from rlbackdoor.errors import SpecError
-from rlbackdoor.specs import load_experiment, locate
+from rlbackdoor.specs import SanitizeSpec, load_experiment, locate
 
 CONTEXT = {"ignore_unknown_options": True, "allow_extra_args": True}
 
@@ -22,6 +23,12 @@ class WandbMode(str, Enum):
     online = "online"
     offline = "offline"
     disabled = "disabled"
+
+
+SanitizeMethod = Enum(  # type: ignore[misc]
+    "SanitizeMethod", [(m, m) for m in get_args(SanitizeSpec.model_fields["method"].annotation)], type=str
+)
+"""The choices of ``--sanitize``: :class:`~rlbackdoor.specs.SanitizeSpec`'s methods."""
 
 
 def sweep_overrides(args: list[str]) -> list[str]:
@@ -53,8 +60,8 @@ def train(
     wandb_project: str = typer.Option("rlbackdoor", help="W&B project"),
     checkpoint_every: int = typer.Option(10_000, min=0, help="steps between checkpoints (0: none)"),
     progress: bool = typer.Option(True, help="show a progress bar on stderr"),
-    sanitize: str | None = typer.Option(
-        None, help="train under trajectory sanitization: support | impute | subspace | reward (sets sanitize.method)"
+    sanitize: SanitizeMethod | None = typer.Option(
+        None, help="train under trajectory sanitization (sets sanitize.method)"
     ),
 ) -> None:
     """Train an agent as CONFIG describes; print the run directory."""
@@ -62,7 +69,7 @@ def train(
     from rlbackdoor.training.loop import train as run
 
     check_out_dir(out, "--out")
-    sanitized = [f"sanitize.method={sanitize}"] if sanitize else []
+    sanitized = [f"sanitize.method={sanitize.value}"] if sanitize is not None else []
     spec = load_experiment(config, [*set_, *sweep_overrides(ctx.args), *sanitized])
     try:
         run_dir = run(

@@ -284,7 +284,7 @@ def _check_steps(path: str | Path, steps: Trajectories, run: Path, card: dict[st
     ours = clean_env_id(card)
     if steps.env and clean_env_id({"env": steps.env}) != ours:
         raise SpecError(f"--inputs {path}: steps of {steps.env}, but {run} is a run of {ours}; record steps of {ours}")
-    env = run_env(card).make()
+    env = run_env(card, run / CARD).make()
     shape = env.observation_space.shape
     env.close()
     if steps.observations.shape[1:] != shape:
@@ -295,10 +295,13 @@ def _check_steps(path: str | Path, steps: Trajectories, run: Path, card: dict[st
 
 
 def _check_family(cards: list[tuple[Path, dict[str, Any]]]) -> None:
+    """Every card describes its policy and names its env, and the policies act in one env family."""
+    from rlbackdoor.evaluation.envs import run_env
     from rlbackdoor.training.card_schema import CARD, card_entry
 
     for path, card in cards:
         card_entry(path / CARD, card, "policy", dict)
+        run_env(card, path / CARD)
     first_path, first = cards[0]
     for path, card in cards[1:]:
         for key in ("observation_space", "action_space"):

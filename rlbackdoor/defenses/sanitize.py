@@ -211,8 +211,9 @@ def sanitize_run(
     curve: Sequence[int] = (),
 ) -> dict[str, Any]:
     """:func:`sanitize_agent` on a run directory (loaded with :func:`rlbackdoor.load_policy`)."""
-    from rlbackdoor.training.artifacts import load_policy
+    from rlbackdoor.training.artifacts import CARD, load_policy
 
     policy, card = load_policy(run_dir)
+    run_env(card, Path(run_dir) / CARD)  # a card that does not name its env fails here, naming its path
     baseline = load_baseline(baseline_dir, run_dir, card) if baseline_dir is not None else None
     return sanitize_agent(policy, card, method, n_clean, dim, baseline, episodes, seeds, curve)

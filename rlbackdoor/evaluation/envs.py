@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -20,6 +21,7 @@ from rlbackdoor.errors import ArtifactError
 from rlbackdoor.poisoning.schedules import Schedule
 from rlbackdoor.registry import registered_attack
 from rlbackdoor.specs import AttackSpec, TargetedPayload, parse
+from rlbackdoor.training.card_schema import CARD
 from rlbackdoor.wrappers.history import ActionHistory
 
 Source = AttackSpec | Mapping[str, Any] | str
@@ -34,10 +36,11 @@ class RunEnv:
     attack: AttackSpec | None
 
 
-def run_env(source: Source) -> RunEnv:
+def run_env(source: Source, card_path: str | Path = CARD) -> RunEnv:
     """Resolve a card, an attack spec or an env id into the clean env maker and the attack.
 
     :param source: see :data:`Source`.
+    :param card_path: where a card ``source`` was read from, for error messages.
     """
     if isinstance(source, AttackSpec):
         return RunEnv(partial(make_base_env, source), source)
@@ -46,12 +49,14 @@ def run_env(source: Source) -> RunEnv:
             return run_env(registered_attack(source))
         return RunEnv(partial(make_gym_env, source), None)
     if source.get("attack"):
-        return run_env(parse(AttackSpec, source["attack"], "card.json: attack"))
+        return run_env(parse(AttackSpec, source["attack"], f"{card_path}: attack"))
     config = source.get("config")
     if isinstance(config, dict) and config.get("attack"):  # a clean run of an attack's env: its base env and wrappers
-        return run_env(parse(AttackSpec, config["attack"], "card.json: config.attack"))
+        return run_env(parse(AttackSpec, config["attack"], f"{card_path}: config.attack"))
     if not isinstance(source.get("env"), str):
-        raise ArtifactError("card.json: neither 'attack' nor 'env' names the env of the run; retrain or fix the card")
+        raise ArtifactError(
+            f"{card_path}: neither 'attack' nor 'env' names the env of the run; retrain or fix the card"
+        )
     return run_env(source["env"])
 
 

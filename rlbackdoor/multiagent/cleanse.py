@@ -214,7 +214,8 @@ def cleanse_runs(run_dirs: list[Path], **options: Any) -> dict[str, Any]:
     """PolicyCleanse on every victim of a small zoo of multi-agent runs; AUROC when it mixes clean and backdoored.
 
     A run is backdoored when its card says it was poisoned. Every run must be of the same multi-agent env
-    with an adapter (its learner is the victim). Every run is loaded and checked before any prober trains.
+    with an adapter (its learner is the victim), and appear once. Every run is loaded and checked before any
+    prober trains.
 
     :param run_dirs: finished run directories.
     :param options: :func:`policy_cleanse`'s keyword arguments (``k``, ``window``, ``timesteps``, ...).
@@ -222,6 +223,12 @@ def cleanse_runs(run_dirs: list[Path], **options: Any) -> dict[str, Any]:
     """
     from sklearn.metrics import roc_auc_score
 
+    seen: dict[Path, Path] = {}
+    for run in map(Path, run_dirs):
+        first = seen.setdefault(run.resolve(), run)
+        if first is not run:
+            also = "" if first == run else f" (also as {first})"
+            raise SpecError(f"{run}: given twice{also}; name each run once")
     victims = [_load_victim(Path(run), options.get("victim_agent")) for run in run_dirs]
     envs = sorted({env for _, env, _ in victims})
     if len(envs) > 1:

@@ -75,15 +75,20 @@ def make_base_parallel(spec: MultiAgentAttackSpec, **make_kwargs: Any) -> Parall
     factory = _import(f"{spec.base}:parallel_env", "base")
     try:
         env = factory(**{**spec.base_kwargs, **make_kwargs})
-    except TypeError as err:
-        raise SpecError(f"base_kwargs: '{spec.base}' rejects them ({err}); fix base_kwargs") from None
+    except (TypeError, ValueError, AssertionError) as err:  # PettingZoo and MPE check their arguments with assert
+        raise SpecError(f"base_kwargs: '{spec.base}' rejects them ({_detail(err)}); fix base_kwargs") from None
     for ref in spec.base_wrappers:
         wrapper = _import(ref.name, "base_wrappers")
         try:
             env = wrapper(env, **ref.kwargs)
-        except TypeError as err:
-            raise SpecError(f"base_wrappers: {ref.name} rejects its kwargs ({err}); fix them") from None
+        except (TypeError, ValueError, AssertionError) as err:
+            raise SpecError(f"base_wrappers: {ref.name} rejects its kwargs ({_detail(err)}); fix them") from None
     return env
+
+
+def _detail(err: Exception) -> str:
+    """``err``'s message on one line (its class name when it has none, as a bare ``assert`` does)."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def _resolve(spec: MultiAgentEnvSpec | dict[str, Any], overrides: dict[str, Any]) -> MultiAgentEnvSpec:

@@ -75,8 +75,8 @@ def make_multiagent_train_env(spec: ExperimentSpec) -> tuple[VecEnv, PoisonTally
 
     :param spec: a run whose ``env`` is a registered multi-agent id; ``sharing`` picks parameter sharing
         (``n_envs`` copies of the env, one sub-env per agent) over the adapter (``n_envs`` adapter envs).
-    :raise SpecError: ``sharing`` on a single-agent env, outer-loop poisoning, or an env with no adapter when
-        ``sharing`` is off.
+    :raise SpecError: ``sharing`` on a single-agent env, outer-loop poisoning, ``eval_every``, or an env with no
+        adapter when ``sharing`` is off.
     """
     if spec.sharing and not is_multiagent(spec.env):
         raise SpecError(
@@ -87,6 +87,11 @@ def make_multiagent_train_env(spec: ExperimentSpec) -> tuple[VecEnv, PoisonTally
         raise SpecError(
             f"poisoning: outer is not available for the multi-agent env {spec.env} (its attack lives in the env); "
             "use poisoning: inner, or null for a clean run"
+        )
+    if spec.eval_every:
+        raise SpecError(
+            f"eval_every: evaluation during training handles single-agent envs, and {spec.env} is multi-agent; "
+            "set eval_every: 0 and run rlbd eval on the finished run"
         )
     poison = spec.poisoning == "inner"
     if spec.sharing:

@@ -28,7 +28,7 @@ from stable_baselines3.common.policies import (
 )
 
 from rlbackdoor.errors import ArtifactError
-from rlbackdoor.training.card_schema import CARD, RETRAIN, card_entry, expect, rebuild_policy
+from rlbackdoor.training.card_schema import CARD, MAX_CARD_BYTES, RETRAIN, card_entry, expect, rebuild_policy
 
 WEIGHTS, MODEL = "policy.safetensors", "model.zip"
 PACKAGES = ("rlbackdoor", "stable-baselines3", "gymnasium", "torch", "numpy", "minigrid", "pettingzoo")
@@ -78,14 +78,19 @@ def versions() -> dict[str, str]:
 
 
 def read_card(run_dir: str | Path) -> dict[str, Any]:
-    """The ``card.json`` of a finished run; a missing or unreadable card raises :class:`ArtifactError`."""
+    """The ``card.json`` of a finished run; a missing, unreadable or oversized (:data:`MAX_CARD_BYTES`) card raises
+    :class:`ArtifactError`."""
     path = Path(run_dir) / CARD
     if path.exists() and not path.is_file():
         raise ArtifactError(f"{path}: not a regular file; {RETRAIN}")
     if not path.is_file():
         raise ArtifactError(f"{run_dir}: no {CARD}; pass the directory of a finished run (rlbd train writes it last)")
     try:
-        card = json.loads(path.read_text())
+        with path.open("rb") as fh:
+            data = fh.read(MAX_CARD_BYTES + 1)
+        if len(data) > MAX_CARD_BYTES:
+            raise ArtifactError(f"{path}: larger than the {MAX_CARD_BYTES // 2**20} MiB a card may hold; {RETRAIN}")
+        card = json.loads(data)
     except (OSError, ValueError, RecursionError) as err:  # RecursionError: JSON nested too deep
         raise ArtifactError(f"{path}: unreadable ({err}); {RETRAIN}") from None
     if not isinstance(card, dict):

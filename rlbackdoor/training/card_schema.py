@@ -49,6 +49,9 @@ POLICIES: dict[str, type[BasePolicy]] = {
 _SKIPPED_KWARGS = ("observation_space", "action_space", "lr_schedule")
 
 CARD_FIX = f"{RETRAIN}, or fix {CARD}"
+MAX_CARD_BYTES = 16 * 2**20
+"""The largest ``card.json`` read (16 MiB; a trained run's is a few KiB, its metrics and eval history included): a
+hostile card could otherwise make a reader load gigabytes."""
 MAX_LAYERS, MAX_UNITS, MAX_WEIGHTS = 64, 65_536, 2**27
 """Caps on what a card may make :func:`rebuild_policy` allocate, checked before anything is built: 64 hidden
 layers per network; 65,536 units per layer or features extractor output, and entries per MultiDiscrete; about

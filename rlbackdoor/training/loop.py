@@ -69,15 +69,25 @@ def _train_summary(model: BaseAlgorithm, counter: PoisonCounter | None, clock: d
 
 @contextmanager
 def _run_directory(run_dir: Path) -> Iterator[None]:
-    """Create ``run_dir`` for the block; when the block fails before a checkpoint or the artifacts were written
-    (nothing to resume or keep), remove what it created."""
-    created = not run_dir.exists()
+    """Create ``run_dir`` (and its missing parents) for the block; when the block fails before a checkpoint or the
+    artifacts were written (nothing to resume or keep), remove what it created: ``run_dir``, then each parent it
+    created that is still empty (a run started beside it in the meantime keeps its folders)."""
+    created: list[Path] = []
+    folder = run_dir
+    while not folder.exists() and folder != folder.parent:
+        created.append(folder)
+        folder = folder.parent
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         yield
     except BaseException:
         if created and not (run_dir / CARD).exists() and not any((run_dir / FOLDER).glob("*")):
             shutil.rmtree(run_dir, ignore_errors=True)
+            for parent in created[1:]:
+                try:
+                    parent.rmdir()
+                except OSError:  # not empty
+                    break
         raise
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.sb2_compat.rmsprop_tf_like import RMSpropTFLike
 from stable_baselines3.common.torch_layers import CombinedExtractor, FlattenExtractor, NatureCNN
 from stable_baselines3.common.utils import LinearSchedule
@@ -129,6 +130,7 @@ def build_model(algo: str, env: VecEnv, hyperparams: dict[str, Any], seed: int) 
     """
     policy, kwargs = to_sb3(hyperparams)
     _check_types(algo, kwargs)
+    _check_buffer(algo, kwargs, env.num_envs)
     try:
         return ALGOS[algo](policy, env, seed=seed, device="cpu", verbose=0, **kwargs)
     except (TypeError, ValueError, AssertionError, KeyError, RuntimeError) as err:  # torch: e.g. a negative layer size
@@ -136,6 +138,30 @@ def build_model(algo: str, env: VecEnv, hyperparams: dict[str, Any], seed: int) 
         raise SpecError(
             f"hyperparams: SB3 {algo.upper()} rejects the run ({detail}); fix that hyperparameter or pick another algo"
         ) from None
+    except MemoryError:  # a buffer under MAX_BUFFER of large observations
+        raise SpecError(
+            f"hyperparams: SB3 {algo.upper()} cannot allocate its buffer in memory; lower "
+            f"{'n_steps or n_envs' if issubclass(ALGOS[algo], OnPolicyAlgorithm) else 'buffer_size'}"
+        ) from None
+
+
+def _check_buffer(algo: str, kwargs: dict[str, Any], n_envs: int) -> None:
+    """Refuse a buffer of more than :data:`MAX_BUFFER` transitions before SB3 allocates it: PPO's and A2C's rollout
+    buffer (``n_steps`` x ``n_envs``); DQN's replay buffer (``buffer_size``), its batches (``batch_size``) and its
+    n-step returns (``n_steps``)."""
+    cls = ALGOS[algo]
+    parameters = inspect.signature(cls.__init__).parameters
+    if issubclass(cls, OnPolicyAlgorithm):
+        size = kwargs.get("n_steps", parameters["n_steps"].default) * n_envs
+        checks = [("n_steps", size, f"n_steps x n_envs = {size}", "lower n_steps or n_envs")]
+    else:
+        sizes = {key: kwargs.get(key, parameters[key].default) for key in ("buffer_size", "batch_size", "n_steps")}
+        checks = [(key, size, str(size), f"lower {key}") for key, size in sizes.items()]
+    for key, size, what, fix in checks:
+        if size > MAX_BUFFER:
+            raise SpecError(
+                f"hyperparams.{key}: {what} transitions is more than the {MAX_BUFFER} a buffer may hold in memory; {fix}"
+            )
 
 
 def _check_types(algo: str, kwargs: dict[str, Any]) -> None:
@@ -153,6 +179,10 @@ def _check_types(algo: str, kwargs: dict[str, Any]) -> None:
         if key in COUNTS and isinstance(value, int) and value < 1:
             raise SpecError(f"hyperparams.{key}: {value} is not a count; give a whole number >= 1")
 
+
+MAX_BUFFER = 10**7
+"""The most transitions a rollout buffer (``n_steps`` x ``n_envs``), a replay buffer (``buffer_size``), a batch drawn
+from it or an n-step return may hold: an order of magnitude above the largest rl-zoo3 presets."""
 
 COUNTS = ("n_steps", "n_epochs", "batch_size", "buffer_size", "target_update_interval")
 """Hyperparameters that count steps, epochs or samples: SB3 takes any integer and fails mid-training below 1."""
