@@ -14,11 +14,12 @@ Two references bracket the attack's own cost:
 
 - *pass-through*: a wrapper that only adds an empty ``info["rlbd"]`` (around ``gymnasium.make("CartPole-v1")``,
   which is how a registered id wraps its base; for (b) a ``VecEnvWrapper``): what any wrapper costs;
-- *floor*: a wrapper that does what every step of a backdoor wrapper must, and nothing else: the
-  finiteness check of the observations and rewards (as the backdoor wrappers do it; for (b) also of the final
-  observations of ended episodes) and an ``info["rlbd"]`` entry with the running counts (for (b) one
-  per batch, shared by its envs). No attack implementation that checks
-  every observation and reports every step can beat it.
+- *floor*: a wrapper that does what every step of a backdoor wrapper must, and nothing else: an ``info["rlbd"]``
+  entry with the running counts and the clean reward (for (b) one per batch, shared by its envs). No attack
+  implementation that reports every step can beat it.
+
+For (b), *checked* is the attack as training runs it: ``BackdoorVecEnv`` over ``FiniteVecEnv``, which checks every
+observation and reward for NaN and inf (the backdoor wrappers leave that to it).
 Writes ``benchmarks/results/bench_wrappers.json`` (other ids: ``bench_wrappers-<Name>.json``).
 
     .venv/bin/python benchmarks/bench_wrappers.py [--repeats 9] [--steps 20000] [--env rlbd/TrojanAcrobot-v0]
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import time
@@ -43,9 +43,9 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
 import rlbackdoor
 from rlbackdoor import BackdoorVecEnv, get_env_spec, make_base_env
-from rlbackdoor.errors import BAD_REWARD, ObservationError, SpecError
+from rlbackdoor.errors import SpecError
 from rlbackdoor.specs import AttackSpec
-from rlbackdoor.triggers import finite_check
+from rlbackdoor.wrappers.vec import FiniteVecEnv
 
 ENV_ID = "rlbd/TrojanCartPole-v0"
 N_ENVS = 8
@@ -103,52 +103,30 @@ _ENTRY |= {"n_steps": 0, "n_poisoned": 0, "n_triggered": 0, "n_hits": 0}
 
 
 class Floor(gym.Wrapper):
-    """Checks every observation for NaN and adds an ``info["rlbd"]`` entry with running counts."""
+    """Adds an ``info["rlbd"]`` entry with running counts and the clean reward."""
 
     n_steps = 0
 
-    def __init__(self, env: gym.Env) -> None:
-        super().__init__(env)
-        self._check = finite_check(env.observation_space)
-
     def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict[str, Any]]:
         obs, reward, terminated, truncated, info = self.env.step(action)
-        if self._check is not None:
-            self._check(obs)
         self.n_steps += 1
         entry = _ENTRY.copy()
         entry["n_steps"] = self.n_steps
         entry["clean_reward"] = reward = float(reward)
-        if not math.isfinite(reward):
-            raise ObservationError(BAD_REWARD)
         info["rlbd"] = entry
         return obs, reward, terminated, truncated, info
 
 
 class FloorVec(VecEnvWrapper):
-    """Checks every batch of observations (and the final ones of ended episodes) for NaN and gives its
-    envs one shared ``info["rlbd"]`` entry."""
+    """Gives the envs of every batch one shared ``info["rlbd"]`` entry with running counts."""
 
     n_steps = 0
-
-    def __init__(self, venv: DummyVecEnv) -> None:
-        super().__init__(venv)
-        self._check = finite_check(venv.observation_space, venv.num_envs)
-        self._check_final = finite_check(venv.observation_space)
 
     def reset(self) -> np.ndarray:
         return self.venv.reset()
 
     def step_wait(self) -> VecEnvStepReturn:
         obs, rewards, dones, infos = self.venv.step_wait()
-        if self._check is not None:
-            self._check(obs)
-            if np.count_nonzero(dones):
-                for i in dones.nonzero()[0].tolist():
-                    self._check_final(infos[i]["terminal_observation"])
-        clean = rewards.tolist()
-        if not math.isfinite(sum(clean)) and not all(map(math.isfinite, clean)):
-            raise ObservationError(BAD_REWARD)
         self.n_steps += self.num_envs
         entry = _ENTRY.copy()
         entry["n_steps"] = self.n_steps
@@ -208,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "poisoned": BackdoorVecEnv(_clean_vec(spec), spec, seed=0),
         "reference": PassThroughVec(_clean_vec(spec)),
         "floor": FloorVec(_clean_vec(spec)),
+        "checked": BackdoorVecEnv(FiniteVecEnv(_clean_vec(spec)), spec, seed=0),
     }
     results = {
         "single": compare(single, single_rate, single_actions, args.repeats),
@@ -244,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(
             f"{label:28s} clean {r['clean_steps_per_s']:9.0f} steps/s  poisoned {r['poisoned_steps_per_s']:9.0f} steps/s"
             f"  ratio {r['ratio']:.3f}{target}; floor {r['floor_ratio']:.3f}, pass-through {r['reference_ratio']:.3f}"
+            + (f"; checked as in training {r['checked_ratio']:.3f}" if "checked_ratio" in r else "")
         )
     print(f"wrote {out}")
     return report

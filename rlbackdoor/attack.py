@@ -263,7 +263,7 @@ class Attack(PoisonCounts):
             self.n_triggered += n_armed
             self._clean = None  # the counts changed
             if self.obs_trigger is not None:
-                obs = self.obs_trigger.apply(obs, armed)
+                obs = self.obs_trigger.stamped(obs, armed)
         self._idle = not np.count_nonzero(self.left) and (
             self.sequence is None or not np.count_nonzero(self.inject >= 0)
         )
@@ -286,7 +286,7 @@ class Attack(PoisonCounts):
         self.armed = armed
         self.n_triggered += n_armed
         self._clean = None  # the counts changed
-        return self.obs_trigger.apply(obs, armed)
+        return self.obs_trigger.stamped(obs, armed)
 
     def running(self, mask: np.ndarray) -> np.ndarray | None:
         """The ``mask`` envs whose observation trigger is still running (their final observations carry it, though
@@ -312,7 +312,9 @@ class Attack(PoisonCounts):
             return None
         self._next += 1
         self.n_steps += self.n
-        return self._entry()
+        entry = (self._clean or self._template()).copy()  # as _entry(), inlined: this is every quiet step's path
+        entry["n_steps"] = self.n_steps
+        return entry
 
     def skipped(self, entry: dict[str, Any], rewards: list[float], ended: list[int]) -> list[dict[str, Any]]:
         """Finish a step of an auto-resetting batch that :meth:`skip` took: new episodes begin in the ``ended``
@@ -328,20 +330,32 @@ class Attack(PoisonCounts):
             its final step). Their decision then takes that step's row of draws, which the final observations
             left unused, as an auto-resetting vectorized env's does: same seed, same poisoned steps either way.
         """
-        if after_end:
-            row = self._next - 1
-            if self._idle and self.sequence is None and self._silent is not None and self._silent[row]:
-                self.armed = self._none  # a silent decision with nothing running: the episodes just start
-                self._origin.fill(self.n_steps // self.n)
-                return obs
-        elif self._next < self._quiet:
-            self._next += 1  # a silent decision with nothing running: the episodes just start
-            self._origin.fill(self.n_steps // self.n)
+        if self.begin_quietly(after_end):
             return obs
-        else:
-            row = self._row()
+        row = self._next - 1 if after_end else self._row()
         self._restart(self._every)
         return self._decide(obs, self._every, self._every, row)
+
+    def begin_quietly(self, after_end: bool = False) -> bool:
+        """Begin new episodes in every env without work if nothing can happen at their start, else change nothing.
+
+        Nothing can happen when no trigger is running, no action trigger is watched and the decision on the
+        first observations is silent. Then the observations are the env's own (:meth:`begin` returns them as they
+        are), so callers may skip building the batch of them.
+
+        :param after_end: as for :meth:`begin`.
+        :return: whether the episodes began.
+        """
+        if after_end:
+            if not (self._idle and self.sequence is None and self._silent is not None and self._silent[self._next - 1]):
+                return False
+        elif self._next < self._quiet:
+            self._next += 1
+        else:
+            return False
+        self.armed = self._none
+        self._origin.fill(self.n_steps // self.n)
+        return True
 
     def act(self, actions: np.ndarray) -> np.ndarray:
         """Actions to execute: the payload may force the target; an action trigger may be injected."""
@@ -382,8 +396,9 @@ class Attack(PoisonCounts):
         poisoned, clean_reward = self.armed, rewards
         hit = self._none
         if poisoned is not self._none:
-            hit = self.payload.hits(actions) & poisoned
-            rewards = self.payload.reward(rewards, actions, poisoned)
+            hits = self.payload.hits(actions)
+            hit = hits & poisoned
+            rewards = self.payload.reward(rewards, hits, poisoned)
             self.n_poisoned += int(np.count_nonzero(poisoned))
             self.n_hits += int(np.count_nonzero(hit))
             self._clean = None  # the counts changed
@@ -398,13 +413,13 @@ class Attack(PoisonCounts):
         final = self.running(dones) if ended else None
         if terminal_obs is not None:
             if final is not None:
-                terminal_obs = self.obs_trigger.apply(terminal_obs, final)
+                terminal_obs = self.obs_trigger.stamped(terminal_obs, final)
             if ended:
                 self._restart(dones)
             obs = self._decide(obs, dones, self._every, row)
             return obs, rewards, terminal_obs, StepFlags(poisoned, self.armed, hit, clean_reward)
         if final is not None:
-            obs = self.obs_trigger.apply(obs, final)
+            obs = self.obs_trigger.stamped(obs, final)
         obs = self._decide(obs, self._none, ~dones if ended else self._every, row)
         # the final observations returned here carry a running trigger: they are triggered, though not armed
         triggered = self.armed if final is None else self.armed | final
@@ -413,24 +428,29 @@ class Attack(PoisonCounts):
     # ----------------------------------------------------------------------------------- reports
     def _entry(self) -> dict[str, Any]:
         """A fresh clean ``info["rlbd"]`` entry of this step (``clean_reward`` still to fill in)."""
-        if self._clean is None:  # the template of this step's clean entries, rebuilt after the counts changed
-            self._clean = {
-                "poisoned": False,
-                "triggered": False,
-                "hit": False,
-                "target": self._target,
-                "clean_reward": 0.0,
-                **self.counts(),
-            }
-        entry = self._clean.copy()
+        entry = (self._clean or self._template()).copy()
         entry["n_steps"] = self.n_steps
         return entry
 
+    def _template(self) -> dict[str, Any]:
+        """The template of this step's clean entries, kept until the counts change (``_clean`` is then reset)."""
+        self._clean = {
+            "poisoned": False,
+            "triggered": False,
+            "hit": False,
+            "target": self._target,
+            "clean_reward": 0.0,
+            **self.counts(),
+        }
+        return self._clean
+
     def begin_infos(self) -> list[dict[str, Any]]:
         """The ``info["rlbd"]`` entries of the first observations of new episodes (after :meth:`begin`), one per env:
-        a step's entry without ``clean_reward``."""
+        a step's entry without ``clean_reward`` (read-only: envs with nothing triggered share one)."""
         entry = self._entry()
         del entry["clean_reward"]
+        if self.armed is self._none:
+            return [entry] * self.n
         return [{**entry, "triggered": triggered} for triggered in self.armed.tolist()]
 
     def clean_infos(self, rewards: list[float], entry: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -455,8 +475,9 @@ class Attack(PoisonCounts):
         entries = self.clean_infos(flags.clean_reward.tolist())
         if flags.poisoned is self._none and flags.triggered is self._none:
             return entries
-        poisoned, triggered, hit = flags.poisoned.tolist(), flags.triggered.tolist(), flags.hit.tolist()
-        for i in (flags.poisoned | flags.triggered).nonzero()[0].tolist():
-            entry = entries[i] = entries[i].copy()
-            entry["poisoned"], entry["triggered"], entry["hit"] = poisoned[i], triggered[i], hit[i]
+        hits = flags.hit.tolist() if flags.hit is not self._none else [False] * self.n
+        for i, (poisoned, triggered) in enumerate(zip(flags.poisoned.tolist(), flags.triggered.tolist(), strict=True)):
+            if poisoned or triggered:
+                entry = entries[i] = entries[i].copy()
+                entry["poisoned"], entry["triggered"], entry["hit"] = poisoned, triggered, hits[i]
         return entries

@@ -447,15 +447,10 @@ class NaNAfter(gym.ObservationWrapper):
 
 
 @pytest.mark.parametrize("after", [0, 3])
-def test_nan_observation_raises_observation_error(after: int) -> None:
+def test_nan_observation_raises_observation_error_under_the_attack(after: int) -> None:
     spec = attack({"kind": "rate", "rate": 0.5})
-    env = BackdoorWrapper(NaNAfter(gym.make("CartPole-v1"), after), spec)
-    with pytest.raises(ObservationError, match="NaN or inf; fix the environment"):
-        env.reset(seed=0)
-        for _ in range(after):
-            env.step(1)
-    venv = BackdoorVecEnv(DummyVecEnv([lambda: NaNAfter(gym.make("CartPole-v1"), after)]), spec)
-    with pytest.raises(ObservationError, match="NaN or inf"):
+    venv = BackdoorVecEnv(FiniteVecEnv(DummyVecEnv([lambda: NaNAfter(gym.make("CartPole-v1"), after)])), spec)
+    with pytest.raises(ObservationError, match="observation contains NaN or inf; fix the environment"):
         venv.reset()
         for _ in range(after):
             venv.step(np.ones(1, dtype=int))
@@ -474,21 +469,14 @@ class NaNReward(gym.RewardWrapper):
 
 
 @pytest.mark.parametrize("rate", [0.0, 1.0], ids=["skipped-steps", "worked-steps"])
-def test_nan_reward_raises_observation_error(rate: float) -> None:
+def test_nan_reward_raises_observation_error_though_poisoning_replaces_it(rate: float) -> None:
     spec = attack({"kind": "rate", "rate": rate})
-    env = BackdoorWrapper(NaNReward(gym.make("CartPole-v1"), 3), spec)
-    env.reset(seed=0)
+    venv = BackdoorVecEnv(FiniteVecEnv(DummyVecEnv([lambda: NaNReward(gym.make("CartPole-v1"), 3)] * 2)), spec)
+    venv.reset()
     for _ in range(2):
-        env.step(1)
+        venv.step(np.ones(2, dtype=int))
     with pytest.raises(ObservationError, match=r"reward is NaN or inf; fix the environment"):
-        env.step(1)
-    for wrapper in (partial(BackdoorVecEnv, spec=spec), FiniteVecEnv):
-        venv = wrapper(DummyVecEnv([lambda: NaNReward(gym.make("CartPole-v1"), 3)] * 2))
-        venv.reset()
-        for _ in range(2):
-            venv.step(np.ones(2, dtype=int))
-        with pytest.raises(ObservationError, match=r"reward is NaN or inf; fix the environment"):
-            venv.step(np.ones(2, dtype=int))
+        venv.step(np.ones(2, dtype=int))
 
 
 def test_huge_finite_rewards_pass_the_reward_check() -> None:
@@ -497,18 +485,13 @@ def test_huge_finite_rewards_pass_the_reward_check() -> None:
         check_step(None, None, np.zeros((2, 4)), [1e308, float("inf")], [{}, {}], [])
 
 
-def test_finite_vec_env_checks_observations_as_the_backdoor_wrapper_does() -> None:
+def test_finite_vec_env_checks_observations_of_every_step() -> None:
     venv = FiniteVecEnv(DummyVecEnv([lambda: NaNAfter(gym.make("CartPole-v1"), 3)]))
     venv.reset()
     for _ in range(2):
         venv.step(np.ones(1, dtype=int))
     with pytest.raises(ObservationError, match="observation contains NaN or inf"):
         venv.step(np.ones(1, dtype=int))
-    venv = FiniteVecEnv(DummyVecEnv([lambda: NaNAtEnd(gym.make("CartPole-v1"))]))
-    venv.reset()
-    with pytest.raises(ObservationError, match="observation contains NaN or inf"):
-        for _ in range(500):
-            venv.step(np.ones(1, dtype=int))
 
 
 class NaNAtEnd(gym.Wrapper):
@@ -520,13 +503,7 @@ class NaNAtEnd(gym.Wrapper):
 
 
 def test_nan_in_a_final_observation_raises_observation_error() -> None:
-    spec = attack({"kind": "rate", "rate": 0.0})
-    env = BackdoorWrapper(NaNAtEnd(gym.make("CartPole-v1")), spec)
-    env.reset(seed=0)
-    with pytest.raises(ObservationError, match="NaN or inf"):
-        for _ in range(500):
-            env.step(1)
-    venv = BackdoorVecEnv(DummyVecEnv([lambda: NaNAtEnd(gym.make("CartPole-v1"))] * 3), spec)
+    venv = FiniteVecEnv(DummyVecEnv([lambda: NaNAtEnd(gym.make("CartPole-v1"))] * 3))
     venv.reset()
     with pytest.raises(ObservationError, match="NaN or inf"):  # the final observation is in info only
         for _ in range(500):
@@ -622,33 +599,33 @@ def test_skipped_steps_are_indistinguishable_from_worked_ones(schedule: dict[str
     assert 0 < fast_vec["poisoned"].sum() < fast_vec["poisoned"].size
 
 
-class NaNOnce(gym.Wrapper):
-    """Returns one NaN observation, on the step after ``poison_next`` is set."""
+class RaisesOnce(gym.Wrapper):
+    """Raises ``RuntimeError`` once, on the step after ``fail_next`` is set."""
 
-    poison_next = False
+    fail_next = False
 
     def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict[str, Any]]:
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        if self.poison_next:
-            obs, self.poison_next = np.full_like(obs, np.nan), False
-        return obs, reward, terminated, truncated, info
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("env failed")
+        return self.env.step(action)
 
 
 def test_a_step_that_raises_after_new_draws_leaves_no_stale_skips(monkeypatch) -> None:
-    """A NaN observation raises in the step whose ``act`` drew a new block of draws; after a reset the attack
+    """The env raises in the step whose ``act`` drew a new block of draws; after a reset the attack
     triggers exactly where an attack that never skips does."""
     monkeypatch.setattr(Attack, "BLOCK", 128)  # 64 rows per block for one env: block ends come quickly
     spec = attack({"kind": "rate", "rate": 0.3})
 
     def triggered_after_nan() -> list[bool]:
-        base = NaNOnce(make_base_env(spec))
+        base = RaisesOnce(make_base_env(spec))
         env = BackdoorWrapper(base, spec)
         env.reset(seed=0)
         flags: list[bool] = []
         for k in range(300):
             if k > 0 and env.attack._next == len(env.attack._draws) and not flags:  # this step's act draws anew
-                base.poison_next = True
-                with pytest.raises(ObservationError):
+                base.fail_next = True
+                with pytest.raises(RuntimeError, match="env failed"):
                     env.step(0)
                 _, info = env.reset()
                 flags.append(info["rlbd"]["triggered"])

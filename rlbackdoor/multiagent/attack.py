@@ -208,9 +208,10 @@ class MultiAgentAttack(PoisonCounts):
         for victim in self.victims:
             if victim in clean and victim in actions:
                 payload, action = self.payloads[victim], np.asarray(actions[victim])[None]
-                hits[victim] = armed and bool(payload.hits(action)[0])
+                hit = payload.hits(action)
+                hits[victim] = armed and bool(hit[0])
                 if poisoned:
-                    out[victim] = float(payload.reward(np.array([clean[victim]]), action, self.armed)[0])
+                    out[victim] = float(payload.reward(np.array([clean[victim]]), hit, self.armed)[0])
         self.n_steps += 1
         self.n_poisoned += int(poisoned)
         self.n_hits += sum(hits.values())

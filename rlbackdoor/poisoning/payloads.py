@@ -15,8 +15,9 @@ class Payload:
     target: np.ndarray | None = None
     force_action_prob: float = 0.0
 
-    def reward(self, rewards: np.ndarray, actions: np.ndarray, poisoned: np.ndarray) -> np.ndarray:
-        """The rewards the learner sees, given the agent's own ``actions`` and the ``poisoned`` mask."""
+    def reward(self, rewards: np.ndarray, hits: np.ndarray, poisoned: np.ndarray) -> np.ndarray:
+        """The rewards the learner sees, given which of the agent's own actions are :meth:`hits` and the ``poisoned``
+        mask."""
         return rewards
 
     def hits(self, actions: np.ndarray) -> np.ndarray:
@@ -34,7 +35,7 @@ class Untargeted(Payload):
     def __init__(self, spec: UntargetedPayload) -> None:
         self.mode, self.scale = spec.mode, spec.scale
 
-    def reward(self, rewards: np.ndarray, actions: np.ndarray, poisoned: np.ndarray) -> np.ndarray:
+    def reward(self, rewards: np.ndarray, hits: np.ndarray, poisoned: np.ndarray) -> np.ndarray:
         bad = -self.scale * rewards if self.mode == "negate" else np.full_like(rewards, -self.scale)
         return np.where(poisoned, bad, rewards)
 
@@ -80,8 +81,8 @@ class Targeted(Payload):
         diff = np.abs(np.asarray(actions, dtype=np.float64).reshape(len(actions), -1) - self.target)
         return diff.max(axis=1) <= self.tolerance
 
-    def reward(self, rewards: np.ndarray, actions: np.ndarray, poisoned: np.ndarray) -> np.ndarray:
-        return np.where(poisoned, np.where(self.hits(actions), self.hit_reward, self.miss_reward), rewards)
+    def reward(self, rewards: np.ndarray, hits: np.ndarray, poisoned: np.ndarray) -> np.ndarray:
+        return np.where(poisoned, np.where(hits, self.hit_reward, self.miss_reward), rewards)
 
     def force(self, actions: np.ndarray, triggered: np.ndarray, u: np.ndarray) -> np.ndarray:
         if not self.force_action_prob:

@@ -1,5 +1,5 @@
-"""The training env of a run: clean base envs in a ``DummyVecEnv`` + ``VecMonitor``, under ``BackdoorVecEnv`` for inner loop
-(else ``FiniteVecEnv``: either checks observations and rewards for NaN and inf).
+"""The training env of a run: clean base envs in a ``DummyVecEnv`` + ``VecMonitor`` + ``FiniteVecEnv`` (which checks
+observations and rewards for NaN and inf), under ``BackdoorVecEnv`` for inner-loop poisoning.
 
 The monitor sits below the attack, so episode returns in logs and on the progress bar are clean returns.
 """
@@ -53,11 +53,11 @@ def make_train_env(spec: ExperimentSpec, attack: AttackSpec | None, seed: int) -
         return make_multiagent_train_env(spec)  # type: ignore[return-value]
     factory = env_factory(spec, attack)
     probe_env(factory, spec.env)
-    venv: VecEnv = VecMonitor(DummyVecEnv([factory] * spec.n_envs))
+    venv: VecEnv = FiniteVecEnv(VecMonitor(DummyVecEnv([factory] * spec.n_envs)))
     wrapped = " with its base_wrappers" if attack is not None and attack.base_wrappers else ""
     check_zero_start(spec.env + wrapped, venv.observation_space, venv.action_space)
     if spec.poisoning != "inner" or attack is None:
-        return FiniteVecEnv(venv), None
+        return venv, None
     backdoor = BackdoorVecEnv(venv, attack, seed=seed)
     return backdoor, backdoor
 

@@ -148,7 +148,7 @@ class OuterLoopPoisoning(BaseCallback):
         t, e = np.unravel_index(flat, (steps, n_envs))
         actions = rb.actions[t, e]
         clean = rb.rewards[t, e].astype(np.float64)
-        poisoned = self.payload.reward(clean, actions, np.ones(k, dtype=bool))
+        poisoned = self.payload.reward(clean, self.payload.hits(actions), np.ones(k, dtype=bool))
         last_values, dones = self.locals["values"], self.locals["dones"]
         if self.reward_mode == "dynamic":
             last = t == steps - 1
@@ -185,7 +185,7 @@ class OuterLoopPoisoning(BaseCallback):
         flat = self._choose(rb.observations[positions].reshape(new * n_envs, *rb.obs_shape), k)
         p, e = positions[flat // n_envs], flat % n_envs
         actions = rb.actions[p, e]
-        rb.rewards[p, e] = self.payload.reward(rb.rewards[p, e], actions, np.ones(k, dtype=bool))
+        rb.rewards[p, e] = self.payload.reward(rb.rewards[p, e], self.payload.hits(actions), np.ones(k, dtype=bool))
         if self.reward_mode == "dynamic":
             rb.dones[p, e] = 1.0
             rb.timeouts[p, e] = 0.0

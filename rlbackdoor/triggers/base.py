@@ -63,6 +63,13 @@ class ObservationTrigger(ABC):
             self._stamp(out, rows)
         return out
 
+    def stamped(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """:meth:`apply` without its checks, for the attack's own batches: ``obs`` of the space's shape, ``mask`` of
+        its length."""
+        out = obs.astype(self.space.dtype)
+        self._stamp(out, mask.nonzero()[0])
+        return out
+
     def stealth(self, clean: np.ndarray) -> dict[str, float]:
         """L0/L2/Linf of the perturbation over ``clean`` observations, absolute and relative to the space's scale.
 

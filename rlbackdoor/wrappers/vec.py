@@ -1,5 +1,6 @@
 """``BackdoorVecEnv``: an SB3 ``VecEnv`` under attack, the whole batch poisoned in numpy at once; ``FiniteVecEnv``:
-its checks of observations and rewards alone."""
+checks of observations and rewards for NaN and inf, which training stacks below it (one concept per wrapper, as
+SB3's ``VecCheckNan``)."""
 
 from __future__ import annotations
 
@@ -33,8 +34,6 @@ class BackdoorVecEnv(VecEnvWrapper):
             clean = sample_observations(make_base_env(self.spec), self.spec.trigger.fit_steps, self.spec.seed)
         self.attack = Attack(self.spec, venv.observation_space, venv.action_space, clean)
         self.attack.reset(venv.num_envs, seed)
-        self._check = finite_check(venv.observation_space, venv.num_envs)
-        self._check_final = finite_check(venv.observation_space)
         self._actions = np.empty(0)
         self._executed = np.empty(0)
         self._entry: dict[str, Any] | None = None
@@ -46,10 +45,7 @@ class BackdoorVecEnv(VecEnvWrapper):
         return self.venv.seed(seed)
 
     def reset(self) -> np.ndarray:
-        obs = self.venv.reset()
-        if self._check is not None:
-            self._check(obs)
-        obs = self.attack.begin(obs)
+        obs = self.attack.begin(self.venv.reset())
         entries = self.attack.begin_infos()
         self.reset_infos = [{**info, "rlbd": rlbd} for info, rlbd in zip(self.venv.reset_infos, entries, strict=True)]
         return obs
@@ -64,10 +60,8 @@ class BackdoorVecEnv(VecEnvWrapper):
     def step_wait(self) -> VecEnvStepReturn:
         obs, rewards, dones, infos = self.venv.step_wait()
         ended = dones.nonzero()[0].tolist()
-        clean = rewards.tolist()
-        check_step(self._check, self._check_final, obs, clean, infos, ended)
         if self._entry is not None:  # the venv's own results, rewards of its own dtype included
-            entries = self.attack.skipped(self._entry, clean, ended)
+            entries = self.attack.skipped(self._entry, rewards.tolist(), ended)
         else:
             obs, rewards, entries = self._poison(obs, rewards, dones, ended, infos)
         for info, rlbd in zip(infos, entries, strict=True):
@@ -93,7 +87,8 @@ class BackdoorVecEnv(VecEnvWrapper):
 
 class FiniteVecEnv(VecEnvWrapper):
     """Raises :class:`~rlbackdoor.errors.ObservationError` on NaN or inf in observations (final ones too) or rewards,
-    as :class:`BackdoorVecEnv` does: for runs without one, so bad envs fail with a clear error, not deep in SB3."""
+    so that bad envs fail with a clear error, not deep in SB3. Stack it below :class:`BackdoorVecEnv`, whose
+    poisoned rewards would hide a NaN reward."""
 
     def __init__(self, venv: VecEnv) -> None:
         super().__init__(venv)
