@@ -475,9 +475,12 @@ class Attack(PoisonCounts):
         entries = self.clean_infos(flags.clean_reward.tolist())
         if flags.poisoned is self._none and flags.triggered is self._none:
             return entries
-        hits = flags.hit.tolist() if flags.hit is not self._none else [False] * self.n
-        for i, (poisoned, triggered) in enumerate(zip(flags.poisoned.tolist(), flags.triggered.tolist(), strict=True)):
-            if poisoned or triggered:
+        none = [False] * self.n
+        poisoned = none if flags.poisoned is self._none else flags.poisoned.tolist()
+        triggered = none if flags.triggered is self._none else flags.triggered.tolist()
+        hit = none if flags.hit is self._none else flags.hit.tolist()
+        for i, (p, t) in enumerate(zip(poisoned, triggered, strict=True)):
+            if p or t:
                 entry = entries[i] = entries[i].copy()
-                entry["poisoned"], entry["triggered"], entry["hit"] = poisoned, triggered, hits[i]
+                entry["poisoned"], entry["triggered"], entry["hit"] = p, t, hit[i]
         return entries

@@ -56,10 +56,15 @@ class BackdoorWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
         executed = attack.act(actions)
         # the agent's own action object when the attack left it alone, as a clean env would get it
         obs, reward, terminated, truncated, info = self.env.step(action if executed is actions else executed[0])
-        batch = np.asarray(obs)[None]
+        batch = obs[None] if type(obs) is np.ndarray else np.asarray(obs)[None]
+        clean = np.array([reward], dtype=np.float64)
         self._ended = terminated or truncated
-        stamped, rewards, _, flags = attack.step(
-            batch, np.array([reward], dtype=np.float64), _ENDED if self._ended else _GOING, actions, executed
-        )
+        stamped, rewards, _, flags = attack.step(batch, clean, _ENDED if self._ended else _GOING, actions, executed)
         info["rlbd"] = attack.infos(flags)[0]
-        return obs if stamped is batch else stamped[0], float(rewards[0]), terminated, truncated, info
+        return (
+            obs if stamped is batch else stamped[0],
+            float(reward) if rewards is clean else rewards.item(),
+            terminated,
+            truncated,
+            info,
+        )
