@@ -142,6 +142,12 @@ def test_cli_filters_a_trajectory_dataset(tmp_path: Path):
         (["sanitize", "nowhere", "--seeds", "1001"], "'--seeds': Input should be less than or equal to 1000"),
         (["sanitize", "nowhere", "--mode", "repair"], "sanitize: --mode applies to --trajectories only; drop --mode"),
         (["sanitize", "nowhere", "--out", "x.npz"], "sanitize: --out applies to --trajectories only; drop --out"),
+        (["sanitize", "run", "--trajectories", "t.npz"], "sanitize: RUN_DIR applies to a run, not to --trajectories"),
+        (["sanitize", "--trajectories", "t.npz", "--curve", "8"], "--curve applies to a run, not to --trajectories"),
+        (["sanitize", "--trajectories", "t.npz", "--baseline", "b"], "--baseline applies to a run, not to"),
+        (["sanitize", "--trajectories", "t.npz", "--episodes", "10"], "--episodes applies to a run, not to"),
+        (["sanitize", "--trajectories", "t.npz", "--seeds", "3"], "--seeds applies to a run, not to"),
+        (["sanitize", "--trajectories", "t.npz", "--wandb-mode", "offline"], "--wandb-mode applies to a run, not"),
         (["sanitize", "nowhere", "--dim", "-1"], "--dim"),
         (["sanitize", "nowhere", "--episodes", "0"], "--episodes"),
         (["sanitize", "nowhere", "--seeds", "0"], "--seeds"),
@@ -200,10 +206,10 @@ def test_multiagent_runs_and_datasets_point_to_rlbd_cleanse(tmp_path: Path, caps
     hint = "rlbd/TrojanRPS-v0 is a multi-agent env id and rlbd sanitize handles single-agent envs; "
     fixes = ["for multi-agent runs use rlbd cleanse", "filter steps of a single-agent env"]
     for argv, where, fix in [
-        (["sanitize", str(run)], run, fixes[0]),
+        (["sanitize", str(run), "--wandb-mode", "disabled"], run, fixes[0]),
         (["sanitize", "--trajectories", str(data)], data, fixes[1]),
     ]:
-        assert main([*argv, "--wandb-mode", "disabled"]) == 2
+        assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"{where}: {hint}{fix}" in err[0]
 

@@ -36,9 +36,11 @@ def sanitize(
     ),
     dim: int | None = typer.Option(None, "--dim", min=1, help="subspace dimension (default: the clean data's rank)"),
     baseline: Path | None = typer.Option(None, "--baseline", help="a clean run of the same config, for ctp_ratio"),
-    episodes: int = typer.Option(10, "--episodes", min=1, max=MAX_EPISODES, help="evaluation episodes per seed"),
-    seeds: int = typer.Option(3, "--seeds", min=1, max=MAX_SEED_COUNT, help="evaluation seeds"),
-    curve: str = typer.Option("", "--curve", help="comma-separated other n values to report (e.g. 8,16,32)"),
+    episodes: int | None = typer.Option(
+        None, "--episodes", min=1, max=MAX_EPISODES, help="evaluation episodes per seed [default: 10]"
+    ),
+    seeds: int | None = typer.Option(None, "--seeds", min=1, max=MAX_SEED_COUNT, help="evaluation seeds [default: 3]"),
+    curve: str | None = typer.Option(None, "--curve", help="comma-separated other n values to report (e.g. 8,16,32)"),
     trajectories: Path | None = typer.Option(None, "--trajectories", help="filter this .npz dataset instead"),
     out: Path | None = typer.Option(None, "--out", help="with --trajectories: where to write the filtered dataset"),
     mode: str | None = typer.Option(
@@ -61,6 +63,11 @@ def sanitize(
     check_file_out(json_out, "--json")
     check_file_out(out, "--out")
     if trajectories is not None:
+        run_options = {"RUN_DIR": run_dir, "--baseline": baseline, "--episodes": episodes, "--seeds": seeds}
+        run_options |= {"--curve": curve, "--wandb-mode": wandb_mode}
+        for option, value in run_options.items():
+            if value is not None:
+                raise SpecError(f"sanitize: {option} applies to a run, not to --trajectories; drop one of them")
         results = _filter_dataset(trajectories, method, n_clean, dim, out, mode or "drop")
     elif run_dir is not None:
         for option, value in (("--mode", mode), ("--out", out)):
@@ -69,8 +76,8 @@ def sanitize(
                     f"sanitize: {option} applies to --trajectories only; drop {option} or give --trajectories FILE"
                 )
         check_single_agent_runs(run_dir, "sanitize")
-        sizes = _curve(curve)
-        results = _sanitize_run(run_dir, method, n_clean, dim, baseline, episodes, seeds, sizes, wandb_mode)
+        sizes = _curve(curve or "")
+        results = _sanitize_run(run_dir, method, n_clean, dim, baseline, episodes or 10, seeds or 3, sizes, wandb_mode)
     else:
         raise SpecError("sanitize: give a RUN_DIR, or --trajectories FILE, or --list")
     write_json_out(json_out, results)
