@@ -15,8 +15,9 @@ Two references bracket the attack's own cost:
 - *pass-through*: a wrapper that only adds an empty ``info["rlbd"]`` (around ``gymnasium.make("CartPole-v1")``,
   which is how a registered id wraps its base; for (b) a ``VecEnvWrapper``): what any wrapper costs;
 - *floor*: a wrapper that does what every step of a backdoor wrapper must, and nothing else: an ``info["rlbd"]``
-  entry with the running counts and the clean reward (for (b) one per batch, shared by its envs). No attack
-  implementation that reports every step can beat it.
+  entry with the running counts and the clean reward (for (b) one entry per batch, shared by its envs, without
+  their clean rewards: lower than any per-env report). No attack implementation that reports every step can
+  beat it.
 
 For (b), *checked* is the attack as training runs it: ``BackdoorVecEnv`` over ``FiniteVecEnv``, which checks every
 observation and reward for NaN and inf (the backdoor wrappers leave that to it).

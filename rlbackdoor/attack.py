@@ -312,9 +312,7 @@ class Attack(PoisonCounts):
             return None
         self._next += 1
         self.n_steps += self.n
-        entry = (self._clean or self._template()).copy()  # as _entry(), inlined: this is every quiet step's path
-        entry["n_steps"] = self.n_steps
-        return entry
+        return self._entry()
 
     def skipped(self, entry: dict[str, Any], rewards: list[float], ended: list[int]) -> list[dict[str, Any]]:
         """Finish a step of an auto-resetting batch that :meth:`skip` took: new episodes begin in the ``ended``

@@ -533,7 +533,8 @@ def test_cli_train_with_set_and_sweep_style_overrides(tmp_path: Path, capsys: py
 
 
 class Broken(gym.Wrapper):
-    """CartPole whose observation or reward (``what``) turns NaN on the 300th step of each env."""
+    """CartPole whose observation or reward (``what``: obs, reward) turns NaN, or whose observation overflows to inf
+    (overflow), on the 300th step of each env."""
 
     def __init__(self, what: str) -> None:
         super().__init__(gym.make("CartPole-v1"))
@@ -543,11 +544,16 @@ class Broken(gym.Wrapper):
         obs, reward, terminated, truncated, info = self.env.step(action)
         self.steps += 1
         if self.steps == 300:
-            obs, reward = (np.full_like(obs, np.nan), reward) if self.what == "obs" else (obs, float("nan"))
+            if self.what == "obs":
+                obs = np.full_like(obs, np.nan)
+            elif self.what == "reward":
+                reward = float("nan")
+            else:  # numpy warns where the overflow happens
+                obs = obs * np.float32(1e38) * np.float32(1e38)
         return obs, reward, terminated, truncated, info
 
 
-for _what in ("Obs", "Reward"):
+for _what in ("Obs", "Reward", "Overflow"):
     if f"Broken{_what}CartPole-v0" not in gym.registry:
         gym.register(f"Broken{_what}CartPole-v0", entry_point=Broken, kwargs={"what": _what.lower()})
 CLEAN = ["--set", "poisoning=null", "--set", "attack=null"]
@@ -569,6 +575,7 @@ NAN_OBS, NAN_REWARD = "observation contains NaN or inf; fix", "reward is NaN or 
         (["--set", "env=BrokenObsCartPole-v0", *CLEAN], NAN_OBS),
         (["--set", "env=BrokenObsCartPole-v0"], NAN_OBS),
         (["--set", "env=BrokenRewardCartPole-v0"], NAN_REWARD),
+        (["--set", "env=BrokenRewardCartPole-v0", "--set", "attack.schedule.rate=1.0"], NAN_REWARD),  # all poisoned
         (["--set", "env=BrokenRewardCartPole-v0", "--set", "poisoning=outer"], NAN_REWARD),
         (["--set", "hyperparams.n_stepz=8"], "n_stepz"),
         (["--set", "hyperparams.batch_size=1"], "batch_size"),
@@ -622,7 +629,7 @@ def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_cli_warnings_do_not_spill_above_a_one_line_error_and_follow_a_successful_run(
+def test_cli_warnings_drop_config_advice_before_a_one_line_error_and_follow_a_successful_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SB3 warns about a mini-batch size that does not divide the rollout, then (net_arch [-1]) rejects the run."""
@@ -639,6 +646,11 @@ def test_cli_warnings_do_not_spill_above_a_one_line_error_and_follow_a_successfu
     captured = capsys.readouterr()
     assert "UserWarning: You have specified a mini-batch size of 100" in captured.err
     assert captured.out.strip() == str(tmp_path / "b")
+    # numeric warnings locate the trouble an error reports: they stay, above the error line
+    assert main([*argv, "--out", str(tmp_path / "c"), "--set", "env=BrokenOverflowCartPole-v0", *CLEAN]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "RuntimeWarning: overflow encountered" in err[0] and err[-1].startswith(f"rlbd: error: {NAN_OBS}")
+    assert not any("mini-batch" in line for line in err)
 
 
 def test_cli_out_under_a_file_is_exit_2_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,7 +16,7 @@ from rlbackdoor import BackdoorVecEnv, BackdoorWrapper, ObservationError, make_b
 from rlbackdoor.attack import Attack
 from rlbackdoor.poisoning.schedules import build_schedule
 from rlbackdoor.specs import AttackSpec, parse
-from rlbackdoor.wrappers.vec import FiniteVecEnv, check_step
+from rlbackdoor.wrappers.vec import FiniteVecEnv
 
 MARK = 100.0  # stamped into CartPole's cart velocity (an unbounded entry): never seen in clean play
 CARTPOLE_TRIGGER = {"kind": "value", "indices": [1], "values": [MARK]}
@@ -446,16 +446,6 @@ class NaNAfter(gym.ObservationWrapper):
         return observation * np.nan if self.seen > self.after else observation
 
 
-@pytest.mark.parametrize("after", [0, 3])
-def test_nan_observation_raises_observation_error_under_the_attack(after: int) -> None:
-    spec = attack({"kind": "rate", "rate": 0.5})
-    venv = BackdoorVecEnv(FiniteVecEnv(DummyVecEnv([lambda: NaNAfter(gym.make("CartPole-v1"), after)])), spec)
-    with pytest.raises(ObservationError, match="observation contains NaN or inf; fix the environment"):
-        venv.reset()
-        for _ in range(after):
-            venv.step(np.ones(1, dtype=int))
-
-
 class NaNReward(gym.RewardWrapper):
     """Returns a NaN reward on the ``at``-th step."""
 
@@ -468,10 +458,22 @@ class NaNReward(gym.RewardWrapper):
         return float("nan") if self.steps == self.at else float(reward)
 
 
-@pytest.mark.parametrize("rate", [0.0, 1.0], ids=["skipped-steps", "worked-steps"])
-def test_nan_reward_raises_observation_error_though_poisoning_replaces_it(rate: float) -> None:
-    spec = attack({"kind": "rate", "rate": rate})
-    venv = BackdoorVecEnv(FiniteVecEnv(DummyVecEnv([lambda: NaNReward(gym.make("CartPole-v1"), 3)] * 2)), spec)
+class HugeRewards(VecEnvWrapper):
+    """Rewards of 1e308 as float64 (as ``SubprocVecEnv`` gives them): finite, though a sum of two overflows."""
+
+    def reset(self) -> np.ndarray:
+        return self.venv.reset()
+
+    def step_wait(self) -> Any:
+        obs, rewards, dones, infos = self.venv.step_wait()
+        return obs, np.full(len(rewards), 1e308), dones, infos
+
+
+def test_finite_vec_env_refuses_a_nan_reward_and_passes_huge_finite_ones() -> None:
+    venv = FiniteVecEnv(HugeRewards(DummyVecEnv([lambda: gym.make("CartPole-v1")] * 2)))
+    venv.reset()
+    assert venv.step(np.ones(2, dtype=int))[1].tolist() == [1e308, 1e308]
+    venv = FiniteVecEnv(DummyVecEnv([lambda: NaNReward(gym.make("CartPole-v1"), 3)] * 2))
     venv.reset()
     for _ in range(2):
         venv.step(np.ones(2, dtype=int))
@@ -479,19 +481,13 @@ def test_nan_reward_raises_observation_error_though_poisoning_replaces_it(rate: 
         venv.step(np.ones(2, dtype=int))
 
 
-def test_huge_finite_rewards_pass_the_reward_check() -> None:
-    check_step(None, None, np.zeros((2, 4)), [1e308, 1e308], [{}, {}], [])
-    with pytest.raises(ObservationError, match="reward is NaN"):
-        check_step(None, None, np.zeros((2, 4)), [1e308, float("inf")], [{}, {}], [])
-
-
-def test_finite_vec_env_checks_observations_of_every_step() -> None:
-    venv = FiniteVecEnv(DummyVecEnv([lambda: NaNAfter(gym.make("CartPole-v1"), 3)]))
-    venv.reset()
-    for _ in range(2):
-        venv.step(np.ones(1, dtype=int))
-    with pytest.raises(ObservationError, match="observation contains NaN or inf"):
-        venv.step(np.ones(1, dtype=int))
+@pytest.mark.parametrize("after", [0, 3], ids=["on-reset", "on-step"])
+def test_finite_vec_env_checks_every_observation(after: int) -> None:
+    venv = FiniteVecEnv(DummyVecEnv([lambda: NaNAfter(gym.make("CartPole-v1"), after)]))
+    with pytest.raises(ObservationError, match="observation contains NaN or inf; fix the environment"):
+        venv.reset()
+        for _ in range(after):
+            venv.step(np.ones(1, dtype=int))
 
 
 class NaNAtEnd(gym.Wrapper):
@@ -508,6 +504,19 @@ def test_nan_in_a_final_observation_raises_observation_error() -> None:
     with pytest.raises(ObservationError, match="NaN or inf"):  # the final observation is in info only
         for _ in range(500):
             venv.step(np.ones(3, dtype=int))
+
+
+class Truncated(gym.ObservationWrapper):
+    """Returns observations one entry short of its observation space (a buggy env)."""
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        return observation[:-1]
+
+
+def test_observations_that_misfit_the_space_raise_observation_error_when_stamped() -> None:
+    env = BackdoorWrapper(Truncated(gym.make("CartPole-v1")), attack({"kind": "rate", "rate": 1.0}))
+    with pytest.raises(ObservationError, match=r"observation batch has shape \(1, 3\), expected \(B, 4\)"):
+        env.reset(seed=0)
 
 
 class Float64Rewards(VecEnvWrapper):

@@ -41,43 +41,43 @@ ERROR = 2
 def main(argv: list[str] | None = None) -> int:
     """Run ``rlbd``; return the exit code (:data:`ERROR` on a project error, with a one-line message).
 
-    Python warnings raised in this process while a command runs (SB3's hyperparameter advice, gymnasium's) are held
-    back until it ends. When it fails with a one-line error they are dropped, so that stderr holds that line only:
-    they are about a run that never happens. Otherwise (success, a traceback) they print then, after the command's
-    own output. Worker processes (``rlbd zoo``, ``bench``, ``sweep``) print their own as they come.
+    Python warnings raised in this process while a command runs are held back until it ends, then printed after the
+    command's own output. When it fails with a one-line error, only ``RuntimeWarning``s print, above that line:
+    numeric trouble such as numpy's overflow, which locates the NaN or inf an error may report. The others (SB3's
+    hyperparameter advice, gymnasium's) are dropped with the run they were about. Worker processes (``rlbd zoo``,
+    ``bench``, ``sweep``) print their own as they come.
     """
     held: list[warnings.WarningMessage] = []
-    code: int | None = None
+    error: str | None = None
     try:
         with warnings.catch_warnings(record=True) as held:
-            code = _run(argv)
-    finally:
-        if code != ERROR:
-            for w in held:
+            code, error = _run(argv)
+    finally:  # a traceback keeps every warning
+        for w in held:
+            if error is None or issubclass(w.category, RuntimeWarning):
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+    if error is not None:
+        print(f"rlbd: error: {error}", file=sys.stderr)
     return code
 
 
-def _run(argv: list[str] | None) -> int:
-    """Run ``rlbd`` with ``argv``: the exit code, with project and usage errors printed as one line."""
+def _run(argv: list[str] | None) -> tuple[int, str | None]:
+    """Run ``rlbd`` with ``argv``: the exit code, and the one-line message of a project or usage error."""
     try:
         code = app(args=argv, standalone_mode=False)  # a command's typer.Exit(n) comes back as n
     except RlbdError as err:
-        print(f"rlbd: error: {err}", file=sys.stderr)
-        return ERROR
+        return ERROR, str(err)
     except typer.Exit as ex:
-        return ex.exit_code
+        return ex.exit_code, None
     except typer.Abort:
         print("rlbd: aborted", file=sys.stderr)
-        return 1
+        return 1, None
     except Exception as err:  # click usage errors carry their own exit code
-        code = getattr(err, "exit_code", None)
-        if code is None:
+        if getattr(err, "exit_code", None) is None:
             raise
         show = getattr(err, "format_message", None)
-        print(f"rlbd: error: {show() if show else err}", file=sys.stderr)
-        return ERROR
-    return code if isinstance(code, int) else 0
+        return ERROR, show() if show else str(err)
+    return (code if isinstance(code, int) else 0), None
 
 
 def entry() -> None:

@@ -40,12 +40,10 @@ class ObservationTrigger(ABC):
         :param mask: boolean ``(B,)``; ``None`` triggers every row.
         """
         obs = np.asarray(obs)
-        if obs.shape[1:] != self.space.shape:
-            raise ObservationError(
-                f"observation batch has shape {obs.shape}, expected (B, {', '.join(map(str, self.space.shape))}); "
-                "pass a batch with a leading axis"
-            )
-        if mask is not None:
+        self._check_shape(obs)
+        if mask is None:
+            mask = np.ones(len(obs), dtype=bool)
+        else:
             mask = np.asarray(mask)
             if mask.dtype != bool or mask.shape != obs.shape[:1]:
                 raise ObservationError(
@@ -53,22 +51,28 @@ class ObservationTrigger(ABC):
                     f"({len(obs)},); pass one flag per observation of the batch"
                 )
         try:
-            out = np.array(obs, dtype=self.space.dtype, copy=True)
+            obs = obs.astype(self.space.dtype, copy=False)
         except (TypeError, ValueError):
             raise ObservationError(
                 f"observations of dtype {obs.dtype} cannot be read as {self.space.dtype}; pass numeric observations"
             ) from None
-        rows = np.arange(len(out)) if mask is None else mask.nonzero()[0]
+        return self.stamped(obs, mask)
+
+    def stamped(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """:meth:`apply` without its checks of ``mask`` and dtype, for the attack's own batches."""
+        self._check_shape(obs)
+        out = obs.astype(self.space.dtype)
+        rows = mask.nonzero()[0]
         if rows.size:
             self._stamp(out, rows)
         return out
 
-    def stamped(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """:meth:`apply` without its checks, for the attack's own batches: ``obs`` of the space's shape, ``mask`` of
-        its length."""
-        out = obs.astype(self.space.dtype)
-        self._stamp(out, mask.nonzero()[0])
-        return out
+    def _check_shape(self, obs: np.ndarray) -> None:
+        if obs.shape[1:] != self.space.shape:
+            raise ObservationError(
+                f"observation batch has shape {obs.shape}, expected (B, {', '.join(map(str, self.space.shape))}); "
+                "pass a batch (leading axis) of observations of the observation space's shape"
+            )
 
     def stealth(self, clean: np.ndarray) -> dict[str, float]:
         """L0/L2/Linf of the perturbation over ``clean`` observations, absolute and relative to the space's scale.

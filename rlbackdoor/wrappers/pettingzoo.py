@@ -22,7 +22,9 @@ class BackdoorParallelEnv(BaseParallelWrapper):
     Victims see the observation trigger and get the poisoned rewards; the trigger agent's actions are
     watched for the sequence (and, when the schedule fires, replaced by it). Other agents are untouched.
     Every agent's observations and rewards are checked: NaN or inf raises
-    :class:`~rlbackdoor.errors.ObservationError`, as the single-agent wrappers do.
+    :class:`~rlbackdoor.errors.ObservationError`. (Single-agent runs stack
+    :class:`~rlbackdoor.wrappers.vec.FiniteVecEnv` below their attack instead; this wrapper sits inside each env, so a
+    vectorized check would come after its poisoned rewards.)
 
     :param env: the clean parallel env (already carrying the spec's ``base_wrappers``).
     :param spec: the attack, as a spec or its mapping.

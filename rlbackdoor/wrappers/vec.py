@@ -5,7 +5,7 @@ SB3's ``VecCheckNan``)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -104,25 +104,13 @@ class FiniteVecEnv(VecEnvWrapper):
 
     def step_wait(self) -> VecEnvStepReturn:
         obs, rewards, dones, infos = self.venv.step_wait()
-        check_step(self._check, self._check_final, obs, rewards.tolist(), infos, dones.nonzero()[0].tolist())
+        if self._check is not None:
+            self._check(obs)
+            for i in dones.nonzero()[0].tolist():  # auto-reset moved the final observations into info
+                final = infos[i].get("terminal_observation")
+                if final is not None:
+                    self._check_final(final)  # type: ignore[misc]
+        clean = rewards.tolist()
+        if not math.isfinite(sum(clean)) and not all(map(math.isfinite, clean)):  # a sum overflows only if huge
+            raise ObservationError(BAD_REWARD)
         return obs, rewards, dones, infos
-
-
-def check_step(
-    check: Callable[[Any], None] | None,
-    check_final: Callable[[Any], None] | None,
-    obs: np.ndarray,
-    rewards: list[float],
-    infos: list[dict[str, Any]],
-    ended: list[int],
-) -> None:
-    """Raise :class:`~rlbackdoor.errors.ObservationError` on NaN or inf in a batch's observations (``check``), the
-    final observations of its ``ended`` envs (``check_final``) or its ``rewards``."""
-    if check is not None:
-        check(obs)
-        for i in ended:  # auto-reset moved the final observations into info
-            final = infos[i].get("terminal_observation")
-            if final is not None:
-                check_final(final)  # type: ignore[misc]
-    if not math.isfinite(sum(rewards)) and not all(map(math.isfinite, rewards)):  # a sum overflows only if huge
-        raise ObservationError(BAD_REWARD)
