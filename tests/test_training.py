@@ -601,6 +601,10 @@ NAN_OBS, NAN_REWARD = "observation contains NaN or inf; fix", "reward is NaN or 
         (["--set", "algo=dqn", "--set", "hyperparams={n_steps: 1000000000000}"], "hyperparams.n_steps: 1000000000000"),
         (["--set", f"name={'a' * 101}"], "name: String should match pattern"),
         (["--set", "hyperparams.n_epochs=-1"], "hyperparams.n_epochs: -1 is not a count; give a whole number >= 1"),
+        (["--set", "hyperparams.learning_rate=1e300"], "hyperparams.learning_rate: 1e+300 is not in (0, 1]; give e.g."),
+        (["--set", "hyperparams.learning_rate=lin_0"], "hyperparams.learning_rate: 0.0 is not in (0, 1]"),
+        (["--set", "hyperparams.gamma=1.5"], "hyperparams.gamma: 1.5 is not in [0, 1]; give e.g. 0.99"),
+        (["--set", "hyperparams.ent_coef=.inf"], "hyperparams.ent_coef: inf is not in [0, inf)"),
         (["--set", "attack.base_kwargs.max_episode_steps=0"], "attack.base_kwargs: 'CartPole-v1' rejects them"),
         (["--set", "attack.base_wrappers=['builtins:id']"], "builtins:id returned int, not an env"),
         (

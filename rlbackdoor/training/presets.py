@@ -9,6 +9,7 @@ linear schedules from ``x`` to 0, and class names in ``policy_kwargs`` (see :dat
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import torch
@@ -105,6 +106,7 @@ def _schedule(key: str, value: Any) -> Any:
             start = float(value.removeprefix("lin_"))
         except ValueError:
             raise SpecError(f"hyperparams: {key} '{value}' is not lin_<number>; write e.g. lin_0.001") from None
+        _check_range(key, start)
         return LinearSchedule(start, 0.0, 1.0)
     return value
 
@@ -178,11 +180,38 @@ def _check_types(algo: str, kwargs: dict[str, Any]) -> None:
             raise SpecError(f"hyperparams.{key}: {value!r} is not {names[annotation]}; give {names[annotation]}")
         if key in COUNTS and isinstance(value, int) and value < 1:
             raise SpecError(f"hyperparams.{key}: {value} is not a count; give a whole number >= 1")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            _check_range(key, value)
+
+
+def _check_range(key: str, value: float) -> None:
+    """Refuse a non-finite number, or one outside the :data:`RANGES` of ``key`` (SB3 takes it and diverges)."""
+    low, high, closed, example = RANGES.get(key, (-math.inf, math.inf, True, "a finite number"))
+    if math.isfinite(value) and (low <= value if closed else low < value) and value <= high:
+        return
+    bounds = f"in {'[' if closed else '('}{low:g}, {high:g}{']' if math.isfinite(high) else ')'}"
+    raise SpecError(f"hyperparams.{key}: {value!r} is not {bounds if key in RANGES else 'finite'}; give {example}")
 
 
 MAX_BUFFER = 10**7
 """The most transitions a rollout buffer (``n_steps`` x ``n_envs``), a replay buffer (``buffer_size``), a batch drawn
 from it or an n-step return may hold: an order of magnitude above the largest rl-zoo3 presets."""
+
+RANGES: dict[str, tuple[float, float, bool, str]] = {
+    "learning_rate": (0.0, 1.0, False, "e.g. 3e-4"),
+    "gamma": (0.0, 1.0, True, "e.g. 0.99"),
+    "gae_lambda": (0.0, 1.0, True, "e.g. 0.95"),
+    "tau": (0.0, 1.0, False, "e.g. 1.0"),
+    "exploration_fraction": (0.0, 1.0, True, "e.g. 0.1"),
+    "exploration_initial_eps": (0.0, 1.0, True, "e.g. 1.0"),
+    "exploration_final_eps": (0.0, 1.0, True, "e.g. 0.05"),
+    "clip_range": (0.0, math.inf, False, "e.g. 0.2"),
+    "max_grad_norm": (0.0, math.inf, False, "e.g. 0.5"),
+    "ent_coef": (0.0, math.inf, True, "e.g. 0.0"),
+    "vf_coef": (0.0, math.inf, True, "e.g. 0.5"),
+}
+"""Each hyperparameter's (low, high, whether low is allowed, an example): what SB3 accepts and then diverges or fails
+on mid-training outside it (a learning rate of 1e300 overflows Adam's float32 step). Any other number must be finite."""
 
 COUNTS = ("n_steps", "n_epochs", "batch_size", "buffer_size", "target_update_interval")
 """Hyperparameters that count steps, epochs or samples: SB3 takes any integer and fails mid-training below 1."""
