@@ -77,6 +77,12 @@ Seed = Annotated[int, Field(ge=0, le=MAX_SEED, strict=True)]
 MAX_SEED_COUNT = 1000
 """The most seeds one command runs (a bench's training seeds, evaluation seeds)."""
 
+SeedCount = Annotated[int, Field(ge=1, le=MAX_SEED_COUNT, strict=True)]
+"""A number of seeds: a whole number in ``1..MAX_SEED_COUNT`` (strict: ``true`` is not a count)."""
+
+Seeds = Annotated[list[Seed], Field(min_length=1, max_length=MAX_SEED_COUNT)]
+"""A list of seeds: ``1..MAX_SEED_COUNT`` of them."""
+
 MAX_TIMESTEPS = 10**9
 """The most steps one agent trains for (a run, a zoo or bench agent, a PolicyCleanse prober): days of CPU time."""
 

@@ -22,6 +22,7 @@ import torch
 
 from rlbackdoor.errors import ArtifactError
 from rlbackdoor.evaluation.rollouts import check_policy_fits
+from rlbackdoor.jsonfile import loads
 
 FIELDS = ("observations", "actions", "rewards", "dones", "poisoned", "triggered")
 
@@ -77,7 +78,7 @@ class Trajectories:
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {f: data[f] for f in FIELDS}
-                meta = json.loads(str(data["meta"]))
+                meta = loads(str(data["meta"]))
         except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as err:
             raise ArtifactError(f"{path}: not a trajectory file ({err}); write it with Trajectories.save") from None
         if not (isinstance(meta, dict) and isinstance(meta.get("env", ""), str)):

@@ -35,7 +35,6 @@ Any directory with such a manifest is a zoo, including one written by hand aroun
 
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing
 import shutil
@@ -43,19 +42,21 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import Field
 
 from rlbackdoor.attack import Attack, make_base_env
 from rlbackdoor.errors import ArtifactError, RlbdError, SpecError, in_context
+from rlbackdoor.jsonfile import read_json
 from rlbackdoor.specs import (
     MAX_ENVS,
     MAX_SEED,
     MAX_TIMESTEPS,
     ExperimentSpec,
     FolderName,
+    Seed,
     _Spec,
     apply_overrides,
     parse,
@@ -66,6 +67,9 @@ MANIFEST = "manifest.json"
 DRAW_KINDS = ("choice", "uniform", "randint", "sample")
 MAX_AGENTS = 1000
 """The most agents a zoo trains."""
+MAX_MANIFEST_BYTES = 16 * 2**20
+"""The largest ``manifest.json`` read (16 MiB; a zoo of :data:`MAX_AGENTS` agents with attacks like the registered envs'
+writes about 1.5 MiB)."""
 
 
 class ZooSpec(_Spec):
@@ -73,7 +77,7 @@ class ZooSpec(_Spec):
 
     name: FolderName
     agents: int = Field(ge=2, le=MAX_AGENTS)
-    seed: int = Field(0, ge=0, le=MAX_SEED // 10_000 - 1, strict=True)  # agent i trains with seed * 10_000 + i
+    seed: Annotated[Seed, Field(le=MAX_SEED // 10_000 - 1)] = 0  # agent i trains with seed * 10_000 + i
     env: str = Field(min_length=1)
     algo: Literal["ppo", "a2c", "dqn"]
     timesteps: int = Field(ge=1, le=MAX_TIMESTEPS)
@@ -235,13 +239,13 @@ def read_manifest(root: str | Path) -> list[ZooAgent]:
     root = Path(root)
     path = root / MANIFEST
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path, MAX_MANIFEST_BYTES)
     except OSError:
         raise ArtifactError(
             f"{root}: no {MANIFEST}; pass a zoo directory (rlbd zoo writes one) or a run directory"
         ) from None
     except ValueError as err:
-        raise ArtifactError(f"{path}: not valid JSON ({err}); rewrite it") from None
+        raise ArtifactError(f"{path}: unreadable ({err}); rewrite it or rebuild the zoo with rlbd zoo") from None
     rows = data.get("agents") if isinstance(data, dict) else None
     if not isinstance(rows, list):
         raise ArtifactError(f'{path}: expected {{"agents": [...]}}; list the agents\' run directories')
@@ -277,12 +281,15 @@ def _check_previous(root: Path, config: dict[str, Any]) -> None:
     from rlbackdoor.training.artifacts import CARD
     from rlbackdoor.training.checkpoints import FOLDER, STATE
 
-    if not (root / MANIFEST).is_file():
+    path = root / MANIFEST
+    if not path.exists():
         return
     try:
-        previous = json.loads((root / MANIFEST).read_text())
-    except (OSError, ValueError):
-        previous = None
+        previous = read_json(path, MAX_MANIFEST_BYTES)
+    except (OSError, ValueError) as err:
+        raise ArtifactError(
+            f"{path}: unreadable ({err}); delete it to start the zoo over, or use a new --out"
+        ) from None
     if isinstance(previous, dict) and previous.get("config") == config:
         return
     ours = isinstance(previous, dict) and "config" in previous and previous.get("agents") == []

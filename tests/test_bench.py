@@ -22,6 +22,7 @@ from rlbackdoor.bench.cells import run_cell
 from rlbackdoor.bench.matrix import expand, load_bench
 from rlbackdoor.bench.runner import read_results
 from rlbackdoor.cli import main
+from rlbackdoor.errors import ArtifactError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ROOT / "configs" / "bench" / "small.yaml"
@@ -115,6 +116,12 @@ def test_rates_of_a_budget_schedule_from_an_experiment_config(tmp_path: Path) ->
         ("seeds=true", "seeds: Input should be a valid integer"),
         ("seeds=[0, true]", "seeds.1: Input should be a valid integer"),
         ("seeds=[0, 0]", "seeds: seeds lists 0 twice; name each once"),
+        ("seeds=5000", "seeds: Input should be less than or equal to 1000 (fix: give a smaller value)"),
+        (f"seeds=[{', '.join(map(str, range(1001)))}]", "seeds: List should have at most 1000 items after validation"),
+        ("seeds=[]", "seeds: List should have at least 1 item after validation, not 0"),
+        ("seeds=[-1]", "seeds.0: Input should be greater than or equal to 0"),
+        ("seeds=[4294967296]", "seeds.0: Input should be less than or equal to 4294967295"),
+        ("eval.seeds=true", "eval.seeds: Input should be a valid integer"),
         ("defenses.detectors=[probe, probe]", "detectors lists probe twice"),
         ("envs=[rlbd/TrojanRPS-v0]", "is multi-agent; poison_rates, sanitizers and detectors apply to single-agent"),
     ],
@@ -287,3 +294,34 @@ def test_agents_that_cannot_train_fail_before_any_cell(
     err = capsys.readouterr().err
     assert f"rlbd: error: {bench}: env rlbd/TrojanCartPole-v1: " in err and message in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_read_results_skips_lines_that_are_not_json_and_refuses_unreadable_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = tmp_path / "results.jsonl"
+    record = {"id": "a", "status": "ok"}
+    results.write_text("\n".join([json.dumps(record), "[" * 100_000, '{"id": "b", "sta']) + "\n")
+    assert read_results(results) == {"a": record}  # a nested or torn line is skipped: its cell runs again
+    monkeypatch.setattr("rlbackdoor.bench.runner.MAX_RESULTS_BYTES", 64)
+    with pytest.raises(ArtifactError, match=r"results\.jsonl: unreadable \(larger than 64 bytes\); move it away"):
+        read_results(results)
+
+
+@pytest.mark.parametrize("damage", ["oversized", "folder"])
+def test_a_bench_over_an_unreadable_results_file_fails_before_writing_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    bench, out = write_bench(tmp_path / "b.yaml"), tmp_path / "out"
+    out.mkdir()
+    if damage == "folder":
+        (out / "results.jsonl").mkdir()
+    else:
+        (out / "results.jsonl").write_text(json.dumps({"id": "x" * 100}) + "\n")
+        monkeypatch.setattr("rlbackdoor.bench.runner.MAX_RESULTS_BYTES", 64)
+    assert main(["bench", str(bench), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    reason = "not a regular file" if damage == "folder" else "larger than 64 bytes"
+    assert f"{out / 'results.jsonl'}: unreadable ({reason}); move it away" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert [p.name for p in out.iterdir()] == ["results.jsonl"]

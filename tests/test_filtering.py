@@ -12,6 +12,7 @@ from stable_baselines3.common.env_util import make_vec_env
 
 import rlbackdoor
 from rlbackdoor.attack import make_base_env
+from rlbackdoor.cli import main
 from rlbackdoor.defenses import SubspaceSanitizer, SupportSanitizer
 from rlbackdoor.defenses.filtering import FilterReport, FilterVecEnv, RolloutFilter, TransitionFilter
 from rlbackdoor.errors import ArtifactError, SpecError
@@ -78,6 +79,11 @@ def _meta_list(path):
     np.savez(path, meta=np.array("[1]"), **{f: getattr(good, f) for f in FIELDS})
 
 
+def _meta_nested(path):
+    good = collect(gym.make("CartPole-v1"), None, 20, 0)
+    np.savez(path, meta=np.array("[" * 100_000), **{f: getattr(good, f) for f in FIELDS})
+
+
 @pytest.mark.parametrize(
     ("write", "message"),
     [
@@ -85,6 +91,7 @@ def _meta_list(path):
         (lambda path: path.write_bytes(collect(gym.make("CartPole-v1"), None, 20, 0).save(path).read_bytes()[:300]), "not a trajectory file"),
         (lambda path: collect(gym.make("CartPole-v1"), None, 0, 0, "CartPole-v1").save(path), "holds no transitions"),
         (_meta_list, "meta is not a JSON object"),
+        (_meta_nested, r"not a trajectory file \(maximum recursion depth exceeded"),
     ],
 )  # fmt: skip
 def test_empty_truncated_and_foreign_trajectory_files_are_refused(tmp_path, write, message):
@@ -280,3 +287,12 @@ def test_collect_with_a_sampling_policy_is_reproducible_and_leaves_torch_alone()
 def test_filter_reports_undefined_precision_and_recall_as_null() -> None:
     report = FilterReport(n=10, flagged=0, poisoned=0, true_positives=0)
     assert report.as_dict()["precision"] is None and report.as_dict()["recall"] is None
+
+
+def test_cli_reports_a_nested_trajectory_meta_in_one_line(tmp_path, capsys):
+    path = tmp_path / "t.npz"
+    _meta_nested(path)
+    assert main(["sanitize", "--trajectories", str(path), "--out", str(tmp_path / "clean.npz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"rlbd: error: {path}: not a trajectory file (maximum recursion depth exceeded")
+    assert "\n" not in err and "Traceback" not in err and [p.name for p in tmp_path.iterdir()] == ["t.npz"]

@@ -125,6 +125,11 @@ def one_random(name: str, **spec: Any) -> dict[str, Any]:
         (one_random("seed", min=0, max=2**40), "parameter 'seed' does not fit"),
         (one_random("attack.schedule.rate", distribution="log_uniform", min=-5, max=1), "with value 2.718"),
         (one_random("n_envs", distribution="q_uniform", min=8, max=2000, q=8), "with value 2000 ("),
+        # a float distribution on an integer field: its ends are whole, the draws inside are not
+        (one_random("n_envs", distribution="uniform", min=1, max=8), "'n_envs' does not fit"),
+        (one_random("n_envs", min=1.0, max=9.0), "with value 4.05572809"),  # the midpoint, 5.0, would pass
+        (one_random("n_envs", distribution="log_uniform_values", min=1, max=8), "'n_envs' does not fit"),
+        (one_random("n_envs", distribution="normal", mu=4, sigma=1), "with value 4.381966"),
     ],
 )
 def test_bad_sweep_files(tmp_path: Path, capsys: pytest.CaptureFixture[str], fields: dict, message: str) -> None:
@@ -195,6 +200,13 @@ def test_two_run_sweep_runs_rlbd_train_offline_in_the_sweep_group(
         ({"values": [0, 1], "probabilities": [0.9, 0.9]}, "probabilities [0.9, 0.9] are not one weight"),
         ({"values": [0, 1], "probabilities": [1.0]}, "probabilities [1.0] are not one weight"),
         ({"distribution": "int_uniform", "min": 0, "max": 10**30}, "int_uniform needs integer min and max"),
+        ({"min": 0, "max": 10**400}, "min 0 and max 1000"),
+        ({"distribution": "normal", "mu": 10**400}, f"mu {10**400} is not a finite number; fix it"),
+        (
+            {"distribution": "log_uniform", "min": -1000, "max": 1000},
+            "log_uniform draws inf, not a finite number; min and max are exponents of e: keep max below 709",
+        ),
+        ({"distribution": "q_uniform", "min": 0, "max": 1e300, "q": 1e-300}, "q_uniform draws inf, not a finite"),
     ],
 )
 def test_distribution_parameters_are_checked_before_any_run(
@@ -215,3 +227,32 @@ def test_run_caps_that_are_not_counts_are_refused(tmp_path: Path, capsys: pytest
     assert not (tmp_path / "out").exists()
     assert main(["sweep", str(path), "--count", "10001", "--out", str(tmp_path / "out")]) == 2
     assert "'--count': Input should be less than or equal to 10000" in capsys.readouterr().err
+
+
+def test_float_distributions_that_draw_whole_numbers_fit_integer_fields(tmp_path: Path) -> None:
+    parameters = {
+        "n_envs": {"distribution": "q_uniform", "min": 1, "max": 8},
+        "timesteps": {"distribution": "q_log_uniform_values", "min": 512, "max": 4096, "q": 512},
+    }
+    sweep = Sweep(write_sweep(tmp_path / "s.yaml", method="random", parameters=parameters))
+    points = sweep.points(count=20, seed=1)
+    assert all(float(p["n_envs"]).is_integer() and 1 <= p["n_envs"] <= 8 for p in points)
+    assert all(p["timesteps"] % 512 == 0 for p in points)
+
+
+def test_grids_larger_than_the_run_limit_are_refused_before_they_are_expanded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = list(range(101))
+    path = write_sweep(tmp_path / "s.yaml", parameters={"seed": {"values": values}, "n_envs": {"values": values}})
+    checked = []
+    monkeypatch.setattr("rlbackdoor.bench.sweep.Sweep._check_fields", lambda self: checked.append(self))
+    assert main(["sweep", str(path), "--count", "1", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: the grid has 10,201 points, more than the 10,000 runs a local sweep starts" in err
+    assert err.count("\n") == 1 and "Traceback" not in err and not checked  # no config was loaded
+    assert not (tmp_path / "out").exists()
+    exact = write_sweep(
+        tmp_path / "e.yaml", parameters={"seed": {"values": values[:100]}, "n_envs": {"values": values[:100]}}
+    )
+    assert Sweep(exact).points(count=3) == [{"n_envs": 0, "seed": s} for s in range(3)]  # fields in file order

@@ -711,3 +711,25 @@ def test_wandb_failure_never_kills_training(wandb_dir: Path, tmp_path: Path) -> 
     with pytest.warns(RuntimeWarning, match="W&B init failed"):
         run = train(experiment(), tmp_path / "run", wandb_mode="offline", wandb_project="bad/project#")
     assert read_card(run)["train"]["steps"] == 1024
+
+
+# ------------------------------------------------------------------------------------ damaged checkpoint states
+@pytest.mark.parametrize(
+    ("damage", "reason"), [("nested", "maximum recursion depth exceeded"), ("oversized", "larger than 64 bytes")]
+)
+def test_cli_resume_reports_an_unreadable_checkpoint_state_in_one_line(
+    damage: str, reason: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "run" / FOLDER / f"{512:012d}"
+    folder.mkdir(parents=True)
+    if damage == "nested":
+        (folder / "state.json").write_text("[" * 100_000)
+    else:
+        (folder / "state.json").write_text(json.dumps({"format": "rlbd-checkpoint/1", "pad": "x" * 64}))
+        monkeypatch.setattr("rlbackdoor.training.checkpoints.MAX_CARD_BYTES", 64)
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["train", str(SMOKE), "--resume", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"rlbd: error: {folder / 'state.json'}: unreadable ({reason}")
+    assert err.endswith("resume from another run or start anew") and "\n" not in err and "Traceback" not in err
+    assert sorted(tmp_path.rglob("*")) == before

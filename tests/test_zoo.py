@@ -110,6 +110,8 @@ def test_attack_draws_that_do_not_fit_the_env_fail_before_training(tmp_path: Pat
         ({"agents": 10**20}, "agents: Input should be less than or equal to 1000"),
         ({"timesteps": 10**20}, "timesteps: Input should be less than or equal to 1000000000"),
         ({"seed": True}, "seed: Input should be a valid integer"),
+        ({"seed": 429_496}, "seed: Input should be less than or equal to 429495"),  # agent seeds stay below 2**32
+        ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
     ],
 )
 def test_zoo_fields_beyond_their_limits_fail_before_training(
@@ -213,7 +215,8 @@ def test_hand_written_manifest_with_absolute_and_relative_paths(tmp_path: Path) 
     ("text", "message"),
     [
         (None, "no manifest.json"),
-        ("{not json", "not valid JSON"),
+        ("{not json", r"manifest\.json: unreadable \(Expecting property name"),
+        ("[" * 100_000, r"manifest\.json: unreadable \(maximum recursion depth exceeded"),
         ('{"agents": {}}', 'expected {"agents": \\[...\\]}'),
         ('{"agents": []}', "the zoo is empty"),
         ('{"agents": [{"path": "a"}]}', "agents.0 needs 'path'"),
@@ -224,3 +227,36 @@ def test_bad_manifests_are_artifact_errors(tmp_path: Path, text: str | None, mes
         (tmp_path / "manifest.json").write_text(text)
     with pytest.raises(ArtifactError, match=message):
         read_manifest(tmp_path)
+
+
+def test_oversized_and_irregular_manifests_are_artifact_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("rlbackdoor.zoo.MAX_MANIFEST_BYTES", 64)
+    (tmp_path / "manifest.json").write_text(json.dumps({"agents": [{"path": "a" * 64, "backdoored": False}]}))
+    with pytest.raises(ArtifactError, match=r"manifest\.json: unreadable \(larger than 64 bytes\)"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").unlink()
+    (tmp_path / "manifest.json").mkdir()
+    with pytest.raises(ArtifactError, match=r"manifest\.json: unreadable \(not a regular file\)"):
+        read_manifest(tmp_path)
+
+
+def test_rlbd_detect_reports_a_nested_manifest_in_one_line(tmp_path: Path, capsys) -> None:
+    (tmp_path / "manifest.json").write_text("[" * 100_000)
+    report = tmp_path / "report.json"
+    assert main(["detect", str(tmp_path), "--detector", "probe", "--json", str(report)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"rlbd: error: {tmp_path / 'manifest.json'}: unreadable (maximum recursion depth")
+    assert "\n" not in err and "Traceback" not in err
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, "{not json"])
+def test_a_zoo_over_an_unreadable_manifest_fails_before_writing_anything(tmp_path: Path, capsys, text: str) -> None:
+    out = tmp_path / "zoo"
+    out.mkdir()
+    (out / "manifest.json").write_text(text)
+    assert main(["zoo", str(write(tmp_path, TINY)), "--out", str(out), "--wandb-mode", "disabled"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"rlbd: error: {out / 'manifest.json'}: unreadable (") and "\n" not in err
+    assert "delete it to start the zoo over, or use a new --out" in err and "Traceback" not in err
+    assert [p.name for p in out.iterdir()] == ["manifest.json"] and (out / "manifest.json").read_text() == text

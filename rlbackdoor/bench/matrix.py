@@ -32,20 +32,20 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, StrictInt, ValidationInfo, field_validator
+from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator
 
 from rlbackdoor.errors import SpecError
 from rlbackdoor.specs import (
     MAX_CLEAN,
     MAX_ENVS,
     MAX_EPISODES,
-    MAX_SEED,
-    MAX_SEED_COUNT,
     MAX_TIMESTEPS,
     ExperimentSpec,
     FolderName,
+    SeedCount,
+    Seeds,
     _Spec,
     apply_overrides,
     parse,
@@ -57,7 +57,7 @@ class EvalSettings(_Spec):
     """Evaluation of every agent: ``episodes`` per evaluation seed, ``seeds`` evaluation seeds."""
 
     episodes: int = Field(5, ge=1, le=MAX_EPISODES)
-    seeds: int = Field(2, ge=1, le=MAX_SEED_COUNT)
+    seeds: SeedCount = 2
 
 
 class DefenseSettings(_Spec):
@@ -89,6 +89,15 @@ class DefenseSettings(_Spec):
         return v
 
 
+def _seeds_form(value: Any) -> str:
+    """Which form a bench's ``seeds`` takes: a list of seeds, or else a count (validated as one)."""
+    return "list" if isinstance(value, (list, tuple)) else "count"
+
+
+CountOrSeeds = Annotated[Annotated[SeedCount, Tag("count")] | Annotated[Seeds, Tag("list")], Discriminator(_seeds_form)]
+"""Training seeds: a count ``n`` (seeds ``0..n-1``) or a list of seeds; either way at most ``MAX_SEED_COUNT``."""
+
+
 class BenchSpec(_Spec):
     """A bench config (see the module docstring)."""
 
@@ -100,7 +109,7 @@ class BenchSpec(_Spec):
     timesteps: int | None = Field(None, ge=1, le=MAX_TIMESTEPS)
     n_envs: int | None = Field(None, ge=1, le=MAX_ENVS)
     hyperparams: dict[str, Any] = Field(default_factory=dict)
-    seeds: StrictInt | list[StrictInt] = 2  # strict: true is not a count or a seed
+    seeds: CountOrSeeds = 2
     eval: EvalSettings = EvalSettings()
     defenses: DefenseSettings = DefenseSettings()
 
@@ -117,15 +126,6 @@ class BenchSpec(_Spec):
     def _rates(cls, v: list[float] | None) -> list[float] | None:
         if v is not None and not all(0.0 < r <= 1.0 for r in v):
             raise ValueError(f"poison_rates {v} must lie in (0, 1]")
-        return v
-
-    @field_validator("seeds")
-    @classmethod
-    def _seeds(cls, v: int | list[int]) -> int | list[int]:
-        if (isinstance(v, int) and not 1 <= v <= MAX_SEED_COUNT) or (
-            isinstance(v, list) and (not v or min(v) < 0 or max(v) > MAX_SEED)
-        ):
-            raise ValueError(f"seeds {v} must be a count in 1..{MAX_SEED_COUNT} or a list of seeds in 0..{MAX_SEED}")
         return v
 
     @property

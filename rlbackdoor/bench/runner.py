@@ -21,10 +21,14 @@ from typing import Any
 from rlbackdoor.bench.backends import check_backend, make_backend
 from rlbackdoor.bench.cells import RUNS, init_worker, run_cell
 from rlbackdoor.bench.matrix import Cell
+from rlbackdoor.errors import ArtifactError
+from rlbackdoor.jsonfile import loads, read_bytes
 
 RESULTS = "results.jsonl"
 ATTEMPTS = 2
 """Tries of a cell before it is recorded as failed."""
+MAX_RESULTS_BYTES = 256 * 2**20
+"""The largest ``results.jsonl`` read (256 MiB: some 180,000 records of the 1-2 KB a cell writes)."""
 
 
 def append_line(path: Path, record: dict[str, Any]) -> None:
@@ -39,13 +43,20 @@ def append_line(path: Path, record: dict[str, Any]) -> None:
 
 
 def read_results(path: Path) -> dict[str, dict[str, Any]]:
-    """The last record of every cell id in a results file (a torn last line, from a crash, is skipped)."""
+    """The last record of every cell id in a results file; lines that are not JSON (torn by a crash) are skipped.
+
+    :raises ArtifactError: the file is unreadable or larger than :data:`MAX_RESULTS_BYTES`.
+    """
     records: dict[str, dict[str, Any]] = {}
-    if not path.is_file():
+    if not path.exists():
         return records
-    for line in path.read_text().splitlines():
+    try:
+        data = read_bytes(path, MAX_RESULTS_BYTES)
+    except (OSError, ValueError) as err:
+        raise ArtifactError(f"{path}: unreadable ({err}); move it away (every cell then runs again)") from None
+    for line in data.splitlines():
         try:
-            record = json.loads(line)
+            record = loads(line)
         except ValueError:
             continue
         if isinstance(record, dict) and "id" in record:
@@ -84,11 +95,11 @@ def run_cells(
     :param on_record: called with each record as it is written (progress).
     """
     root = Path(out).resolve()
-    root.mkdir(parents=True, exist_ok=True)
     results = root / RESULTS
+    previous = read_results(results)
+    root.mkdir(parents=True, exist_ok=True)
     for partial in (root / RUNS).glob(".*"):  # agents a killed bench was training
         shutil.rmtree(partial, ignore_errors=True)
-    previous = read_results(results)
     finished = {c.id for c in cells if previous.get(c.id, {}).get("status") == "ok"}
     todo = [c for c in cells if c.id not in finished]
     summary = BenchSummary(len(cells), 0, len(finished), 0)
@@ -179,6 +190,7 @@ def run_bench(
     check_backend(backend, workers, ray_address)
     _check_trainable(str(config), cells)
     root = Path(out)
+    read_results(root / RESULTS)  # a results file that cannot be read fails before anything is written
     root.mkdir(parents=True, exist_ok=True)
     write_json(root / "bench.json", {"config": spec.model_dump(mode="json"), "cells": [asdict(c) for c in cells]})
     summary = run_cells(cells, root, workers, backend, ray_address, on_record)

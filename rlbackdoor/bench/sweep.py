@@ -17,8 +17,9 @@ run it unchanged; :func:`run_sweep` (``rlbd sweep FILE``) does what the agent do
   run goes to ``OUT/runs.jsonl`` and its output to ``OUT/run-<i>.log``.
 
 Parameters are dotted fields of the config the command runs (``rlbd train CONFIG`` or ``rlbd bench
-CONFIG``); each is checked against that config before any run starts, with every value of a list and the
-ends of a distribution.
+CONFIG``); each is checked against that config before any run starts, with every value of a list, and the
+ends of a distribution and a value inside it (so that a float distribution on an integer field is refused).
+A grid of more than :data:`MAX_RUNS` points is refused before it is expanded.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from rlbackdoor.specs import FOLDER_NAME, read_yaml
 
 METHODS = ("grid", "random", "bayes")
 MAX_RUNS = 10_000
-"""The most runs one local sweep starts (``--count``, ``run_cap``)."""
+"""The most runs one local sweep starts (``--count``, ``run_cap``, the points of a grid)."""
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
 KEYS = {
     "program",
@@ -115,6 +116,13 @@ class Sweep:
         self.parameters: dict[str, dict[str, Any]] = {}
         for name, spec in parameters.items():
             self.parameters[str(name)] = _parameter(str(name), spec, self.method, where)
+        if self.method == "grid":
+            size = math.prod(len(_choices(spec)) for spec in self.parameters.values())
+            if size > MAX_RUNS:
+                raise SpecError(
+                    f"{where}: the grid has {size:,} points, more than the {MAX_RUNS:,} runs a local sweep starts; "
+                    "drop values, or split it into several sweeps"
+                )
         self.run_cap = data.get("run_cap")
         if self.run_cap is not None and not (type(self.run_cap) is int and 1 <= self.run_cap <= MAX_RUNS):
             raise SpecError(
@@ -135,7 +143,8 @@ class Sweep:
 
     def _check_fields(self) -> None:
         """Every parameter is a field of the target config, and the config takes each of its values (every value of a
-        list, the ends of a distribution: see :func:`_bounds`), written as the run's command writes them."""
+        list, the ends of a distribution and a value inside it: see :func:`_bounds`), written as the run's command
+        writes them."""
         from rlbackdoor.bench.matrix import load_bench
         from rlbackdoor.specs import load_experiment
 
@@ -159,12 +168,8 @@ class Sweep:
         cap = min(c for c in (count, self.run_cap) if c is not None) if (count or self.run_cap) else None
         if self.method == "grid":
             names = list(self.parameters)
-            choices = [
-                self.parameters[n]["values"] if "values" in self.parameters[n] else [self.parameters[n]["value"]]
-                for n in names
-            ]
-            grid = [dict(zip(names, combo, strict=True)) for combo in itertools.product(*choices)]
-            return grid[:cap] if cap is not None else grid
+            combos = itertools.product(*(_choices(self.parameters[n]) for n in names))
+            return [dict(zip(names, combo, strict=True)) for combo in itertools.islice(combos, cap)]
         if cap is None:
             raise SpecError(f"{self.path}: a random sweep runs until stopped; give --count N (or run_cap: N)")
         rng = np.random.default_rng(seed)
@@ -224,13 +229,30 @@ def _parameter(name: str, spec: Any, method: str, where: str) -> dict[str, Any]:
             _check_number(name, key, spec[key], low, where)
     if "probabilities" in spec:
         _check_probabilities(name, spec, where)
-    return {**spec, "distribution": distribution}
+    spec = {**spec, "distribution": distribution}
+    if distribution not in ("constant", "categorical", "int_uniform"):
+        with np.errstate(over="ignore"):
+            infinite = [v for v in _probes(spec) if not math.isfinite(v)]
+        if infinite:
+            fix = (
+                "min and max are exponents of e: keep max below 709, or give the values with log_uniform_values"
+                if distribution == "log_uniform"
+                else "narrow the range, or raise q"
+            )
+            raise SpecError(
+                f"{where}: parameter '{name}': {distribution} draws {infinite[0]}, not a finite number; {fix}"
+            )
+    return spec
+
+
+def _finite(value: Any) -> bool:
+    """``value`` is a number (not a bool) that a float holds: no NaN, no inf, no integer beyond the float range."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
 
 
 def _check_number(name: str, key: str, value: Any, low: float | None, where: str) -> None:
     """``value`` is a finite number, above ``low`` when given (``sigma`` >= 0 needs 0 allowed: ``q`` does not)."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not number or (low is not None and (value < low or (key == "q" and value <= low))):
+    if not _finite(value) or (low is not None and (value < low or (key == "q" and value <= low))):
         bound = "" if low is None else (" > 0" if key == "q" else " >= 0")
         raise SpecError(f"{where}: parameter '{name}': {key} {value!r} is not a finite number{bound}; fix it")
 
@@ -249,8 +271,7 @@ def _check_probabilities(name: str, spec: Mapping[str, Any], where: str) -> None
 
 def _check_range(name: str, low: Any, high: Any, positive: bool, where: str) -> None:
     """``min`` and ``max`` are finite numbers with ``min <= max`` (and ``min > 0`` where ``positive``: log scales)."""
-    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
-    if not (numbers and math.isfinite(high - low) and low <= high):
+    if not (_finite(low) and _finite(high) and math.isfinite(float(high) - float(low)) and low <= high):
         raise SpecError(
             f"{where}: parameter '{name}': min {low!r} and max {high!r} are not a range; give finite numbers, min <= max"
         )
@@ -269,33 +290,71 @@ def _infer(spec: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _choices(spec: Mapping[str, Any]) -> list[Any]:
+    """A grid parameter's values: its ``values``, or its one ``value``."""
+    return list(spec["values"]) if "values" in spec else [spec["value"]]
+
+
 def _bounds(spec: Mapping[str, Any], method: str) -> list[Any]:
-    """The values that bound a parameter's runs: a grid's values, a constant's value, every categorical value, and a
-    range's ends as drawn (exponentiated for ``log_uniform``, rounded to ``q``); a normal, unbounded, gives ``mu``."""
+    """The values that bound a parameter's runs: a grid's values, a constant's value, every categorical value, an
+    integer range's ends, and for the other distributions the draws of :func:`_probes`."""
     kind = spec["distribution"]
     if method == "grid":
-        return list(spec["values"]) if "values" in spec else [spec["value"]]
+        return _choices(spec)
     if kind == "constant":
         return [spec["value"]]
     if kind == "categorical":
         return list(spec["values"])
     if kind == "int_uniform":
         return [spec["min"], spec["max"]]
+    return _probes(spec)
+
+
+_INSIDE = (3 - math.sqrt(5)) / 2
+"""Where :func:`_probes` looks inside a range (0.382 of the way): the draw there is a whole number only by accident,
+unlike the midpoint (5.0 between 1 and 9), so a float distribution on an integer field is caught."""
+
+
+def _probes(spec: Mapping[str, Any]) -> list[float]:
+    """Values that bound a float distribution's draws: a range's ends (exponentiated for ``log_uniform``) or a
+    normal's ``mu``, rounded to ``q``, then the draw at :data:`_INSIDE` (``mu + _INSIDE * sigma`` for a normal)."""
+    kind = spec["distribution"]
     if kind in ("normal", "q_normal"):
         ends = [float(spec.get("mu", 0.0))]
     elif kind == "log_uniform":  # min and max are exponents (natural log)
         ends = [float(np.exp(spec["min"])), float(np.exp(spec["max"]))]
     else:
         ends = [float(spec["min"]), float(spec["max"])]
-    return [_quantized(spec, value) for value in ends]
+    return [*(_quantized(spec, value) for value in ends), _drawn(spec, _INSIDE)]
+
+
+def _drawn(spec: Mapping[str, Any], x: float) -> float:
+    """The value a float distribution draws from ``x``, a standard normal deviate for the normal kinds and a
+    fraction of the range (of its logarithm for the log kinds) for the others; rounded to ``q`` for the ``q_`` kinds.
+    (``rng.uniform(a, b)`` is ``a + (b - a) * rng.random()``, ``rng.normal(m, s)`` ``m + s * rng.standard_normal()``.)
+    """
+    kind = spec["distribution"]
+    if kind in ("normal", "q_normal"):
+        value = float(spec.get("mu", 0.0)) + float(spec.get("sigma", 1.0)) * x
+    elif kind == "log_uniform":  # min and max are exponents (natural log)
+        low, high = float(spec["min"]), float(spec["max"])
+        value = float(np.exp(low + (high - low) * x))
+    elif kind in ("log_uniform_values", "q_log_uniform_values"):
+        low, high = np.log(spec["min"]), np.log(spec["max"])
+        value = float(np.exp(low + (high - low) * x))
+    else:
+        low, high = float(spec["min"]), float(spec["max"])
+        value = low + (high - low) * x
+    return _quantized(spec, value)
 
 
 def _quantized(spec: Mapping[str, Any], value: float) -> float:
-    """``value`` rounded to a multiple of ``q`` (default 1) for the ``q_`` distributions, else ``value``."""
+    """``value`` rounded to a multiple of ``q`` (default 1) for the ``q_`` distributions, else ``value`` (one too large
+    for ``q`` comes back infinite: :func:`_parameter` refuses distributions that draw one)."""
     if not spec["distribution"].startswith("q_"):
         return value
     q = spec.get("q", 1.0)
-    return round(value / q) * q
+    return round(value / q) * q if math.isfinite(value / q) else value / q
 
 
 def _draw(spec: Mapping[str, Any], rng: np.random.Generator) -> Any:
@@ -307,15 +366,7 @@ def _draw(spec: Mapping[str, Any], rng: np.random.Generator) -> Any:
         return values[int(rng.choice(len(values), p=probs))]
     if kind == "int_uniform":
         return int(rng.integers(spec["min"], spec["max"] + 1))
-    if kind in ("normal", "q_normal"):
-        value = float(rng.normal(spec.get("mu", 0.0), spec.get("sigma", 1.0)))
-    elif kind == "log_uniform":  # min and max are exponents (natural log)
-        value = float(np.exp(rng.uniform(spec["min"], spec["max"])))
-    elif kind in ("log_uniform_values", "q_log_uniform_values"):
-        value = float(np.exp(rng.uniform(np.log(spec["min"]), np.log(spec["max"]))))
-    else:
-        value = float(rng.uniform(spec["min"], spec["max"]))
-    return _quantized(spec, value)
+    return _drawn(spec, float(rng.standard_normal() if kind in ("normal", "q_normal") else rng.random()))
 
 
 def run_command(command: list[str], env: dict[str, str], log: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from stable_baselines3.common.policies import (
 )
 
 from rlbackdoor.errors import ArtifactError
+from rlbackdoor.jsonfile import TooLargeError, read_json
 from rlbackdoor.training.card_schema import CARD, MAX_CARD_BYTES, RETRAIN, card_entry, expect, rebuild_policy
 
 WEIGHTS, MODEL = "policy.safetensors", "model.zip"
@@ -86,12 +87,12 @@ def read_card(run_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ArtifactError(f"{run_dir}: no {CARD}; pass the directory of a finished run (rlbd train writes it last)")
     try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_CARD_BYTES + 1)
-        if len(data) > MAX_CARD_BYTES:
-            raise ArtifactError(f"{path}: larger than the {MAX_CARD_BYTES // 2**20} MiB a card may hold; {RETRAIN}")
-        card = json.loads(data)
-    except (OSError, ValueError, RecursionError) as err:  # RecursionError: JSON nested too deep
+        card = read_json(path, MAX_CARD_BYTES)
+    except TooLargeError:
+        raise ArtifactError(
+            f"{path}: larger than the {MAX_CARD_BYTES // 2**20} MiB a card may hold; {RETRAIN}"
+        ) from None
+    except (OSError, ValueError) as err:
         raise ArtifactError(f"{path}: unreadable ({err}); {RETRAIN}") from None
     if not isinstance(card, dict):
         raise ArtifactError(f"{path}: expected a JSON object; {RETRAIN}")

@@ -10,7 +10,6 @@ replay buffer from ``.npz`` without pickles, then trains the remaining steps.
 from __future__ import annotations
 
 import io
-import json
 import pickle
 import shutil
 import zipfile
@@ -23,7 +22,9 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 
 from rlbackdoor.errors import ArtifactError
+from rlbackdoor.jsonfile import read_json
 from rlbackdoor.training.artifacts import CARD, atomic_write, save_model, write_json
+from rlbackdoor.training.card_schema import MAX_CARD_BYTES
 
 FOLDER, STATE, MODEL, REPLAY = "checkpoints", "state.json", "model.zip", "replay.npz"
 FORMAT = "rlbd-checkpoint/1"
@@ -69,7 +70,7 @@ def latest_checkpoint(run_dir: Path, config: dict[str, Any]) -> tuple[Path, dict
         raise ArtifactError(f"{run_dir}: no checkpoint to resume; pass the run directory of an interrupted rlbd train")
     folder = found[-1]
     try:
-        state = json.loads((folder / STATE).read_text())
+        state = read_json(folder / STATE, MAX_CARD_BYTES)  # a state holds a run's config, as its card does
     except (OSError, ValueError) as err:
         raise ArtifactError(f"{folder / STATE}: unreadable ({err}); resume from another run or start anew") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
