@@ -316,16 +316,10 @@ unlike the midpoint (5.0 between 1 and 9), so a float distribution on an integer
 
 
 def _probes(spec: Mapping[str, Any]) -> list[float]:
-    """Values that bound a float distribution's draws: a range's ends (exponentiated for ``log_uniform``) or a
-    normal's ``mu``, rounded to ``q``, then the draw at :data:`_INSIDE` (``mu + _INSIDE * sigma`` for a normal)."""
-    kind = spec["distribution"]
-    if kind in ("normal", "q_normal"):
-        ends = [float(spec.get("mu", 0.0))]
-    elif kind == "log_uniform":  # min and max are exponents (natural log)
-        ends = [float(np.exp(spec["min"])), float(np.exp(spec["max"]))]
-    else:
-        ends = [float(spec["min"]), float(spec["max"])]
-    return [*(_quantized(spec, value) for value in ends), _drawn(spec, _INSIDE)]
+    """Values that bound a float distribution's draws, as :func:`_drawn` makes them: a range's ends (a normal's
+    ``mu``), then the draw at :data:`_INSIDE` (``mu + _INSIDE * sigma`` for a normal)."""
+    ends = (0.0,) if spec["distribution"] in ("normal", "q_normal") else (0.0, 1.0)
+    return [_drawn(spec, x) for x in (*ends, _INSIDE)]
 
 
 def _drawn(spec: Mapping[str, Any], x: float) -> float:
