@@ -426,21 +426,18 @@ class Attack(PoisonCounts):
     # ----------------------------------------------------------------------------------- reports
     def _entry(self) -> dict[str, Any]:
         """A fresh clean ``info["rlbd"]`` entry of this step (``clean_reward`` still to fill in)."""
-        entry = (self._clean or self._template()).copy()
+        if self._clean is None:  # the template of this step's clean entries, rebuilt after the counts changed
+            self._clean = {
+                "poisoned": False,
+                "triggered": False,
+                "hit": False,
+                "target": self._target,
+                "clean_reward": 0.0,
+                **self.counts(),
+            }
+        entry = self._clean.copy()
         entry["n_steps"] = self.n_steps
         return entry
-
-    def _template(self) -> dict[str, Any]:
-        """The template of this step's clean entries, kept until the counts change (``_clean`` is then reset)."""
-        self._clean = {
-            "poisoned": False,
-            "triggered": False,
-            "hit": False,
-            "target": self._target,
-            "clean_reward": 0.0,
-            **self.counts(),
-        }
-        return self._clean
 
     def begin_infos(self) -> list[dict[str, Any]]:
         """The ``info["rlbd"]`` entries of the first observations of new episodes (after :meth:`begin`), one per env:
@@ -473,12 +470,8 @@ class Attack(PoisonCounts):
         entries = self.clean_infos(flags.clean_reward.tolist())
         if flags.poisoned is self._none and flags.triggered is self._none:
             return entries
-        none = [False] * self.n
-        poisoned = none if flags.poisoned is self._none else flags.poisoned.tolist()
-        triggered = none if flags.triggered is self._none else flags.triggered.tolist()
-        hit = none if flags.hit is self._none else flags.hit.tolist()
-        for i, (p, t) in enumerate(zip(poisoned, triggered, strict=True)):
-            if p or t:
-                entry = entries[i] = entries[i].copy()
-                entry["poisoned"], entry["triggered"], entry["hit"] = p, t, hit[i]
+        poisoned, triggered, hit = flags.poisoned.tolist(), flags.triggered.tolist(), flags.hit.tolist()
+        for i in (flags.poisoned | flags.triggered).nonzero()[0].tolist():
+            entry = entries[i] = entries[i].copy()
+            entry["poisoned"], entry["triggered"], entry["hit"] = poisoned[i], triggered[i], hit[i]
         return entries

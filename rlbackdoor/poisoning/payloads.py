@@ -45,7 +45,6 @@ class Targeted(Payload):
 
     def __init__(self, spec: TargetedPayload, action_space: spaces.Space) -> None:
         self.hit_reward, self.miss_reward = spec.reward.hit, spec.reward.miss
-        self._rewards = np.array([self.miss_reward, self.hit_reward])  # by hit (False, True)
         self.force_action_prob = spec.force_action_prob
         self.tolerance = spec.tolerance
         if isinstance(action_space, spaces.Discrete):
@@ -83,7 +82,7 @@ class Targeted(Payload):
         return diff.max(axis=1) <= self.tolerance
 
     def reward(self, rewards: np.ndarray, hits: np.ndarray, poisoned: np.ndarray) -> np.ndarray:
-        return np.where(poisoned, self._rewards.take(hits), rewards)
+        return np.where(poisoned, np.where(hits, self.hit_reward, self.miss_reward), rewards)
 
     def force(self, actions: np.ndarray, triggered: np.ndarray, u: np.ndarray) -> np.ndarray:
         if not self.force_action_prob:

@@ -10,9 +10,6 @@ import numpy as np
 from rlbackdoor.attack import Attack
 from rlbackdoor.specs import AttackSpec, parse
 
-_ENDED, _GOING = np.ones(1, dtype=bool), np.zeros(1, dtype=bool)  # a step's episode end, as a batch of one
-_ENDED.flags.writeable = _GOING.flags.writeable = False
-
 
 class BackdoorWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Injects the attack into one env; reports ``info["rlbd"]`` on every reset and step. Like a clean env, it does
@@ -52,19 +49,14 @@ class BackdoorWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
             info["rlbd"] = entry
             self._ended = terminated or truncated
             return obs, reward, terminated, truncated, info
-        actions = np.array([action])
+        actions = np.asarray(action)[None]
         executed = attack.act(actions)
         # the agent's own action object when the attack left it alone, as a clean env would get it
         obs, reward, terminated, truncated, info = self.env.step(action if executed is actions else executed[0])
-        batch = obs[None] if type(obs) is np.ndarray else np.asarray(obs)[None]
-        clean = np.array([reward], dtype=np.float64)
+        batch = np.asarray(obs)[None]
         self._ended = terminated or truncated
-        stamped, rewards, _, flags = attack.step(batch, clean, _ENDED if self._ended else _GOING, actions, executed)
-        info["rlbd"] = attack.infos(flags)[0]
-        return (
-            obs if stamped is batch else stamped[0],
-            float(reward) if rewards is clean else rewards.item(),
-            terminated,
-            truncated,
-            info,
+        stamped, rewards, _, flags = attack.step(
+            batch, np.array([reward], dtype=np.float64), np.array([self._ended]), actions, executed
         )
+        info["rlbd"] = attack.infos(flags)[0]
+        return obs if stamped is batch else stamped[0], float(rewards[0]), terminated, truncated, info
