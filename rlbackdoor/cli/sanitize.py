@@ -28,6 +28,10 @@ def _ci(m: dict[str, Any], key: str) -> str:
     return f"{value:.3g}" + (f" [{low:.3g}, {high:.3g}]" if low is not None and high is not None else "")
 
 
+EPISODES, SEEDS = 10, 3
+"""Evaluation episodes per seed and seeds of a run's sanitization when not given (options of a run only)."""
+
+
 def sanitize(
     run_dir: Path | None = typer.Argument(None, help="a run directory (card.json, policy.safetensors)"),
     method: str = typer.Option("support", "--method", "-m", help="sanitizer: see --list"),
@@ -37,9 +41,11 @@ def sanitize(
     dim: int | None = typer.Option(None, "--dim", min=1, help="subspace dimension (default: the clean data's rank)"),
     baseline: Path | None = typer.Option(None, "--baseline", help="a clean run of the same config, for ctp_ratio"),
     episodes: int | None = typer.Option(
-        None, "--episodes", min=1, max=MAX_EPISODES, help="evaluation episodes per seed [default: 10]"
+        None, "--episodes", min=1, max=MAX_EPISODES, help=f"evaluation episodes per seed [default: {EPISODES}]"
     ),
-    seeds: int | None = typer.Option(None, "--seeds", min=1, max=MAX_SEED_COUNT, help="evaluation seeds [default: 3]"),
+    seeds: int | None = typer.Option(
+        None, "--seeds", min=1, max=MAX_SEED_COUNT, help=f"evaluation seeds [default: {SEEDS}]"
+    ),
     curve: str | None = typer.Option(None, "--curve", help="comma-separated other n values to report (e.g. 8,16,32)"),
     trajectories: Path | None = typer.Option(None, "--trajectories", help="filter this .npz dataset instead"),
     out: Path | None = typer.Option(None, "--out", help="with --trajectories: where to write the filtered dataset"),
@@ -77,7 +83,9 @@ def sanitize(
                 )
         check_single_agent_runs(run_dir, "sanitize")
         sizes = _curve(curve or "")
-        results = _sanitize_run(run_dir, method, n_clean, dim, baseline, episodes or 10, seeds or 3, sizes, wandb_mode)
+        results = _sanitize_run(
+            run_dir, method, n_clean, dim, baseline, episodes or EPISODES, seeds or SEEDS, sizes, wandb_mode
+        )
     else:
         raise SpecError("sanitize: give a RUN_DIR, or --trajectories FILE, or --list")
     write_json_out(json_out, results)
