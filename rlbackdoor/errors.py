@@ -23,6 +23,12 @@ BAD_REWARD = "reward is NaN or inf; fix the environment or its reward function"
 """The message of the :class:`ObservationError` the wrappers raise on a NaN or inf reward."""
 
 
+def detail(err: BaseException) -> str:
+    """``err``'s message on one line (its class name when it has none, as a bare ``assert`` does): for quoting a
+    third-party error inside an rlbd message."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def in_context(err: RlbdError, context: str) -> RlbdError:
     """``err``'s class and message with ``context`` (e.g. ``zoo z: agent 3``) before it: where a batch of runs
     reports one run's error. Built without the class's constructor, whose parameters may differ."""

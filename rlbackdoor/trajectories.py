@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import zipfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from rlbackdoor.errors import ArtifactError
+from rlbackdoor.errors import ArtifactError, detail
 from rlbackdoor.evaluation.rollouts import check_policy_fits
 from rlbackdoor.jsonfile import loads
 
@@ -79,8 +77,10 @@ class Trajectories:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {f: data[f] for f in FIELDS}
                 meta = loads(str(data["meta"]))
-        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as err:
-            raise ArtifactError(f"{path}: not a trajectory file ({err}); write it with Trajectories.save") from None
+        except Exception as err:  # a damaged zip raises anything, from zlib.error to NotImplementedError
+            raise ArtifactError(
+                f"{path}: not a trajectory file ({detail(err)}); write it with Trajectories.save"
+            ) from None
         if not (isinstance(meta, dict) and isinstance(meta.get("env", ""), str)):
             raise ArtifactError(f"{path}: meta is not a JSON object with a string env; write it with Trajectories.save")
         _check_arrays(path, arrays)

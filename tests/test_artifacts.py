@@ -13,6 +13,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from damage import damaged
 from gymnasium import spaces
 from safetensors.torch import load_file, save_file
 from stable_baselines3 import A2C, DQN, PPO
@@ -207,6 +208,21 @@ def test_damaged_runs_raise_one_line_artifact_errors(copy_run: Path, damage: Any
     with pytest.raises(ArtifactError, match=message) as info:
         load_policy(copy_run)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["policy.safetensors", "card.json"])
+def test_randomly_damaged_runs_load_or_fail_in_one_line(copy_run: Path, name: str) -> None:
+    good, refused = (copy_run / name).read_bytes(), 0
+    for seed in range(100):
+        (copy_run / name).write_bytes(damaged(good, seed))
+        try:
+            policy, _ = load_policy(copy_run)
+        except ArtifactError as err:
+            refused += 1
+            assert "\n" not in str(err)
+        else:
+            assert all(p.isfinite().all() for p in policy.parameters())
+    assert refused >= 50
 
 
 def test_a_card_naming_code_outside_the_trusted_packages_runs_nothing(copy_run: Path, tmp_path: Path, capsys) -> None:

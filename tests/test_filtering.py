@@ -6,6 +6,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from damage import damaged
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
@@ -100,6 +101,19 @@ def test_empty_truncated_and_foreign_trajectory_files_are_refused(tmp_path, writ
     with pytest.raises(ArtifactError, match=message) as info:
         Trajectories.load(path)
     assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+
+
+def test_damaged_trajectory_files_load_or_fail_in_one_line(tmp_path):
+    good = collect(gym.make("CartPole-v1"), None, 50, 0).save(tmp_path / "good.npz").read_bytes()
+    path, refused = tmp_path / "t.npz", 0
+    for seed in range(100):
+        path.write_bytes(damaged(good, seed))
+        try:
+            Trajectories.load(path)
+        except ArtifactError as err:
+            refused += 1
+            assert str(err).startswith(f"{path}: ") and "\n" not in str(err)
+    assert refused >= 80
 
 
 def test_select_keeps_episode_ends():

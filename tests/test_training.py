@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -11,13 +12,16 @@ import time
 import warnings
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from damage import damaged
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.env_util import make_vec_env
 from wandb_offline import offline_runs
 
 from rlbackdoor import tracking
@@ -27,7 +31,7 @@ from rlbackdoor.errors import ArtifactError, SpecError
 from rlbackdoor.specs import ExperimentSpec, apply_overrides, load_experiment, parse
 from rlbackdoor.training import presets
 from rlbackdoor.training.artifacts import read_card
-from rlbackdoor.training.checkpoints import FOLDER
+from rlbackdoor.training.checkpoints import FOLDER, restore
 from rlbackdoor.training.envs import make_train_env, run_attack
 from rlbackdoor.training.loop import train
 from rlbackdoor.training.outer import OuterLoopPoisoning
@@ -419,14 +423,52 @@ def test_resume_refuses_corrupt_checkpoints_in_one_line(tmp_path: Path) -> None:
         with pytest.raises(ArtifactError, match=message):
             train(spec, resume=run)
     (folder / "state.json").write_text(json.dumps(state))
-    with zipfile.ZipFile(folder / "model.zip") as zf:
-        parts = {name: zf.read(name) for name in zf.namelist()}
-    with zipfile.ZipFile(folder / "model.zip", "w") as zf:
-        for name, data in parts.items():
-            zf.writestr(name, os.urandom(len(data)) if name == "policy.pth" else data)
-    with pytest.raises(ArtifactError, match=r"model\.zip: cannot load \(.*\); resume from another run") as err:
+    rewrite_member(folder / "model.zip", "policy.pth", lambda data: b"\x80\x02cos\nsystem\n." + data)
+    with pytest.raises(ArtifactError, match=r"model\.zip: cannot load \(not a weights-only file\); resume from") as err:
         train(spec, resume=run)
     assert "\n" not in str(err.value) and "weights_only" not in str(err.value)
+
+
+def rewrite_member(path: Path, member: str, change: Any) -> None:
+    """Rewrite one member of the zip at ``path`` with ``change(its bytes)``."""
+    with zipfile.ZipFile(path) as zf:
+        parts = {name: zf.read(name) for name in zf.namelist()}
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in parts.items():
+            zf.writestr(name, change(data) if name == member else data)
+
+
+def test_damaged_checkpoints_load_or_fail_in_one_line(tmp_path: Path) -> None:
+    """Damaged zips, weights and replay buffers: every one either loads finite weights or is refused in one line."""
+    spec = experiment(algo="dqn", poisoning="outer", timesteps=2048)
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, tmp_path / "run", checkpoint_every=512, callbacks=[Crash(600)])
+    folder = next((tmp_path / "run" / FOLDER).iterdir())
+    state = json.loads((folder / "state.json").read_text())
+    model = presets.build_model(
+        "dqn", make_vec_env("CartPole-v1", 2), presets.resolve("dqn", ["CartPole-v1"], TINY["dqn"]), 0
+    )
+    zipped, replay = (folder / "model.zip").read_bytes(), (folder / "replay.npz").read_bytes()
+    damages = {
+        "model.zip": lambda seed: (folder / "model.zip").write_bytes(damaged(zipped, seed)),
+        "policy.pth": lambda seed: rewrite_member(folder / "model.zip", "policy.pth", lambda d: damaged(d, seed)),
+        "noise": lambda seed: rewrite_member(folder / "model.zip", "policy.pth", lambda d: random.Random(seed).randbytes(len(d))),
+        "replay.npz": lambda seed: (folder / "replay.npz").write_bytes(damaged(replay, seed)),
+    }  # fmt: skip
+    refused = dict.fromkeys(damages, 0)
+    for kind, damage in damages.items():
+        for seed in range(40):
+            damage(seed)
+            try:
+                restore(model, folder, state, SimpleNamespace())
+            except ArtifactError as err:
+                refused[kind] += 1
+                assert str(err).startswith(str(folder)) and "\n" not in str(err) and "weights_only" not in str(err)
+            else:
+                assert all(p.isfinite().all() for p in model.policy.parameters())
+            (folder / "model.zip").write_bytes(zipped)
+            (folder / "replay.npz").write_bytes(replay)
+    assert all(count >= 20 for count in refused.values()), refused
 
 
 class ShiftedActions(gym.ActionWrapper):

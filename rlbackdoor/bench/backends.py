@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlparse
 
-from rlbackdoor.errors import SpecError
+from rlbackdoor.errors import SpecError, detail
 
 BACKENDS = ("local", "ray")
 CONNECT_TIMEOUT = 5.0
@@ -112,8 +112,7 @@ class RayBackend:
                     ray.init(num_cpus=workers, **kwargs)
         except Exception as err:
             where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-            message = " ".join(str(err).split())
-            raise SpecError(f"cannot start {where} ({type(err).__name__}: {message}); check the address") from None
+            raise SpecError(f"cannot start {where} ({type(err).__name__}: {detail(err)}); check the address") from None
         self._ray = ray
         self._remote: dict[Callable[..., Any], Any] = {}
 

@@ -16,6 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from rlbackdoor.errors import detail
+
 RUNS = "runs"
 ZOOS = "zoos"
 
@@ -141,7 +143,6 @@ def run_cell(cell: dict[str, Any], root: str) -> dict[str, Any]:
             metrics = _detect(path, cell["id"], config)
         out |= {"status": "ok", "metrics": metrics}
     except Exception as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        out |= {"status": "failed", "error": f"{type(err).__name__}: {message}"}
+        out |= {"status": "failed", "error": f"{type(err).__name__}: {detail(err)}"}
     finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return out | {"finished": finished, "seconds": round(time.monotonic() - wall, 3), "pid": os.getpid()}

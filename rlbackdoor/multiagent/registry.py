@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 
-from rlbackdoor.errors import SpecError
+from rlbackdoor.errors import SpecError, detail
 from rlbackdoor.registry import data_dir, env_specs
 from rlbackdoor.specs import MultiAgentAttackSpec, MultiAgentEnvSpec, load, parse
 
@@ -76,19 +76,14 @@ def make_base_parallel(spec: MultiAgentAttackSpec, **make_kwargs: Any) -> Parall
     try:
         env = factory(**{**spec.base_kwargs, **make_kwargs})
     except (TypeError, ValueError, AssertionError) as err:  # PettingZoo and MPE check their arguments with assert
-        raise SpecError(f"base_kwargs: '{spec.base}' rejects them ({_detail(err)}); fix base_kwargs") from None
+        raise SpecError(f"base_kwargs: '{spec.base}' rejects them ({detail(err)}); fix base_kwargs") from None
     for ref in spec.base_wrappers:
         wrapper = _import(ref.name, "base_wrappers")
         try:
             env = wrapper(env, **ref.kwargs)
         except (TypeError, ValueError, AssertionError) as err:
-            raise SpecError(f"base_wrappers: {ref.name} rejects its kwargs ({_detail(err)}); fix them") from None
+            raise SpecError(f"base_wrappers: {ref.name} rejects its kwargs ({detail(err)}); fix them") from None
     return env
-
-
-def _detail(err: Exception) -> str:
-    """``err``'s message on one line (its class name when it has none, as a bare ``assert`` does)."""
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 def _resolve(spec: MultiAgentEnvSpec | dict[str, Any], overrides: dict[str, Any]) -> MultiAgentEnvSpec:

@@ -125,12 +125,17 @@ def load_policy(run_dir: str | Path) -> tuple[BasePolicy, dict[str, Any]]:
     misfit = _misfit(state, policy.state_dict())
     if misfit:
         raise ArtifactError(f"{path}: weights do not fit the policy in {CARD} ({misfit}); {RETRAIN}")
-    broken = [name for name, tensor in state.items() if not tensor.isfinite().all()]
+    broken = non_finite(state)
     if broken:
-        raise ArtifactError(f"{path}: weights {broken[0]} hold NaN or inf; {RETRAIN}")
+        raise ArtifactError(f"{path}: weights {broken} hold NaN or inf; {RETRAIN}")
     policy.load_state_dict(state, strict=True)
     policy.set_training_mode(False)
     return policy, card
+
+
+def non_finite(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor in ``state`` that holds NaN or inf, if any."""
+    return next((name for name, tensor in state.items() if not tensor.isfinite().all()), None)
 
 
 def _misfit(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str | None:

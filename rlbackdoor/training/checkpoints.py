@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import pickle
 import shutil
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,9 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 
-from rlbackdoor.errors import ArtifactError
+from rlbackdoor.errors import ArtifactError, detail
 from rlbackdoor.jsonfile import read_json
-from rlbackdoor.training.artifacts import CARD, atomic_write, save_model, write_json
+from rlbackdoor.training.artifacts import CARD, atomic_write, non_finite, save_model, write_json
 from rlbackdoor.training.card_schema import MAX_CARD_BYTES
 
 FOLDER, STATE, MODEL, REPLAY = "checkpoints", "state.json", "model.zip", "replay.npz"
@@ -94,15 +93,17 @@ def restore(model: BaseAlgorithm, folder: Path, state: dict[str, Any], counter: 
     """Load a checkpoint into a freshly built ``model`` and poisoning ``counter`` (no unpickling)."""
     try:
         model.set_parameters(str(folder / MODEL), exact_match=True, device="cpu")
-    except (OSError, ValueError, RuntimeError, KeyError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
+    except Exception as err:  # damaged bytes make the zip reader and the weights-only unpickler raise anything
         # torch's unpickling message spans lines and suggests loading unsafely: never pass it on
-        reason = (
-            "not a weights-only file" if isinstance(err, pickle.UnpicklingError) else str(err) or type(err).__name__
-        )
-        reason = " ".join(reason.split())
+        reason = "not a weights-only file" if isinstance(err, pickle.UnpicklingError) else detail(err)
         raise ArtifactError(
             f"{folder / MODEL}: cannot load ({reason}); resume from another run or start anew"
         ) from None
+    broken = non_finite(model.policy.state_dict())
+    if broken:
+        raise ArtifactError(
+            f"{folder / MODEL}: weights {broken} hold NaN or inf; resume from another run or start anew"
+        )
     for key, value in state["model"].items():
         setattr(model, key, value)
     for key, value in state.get("poison", {}).items():
@@ -116,9 +117,9 @@ def restore(model: BaseAlgorithm, folder: Path, state: dict[str, Any], counter: 
                         raise ValueError(f"{key} has shape {data[key].shape}, expected {getattr(rb, key).shape}")
                     getattr(rb, key)[...] = data[key]
                 rb.pos, rb.full = int(data["pos"]), bool(data["full"])
-        except (OSError, ValueError, KeyError) as err:
+        except Exception as err:  # a damaged zip raises anything, from BadZipFile to NotImplementedError
             raise ArtifactError(
-                f"{folder / REPLAY}: cannot load ({err}); resume from another run or start anew"
+                f"{folder / REPLAY}: cannot load ({detail(err)}); resume from another run or start anew"
             ) from None
 
 

@@ -15,7 +15,7 @@ from gymnasium import spaces
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor
 
 from rlbackdoor.attack import make_base_env, make_gym_env
-from rlbackdoor.errors import RlbdError, SpecError
+from rlbackdoor.errors import RlbdError, SpecError, detail
 from rlbackdoor.multiagent.registry import is_multiagent
 from rlbackdoor.multiagent.training import make_multiagent_train_env
 from rlbackdoor.registry import registered_attack
@@ -72,9 +72,8 @@ def probe_env(factory: Callable[[], gym.Env], env_id: str) -> None:
     except RlbdError:
         raise
     except Exception as err:  # the env's own code and its user-configured wrappers: anything may come out
-        detail = " ".join(str(err).split())[:200]
         raise SpecError(
-            f"env: stepping {env_id} failed ({type(err).__name__}: {detail}); fix its base_kwargs or base_wrappers"
+            f"env: stepping {env_id} failed ({type(err).__name__}: {detail(err)[:200]}); fix its base_kwargs or base_wrappers"
         ) from None
     finally:
         env.close()

@@ -21,7 +21,7 @@ from stable_baselines3.common.torch_layers import CombinedExtractor, FlattenExtr
 from stable_baselines3.common.utils import LinearSchedule
 from stable_baselines3.common.vec_env import VecEnv
 
-from rlbackdoor.errors import SpecError
+from rlbackdoor.errors import SpecError, detail
 from rlbackdoor.registry import data_dir
 from rlbackdoor.specs import read_yaml
 
@@ -136,9 +136,8 @@ def build_model(algo: str, env: VecEnv, hyperparams: dict[str, Any], seed: int) 
     try:
         return ALGOS[algo](policy, env, seed=seed, device="cpu", verbose=0, **kwargs)
     except (TypeError, ValueError, AssertionError, KeyError, RuntimeError) as err:  # torch: e.g. a negative layer size
-        detail = " ".join(str(err).split()) or type(err).__name__
         raise SpecError(
-            f"hyperparams: SB3 {algo.upper()} rejects the run ({detail}); fix that hyperparameter or pick another algo"
+            f"hyperparams: SB3 {algo.upper()} rejects the run ({detail(err)}); fix that hyperparameter or pick another algo"
         ) from None
     except MemoryError:  # a buffer under MAX_BUFFER of large observations
         raise SpecError(
