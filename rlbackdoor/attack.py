@@ -22,7 +22,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from rlbackdoor.errors import SpecError
+from rlbackdoor.errors import SpecError, detail
 from rlbackdoor.poisoning.payloads import Payload, build_payload
 from rlbackdoor.poisoning.schedules import Schedule, build_schedule
 from rlbackdoor.specs import AttackSpec, InDistributionTrigger
@@ -48,8 +48,10 @@ def make_base_env(spec: AttackSpec, **make_kwargs: Any) -> gym.Env:
     """The clean env an attack applies to: ``gymnasium.make(base, **base_kwargs)`` then ``base_wrappers``."""
     try:
         env = make_gym_env(spec.base, "base", **{**spec.base_kwargs, **make_kwargs})
-    except (TypeError, ValueError) as err:
-        raise SpecError(f"base_kwargs: '{spec.base}' rejects them ({err}); fix base_kwargs") from None
+    except SpecError:
+        raise
+    except Exception as err:  # the env's own code checks its arguments: anything may come out
+        raise SpecError(f"base_kwargs: '{spec.base}' rejects them ({detail(err)}); fix base_kwargs") from None
     for ref in spec.base_wrappers:
         module, _, name = ref.name.partition(":")
         try:

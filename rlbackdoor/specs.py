@@ -180,7 +180,9 @@ class InDistributionTrigger(_Spec):
     kind: Literal["in_distribution"]
     indices: Indices
     quantiles: list[Number] = Field(min_length=1)
-    fit_steps: int = Field(2000, ge=100, description="random-policy steps of the base env used to fit the values")
+    fit_steps: int = Field(
+        2000, ge=100, le=MAX_CLEAN, description="random-policy steps of the base env used to fit the values"
+    )
 
     @field_validator("quantiles")
     @classmethod
@@ -220,7 +222,7 @@ class RateSchedule(_Spec):
     kind: Literal["rate"]
     rate: Number = Field(ge=0.0, le=1.0)
     per: Literal["step", "episode"] = "step"
-    duration: int = Field(1, ge=1)
+    duration: int = Field(1, ge=1, le=MAX_TIMESTEPS)
     select: Literal["uniform", "value"] = "uniform"
 
 
@@ -228,9 +230,9 @@ class BudgetSchedule(_Spec):
     """Poison exactly ``budget`` steps, spread evenly over ``horizon`` expected steps (TrojDRL)."""
 
     kind: Literal["budget"]
-    budget: int = Field(ge=0)
-    horizon: int = Field(ge=1)
-    duration: int = Field(1, ge=1)
+    budget: int = Field(ge=0, le=MAX_TIMESTEPS)
+    horizon: int = Field(ge=1, le=MAX_TIMESTEPS)
+    duration: int = Field(1, ge=1, le=MAX_TIMESTEPS)
 
     @field_validator("horizon")
     @classmethod
@@ -245,8 +247,8 @@ class WindowSchedule(_Spec):
     """Poison steps ``start`` <= t < ``stop`` of an episode, in a fraction ``rate`` of episodes."""
 
     kind: Literal["window"]
-    start: int = Field(ge=0)
-    stop: int = Field(ge=1)
+    start: int = Field(ge=0, le=MAX_TIMESTEPS)
+    stop: int = Field(ge=1, le=MAX_TIMESTEPS)
     rate: Number = Field(1.0, ge=0.0, le=1.0)
 
     @field_validator("stop")
@@ -561,7 +563,7 @@ class ExperimentSpec(_Spec):
     n_envs: int = Field(1, ge=1, le=MAX_ENVS)
     seed: Seed = 0
     hyperparams: dict[str, Any] = {}
-    eval_every: int = Field(0, ge=0)
+    eval_every: int = Field(0, ge=0, le=MAX_TIMESTEPS)
     sharing: bool = False
     sanitize: SanitizeSpec | None = None
 

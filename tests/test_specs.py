@@ -173,6 +173,15 @@ INVALID = [
     ("trigger", {"kind": "patch", "pattern": [[1.0]]}, ("pattern", [[1.0, 2.0], [3.0]]), "trigger.pattern"),
     ("trigger", {"kind": "blend", "value": 1.0}, ("alpha", NAN), "trigger.alpha"),
     ("schedule", {"kind": "rate", "rate": 0.1}, ("duration", "many"), "schedule.duration"),
+    ("schedule", {"kind": "rate", "rate": 0.1}, ("duration", 10**20), "schedule.duration"),
+    ("schedule", {"kind": "budget", "budget": 10, "horizon": 100}, ("horizon", 10**20), "schedule.horizon"),
+    ("schedule", {"kind": "window", "start": 1, "stop": 5}, ("stop", 10**20), "schedule.stop"),
+    (
+        "trigger",
+        {"kind": "in_distribution", "indices": [0], "quantiles": [0.5]},
+        ("fit_steps", 10**12),
+        "trigger.fit_steps",
+    ),
     ("trigger", {"kind": "value", "indices": [1], "values": [1.0]}, ("values", ["abc"]), "trigger.values.0"),
 ]
 

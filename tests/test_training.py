@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -418,15 +419,102 @@ def test_resume_refuses_corrupt_checkpoints_in_one_line(tmp_path: Path) -> None:
         train(spec, run, checkpoint_every=512, callbacks=[Crash(600)])
     folder = next((run / FOLDER).iterdir())
     state = json.loads((folder / "state.json").read_text())
-    for model, message in (({"num_timesteps": "abc"}, "'model' must map"), ({}, "'model' lacks num_timesteps")):
-        (folder / "state.json").write_text(json.dumps({**state, "model": model}))
-        with pytest.raises(ArtifactError, match=message):
+    model = state["model"]
+    for edit, message in (
+        ({"model": {"num_timesteps": "abc"}}, "'model' must map"),
+        ({"model": {}}, "'model' lacks num_timesteps"),
+        ({"model": {**model, "num_timesteps": 2048}}, "'model' counts 2048 steps of a run of 2048"),
+        ({"poison": {"n_steps": 10**30}}, "'poison' must map"),
+        ({"poison": {"n_steps": 5, "n_poisoned": 6}}, "more poisoned steps than steps"),
+        ({"poison": {}}, r"'poison' counts nothing, not what the run's attack counts"),
+        ({"seconds": "x"}, "'seconds' is 'x', not a number of seconds"),
+        ({"cpu_seconds": float("nan")}, "'cpu_seconds' is nan"),
+        ({"resumed_at": 5}, "'resumed_at' must list the steps"),
+        ({"resumed_at": "abc"}, "'resumed_at' must list the steps"),
+    ):
+        (folder / "state.json").write_text(json.dumps({**state, **edit}))
+        with pytest.raises(ArtifactError, match=message) as err:
             train(spec, resume=run)
+        assert str(err.value).startswith(str(folder / "state.json"))
     (folder / "state.json").write_text(json.dumps(state))
     rewrite_member(folder / "model.zip", "policy.pth", lambda data: b"\x80\x02cos\nsystem\n." + data)
     with pytest.raises(ArtifactError, match=r"model\.zip: cannot load \(not a weights-only file\); resume from") as err:
         train(spec, resume=run)
     assert "\n" not in str(err.value) and "weights_only" not in str(err.value)
+
+
+def hostile_optimizer(edit: Any) -> Any:
+    """A ``change`` for :func:`rewrite_member` that edits the saved optimizer state (a weights-only file)."""
+
+    def change(data: bytes) -> bytes:
+        state = torch.load(io.BytesIO(data), weights_only=True)
+        edit(state)
+        out = io.BytesIO()
+        torch.save(state, out)
+        return out.getvalue()
+
+    return change
+
+
+def hostile_replay(**arrays: Any) -> Any:
+    """Write a replay buffer file with ``arrays`` replaced (a well-formed ``.npz`` of wrong content)."""
+
+    def write(path: Path) -> None:
+        with np.load(path) as data:
+            saved = {key: data[key] for key in data.files}
+        saved.update({key: change(saved[key]) for key, change in arrays.items()})
+        np.savez(path, **saved)
+
+    return write
+
+
+def first_state(state: dict[str, Any]) -> dict[str, Any]:
+    return state["state"][next(iter(state["state"]))]
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda s: s["param_groups"][0].update(betas="ab"), r"the optimizer's betas is 'ab', not like \(0\.9, 0\.999\)"),
+        (lambda s: s["param_groups"][0].update(lr=float("inf")), "the optimizer's lr is inf"),
+        (lambda s: first_state(s).update(exp_avg=torch.zeros(7)), r"the optimizer's exp_avg has shape \(7,\), not"),
+        (lambda s: first_state(s)["exp_avg_sq"].fill_(float("nan")), "the optimizer's exp_avg_sq holds NaN or inf"),
+    ],
+)  # fmt: skip
+def test_resume_refuses_hostile_optimizer_states(tmp_path: Path, damage: Any, message: str) -> None:
+    """Well-formed optimizer states that do not fit the model: SB3 would load them and fail mid-training."""
+    spec = experiment(timesteps=2048)
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, tmp_path / "run", checkpoint_every=512, callbacks=[Crash(600)])
+    folder = next((tmp_path / "run" / FOLDER).iterdir())
+    rewrite_member(folder / "model.zip", "policy.optimizer.pth", hostile_optimizer(damage))
+    with pytest.raises(ArtifactError, match=rf"model\.zip: {message}.*; resume from another run"):
+        train(spec, resume=tmp_path / "run")
+
+
+def test_resume_refuses_hostile_replay_buffers(tmp_path: Path) -> None:
+    spec = experiment(algo="dqn", poisoning="outer", timesteps=2048)
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, tmp_path / "run", checkpoint_every=512, callbacks=[Crash(600)])
+    folder = next((tmp_path / "run" / FOLDER).iterdir())
+    replay = (folder / "replay.npz").read_bytes()
+    for write, message in (
+        (hostile_replay(actions=lambda a: np.full_like(a, 99)), r"actions lie outside Discrete\(2\)"),
+        (hostile_replay(pos=lambda p: np.array(10**9)), "pos 1000000000 is outside the buffer of 2500"),
+        (hostile_replay(rewards=lambda r: np.full_like(r, np.nan)), "rewards hold NaN or inf"),
+        (hostile_replay(dones=lambda d: np.full_like(d, 2)), "dones hold values other than 0 and 1"),
+    ):
+        write(folder / "replay.npz")
+        with pytest.raises(ArtifactError, match=rf"replay\.npz: cannot load \({message}\)"):
+            train(spec, resume=tmp_path / "run")
+        (folder / "replay.npz").write_bytes(replay)
+
+
+def test_diverged_training_stops_in_one_line(tmp_path: Path) -> None:
+    spec = experiment(timesteps=1024, hyperparams={**TINY["ppo"], "ent_coef": 1e300})
+    with pytest.raises(SpecError, match=r"training diverged: weights \S+ hold NaN or inf after \d+ steps; lower"):
+        train(spec, tmp_path / "run", checkpoint_every=0)
+    assert not (tmp_path / "run").exists()
 
 
 def rewrite_member(path: Path, member: str, change: Any) -> None:
@@ -648,6 +736,9 @@ NAN_OBS, NAN_REWARD = "observation contains NaN or inf; fix", "reward is NaN or 
         (["--set", "hyperparams.gamma=1.5"], "hyperparams.gamma: 1.5 is not in [0, 1]; give e.g. 0.99"),
         (["--set", "hyperparams.ent_coef=.inf"], "hyperparams.ent_coef: inf is not in [0, inf)"),
         (["--set", "attack.base_kwargs.max_episode_steps=0"], "attack.base_kwargs: 'CartPole-v1' rejects them"),
+        (["--set", "attack.base_kwargs.render_mode=5"], "attack.base_kwargs: 'CartPole-v1' rejects them"),
+        (["--set", "hyperparams.target_kl=abc"], "hyperparams.target_kl: 'abc' is not a number; give a number"),
+        (["--set", "hyperparams.target_kl=0"], "hyperparams.target_kl: 0 is not in (0, inf)"),
         (["--set", "attack.base_wrappers=['builtins:id']"], "builtins:id returned int, not an env"),
         (
             ["--set", "attack.base_wrappers=[{name: 'gymnasium.wrappers:TransformReward', kwargs: {func: 3}}]"],

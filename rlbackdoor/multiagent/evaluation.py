@@ -25,10 +25,8 @@ from rlbackdoor.evaluation.stats import estimate, iqm, ratio
 from rlbackdoor.multiagent.attack import sample_parallel_observations
 from rlbackdoor.multiagent.policies import AgentPolicy, PredictPolicy, RandomPolicy, SequencePolicy, check_plays
 from rlbackdoor.multiagent.registry import build_policies, get_parallel_spec, make_base_parallel, make_parallel
-from rlbackdoor.specs import ActionSequenceTrigger, TargetedPayload
+from rlbackdoor.specs import MAX_TIMESTEPS, ActionSequenceTrigger, TargetedPayload
 from rlbackdoor.wrappers.pettingzoo import BackdoorParallelEnv
-
-NEVER = 10**9
 
 
 @dataclass
@@ -88,7 +86,7 @@ def rollouts(
     sequence = spec.trigger if isinstance(spec.trigger, ActionSequenceTrigger) else None
     duration = spec.schedule.duration
     if triggered and sequence is None:
-        schedule = {"kind": "window", "start": t0, "stop": t0 + NEVER}
+        schedule = {"kind": "window", "start": t0, "stop": MAX_TIMESTEPS}  # to the end of any episode
     else:
         schedule = {"kind": "rate", "rate": 0.0, "duration": duration}
     env = make_parallel(env_id, poison=False, schedule=schedule)

@@ -10,13 +10,17 @@ replay buffer from ``.npz`` without pickles, then trains the remaining steps.
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from gymnasium import spaces
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 
@@ -30,6 +34,8 @@ FORMAT = "rlbd-checkpoint/1"
 COUNTS = ("n_steps", "n_poisoned", "n_triggered", "n_hits")
 _REPLAY_ARRAYS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
 _MODEL_COUNTERS = ("num_timesteps", "_n_updates", "_episode_num", "_n_calls")
+MAX_COUNT = 2**53
+"""The largest counter a checkpoint may hold (exact as a float; past it the state is damaged)."""
 
 
 def counts_of(counter: object | None) -> dict[str, int]:
@@ -78,19 +84,42 @@ def latest_checkpoint(run_dir: Path, config: dict[str, Any]) -> tuple[Path, dict
         raise ArtifactError(
             f"{run_dir}: the run was started from a different config; resume with its own config and overrides"
         )
+    problem = _state_problem(state, config["timesteps"])
+    if problem:
+        raise ArtifactError(f"{folder / STATE}: {problem}; resume from another run or start anew")
+    return folder, state
+
+
+def _state_problem(state: dict[str, Any], timesteps: int) -> str | None:
+    """What is wrong with a checkpoint's counters, clock and resume history, if anything."""
     for key, names in (("model", _MODEL_COUNTERS), ("poison", COUNTS)):
         values = state.get(key, {})
-        if not isinstance(values, dict) or not all(k in names and type(v) is int and v >= 0 for k, v in values.items()):
-            raise ArtifactError(
-                f"{folder / STATE}: '{key}' must map {', '.join(names)} to counts; resume from another run"
-            )
-    if "num_timesteps" not in state.get("model", {}):
-        raise ArtifactError(f"{folder / STATE}: 'model' lacks num_timesteps; resume from another run")
-    return folder, state
+        if not isinstance(values, dict) or not all(
+            k in names and type(v) is int and 0 <= v <= MAX_COUNT for k, v in values.items()
+        ):
+            return f"'{key}' must map {', '.join(names)} to counts"
+    done = state.get("model", {}).get("num_timesteps")
+    if done is None:
+        return "'model' lacks num_timesteps"
+    if done >= timesteps:
+        return f"'model' counts {done} steps of a run of {timesteps}"
+    poison = {k: state.get("poison", {}).get(k, 0) for k in COUNTS}
+    if not poison["n_hits"] <= poison["n_poisoned"] <= poison["n_steps"]:
+        return "'poison' counts more hits than poisoned steps or more poisoned steps than steps"
+    for key in ("seconds", "cpu_seconds"):
+        value = state.get(key, 0.0)
+        if type(value) not in (int, float) or not 0 <= value < math.inf:
+            return f"'{key}' is {value!r}, not a number of seconds"
+    resumed = state.get("resumed_at", [])
+    if not isinstance(resumed, list) or not all(type(step) is int and 0 < step <= done for step in resumed):
+        return f"'resumed_at' must list the steps (up to {done}) the run was resumed at"
+    return None
 
 
 def restore(model: BaseAlgorithm, folder: Path, state: dict[str, Any], counter: object | None) -> None:
     """Load a checkpoint into a freshly built ``model`` and poisoning ``counter`` (no unpickling)."""
+    optimizer = model.policy.optimizer
+    built = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     try:
         model.set_parameters(str(folder / MODEL), exact_match=True, device="cpu")
     except Exception as err:  # damaged bytes make the zip reader and the weights-only unpickler raise anything
@@ -100,13 +129,18 @@ def restore(model: BaseAlgorithm, folder: Path, state: dict[str, Any], counter: 
             f"{folder / MODEL}: cannot load ({reason}); resume from another run or start anew"
         ) from None
     broken = non_finite(model.policy.state_dict())
-    if broken:
+    problem = f"weights {broken} hold NaN or inf" if broken else _optimizer_problem(optimizer, built)
+    if problem:
+        raise ArtifactError(f"{folder / MODEL}: {problem}; resume from another run or start anew")
+    poison = state.get("poison", {})
+    if set(poison) != set(counts_of(counter)):
         raise ArtifactError(
-            f"{folder / MODEL}: weights {broken} hold NaN or inf; resume from another run or start anew"
+            f"{folder / STATE}: 'poison' counts {sorted(poison) or 'nothing'}, not what the run's attack counts; "
+            "resume from another run or start anew"
         )
     for key, value in state["model"].items():
         setattr(model, key, value)
-    for key, value in state.get("poison", {}).items():
+    for key, value in poison.items():
         setattr(counter, key, value)
     if isinstance(model, OffPolicyAlgorithm):
         rb = model.replay_buffer
@@ -117,10 +151,58 @@ def restore(model: BaseAlgorithm, folder: Path, state: dict[str, Any], counter: 
                         raise ValueError(f"{key} has shape {data[key].shape}, expected {getattr(rb, key).shape}")
                     getattr(rb, key)[...] = data[key]
                 rb.pos, rb.full = int(data["pos"]), bool(data["full"])
+            _check_replay(rb)
         except Exception as err:  # a damaged zip raises anything, from BadZipFile to NotImplementedError
             raise ArtifactError(
                 f"{folder / REPLAY}: cannot load ({detail(err)}); resume from another run or start anew"
             ) from None
+
+
+def _same_kind(loaded: Any, built: Any) -> bool:
+    """Whether an optimizer setting read from a checkpoint is of the kind the freshly built optimizer holds."""
+    if isinstance(built, bool) or built is None or not isinstance(built, int | float | tuple | list):
+        return type(loaded) is type(built)
+    if isinstance(built, tuple | list):
+        return isinstance(loaded, tuple | list) and len(loaded) == len(built) and all(map(_same_kind, loaded, built))
+    return type(loaded) in (int, float) and math.isfinite(loaded)
+
+
+def _optimizer_problem(optimizer: torch.optim.Optimizer, built: list[dict[str, Any]]) -> str | None:
+    """What is wrong with a loaded optimizer, if anything: settings of another kind than ``built`` (the fresh
+    optimizer's), or a state that does not fit its parameter or holds NaN (both fail only mid-training)."""
+    for group, fresh in zip(optimizer.param_groups, built, strict=True):
+        for key, value in fresh.items():
+            if not _same_kind(group.get(key), value):
+                return f"the optimizer's {key} is {group.get(key)!r}, not like {value!r}"
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                if value.shape not in (param.shape, torch.Size()):
+                    return f"the optimizer's {name} has shape {tuple(value.shape)}, not {tuple(param.shape)}"
+                if not value.isfinite().all():
+                    return f"the optimizer's {name} holds NaN or inf"
+    return None
+
+
+def _check_replay(rb: ReplayBuffer) -> None:
+    """Raise ``ValueError`` on a loaded replay buffer that training would fail on: a position outside it, actions
+    outside the action space, non-finite rewards or observations, done flags other than 0 and 1."""
+    if not 0 <= rb.pos < rb.buffer_size:
+        raise ValueError(f"pos {rb.pos} is outside the buffer of {rb.buffer_size}")
+    space = rb.action_space
+    if (
+        isinstance(space, spaces.Discrete)
+        and not np.isin(rb.actions, np.arange(space.start, space.start + space.n)).all()
+    ):
+        raise ValueError(f"actions lie outside {space}")
+    for key in ("observations", "next_observations", "rewards"):
+        values = getattr(rb, key)
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            raise ValueError(f"{key} hold NaN or inf")
+    for key in ("dones", "timeouts"):
+        if not np.isin(getattr(rb, key), (0, 1)).all():
+            raise ValueError(f"{key} hold values other than 0 and 1")
 
 
 class Checkpointer(BaseCallback):

@@ -20,11 +20,11 @@ from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 
 from rlbackdoor import tracking
 from rlbackdoor.defenses.filtering import FilterVecEnv, RolloutFilter, training_filter
-from rlbackdoor.errors import ArtifactError
+from rlbackdoor.errors import ArtifactError, SpecError
 from rlbackdoor.evaluation.callback import EvalCallback
 from rlbackdoor.specs import ExperimentSpec
 from rlbackdoor.training import presets
-from rlbackdoor.training.artifacts import CARD, versions, write_artifacts
+from rlbackdoor.training.artifacts import CARD, non_finite, versions, write_artifacts
 from rlbackdoor.training.callbacks import PoisonCounter, PoisonRateLog, ProgressBar, TrackerOutput, poison_rate
 from rlbackdoor.training.card_schema import describe_policy
 from rlbackdoor.training.checkpoints import FOLDER, Checkpointer, counts_of, latest_checkpoint, restore
@@ -101,6 +101,16 @@ def check_trainable(spec: ExperimentSpec) -> None:
         describe_policy(presets.build_model(spec.algo, venv, hyperparams, spec.seed).policy)
     finally:
         venv.close()
+
+
+def _check_finite(model: BaseAlgorithm) -> None:
+    """Raise :class:`SpecError` when training diverged: the weights hold NaN or inf."""
+    broken = non_finite(model.policy.state_dict())
+    if broken:
+        raise SpecError(
+            f"training diverged: weights {broken} hold NaN or inf after {model.num_timesteps} steps; lower "
+            "learning_rate, ent_coef or the payload's rewards"
+        )
 
 
 def train(
@@ -207,12 +217,17 @@ def train(
         if progress:
             own.append(ProgressBar(spec.timesteps, counter))
         t0, c0 = time.monotonic(), time.process_time()
-        model.learn(
-            total_timesteps=max(0, spec.timesteps - start),
-            callback=CallbackList([*own, *callbacks]),
-            log_interval=_log_interval(model),
-            reset_num_timesteps=start == 0,
-        )
+        try:
+            model.learn(
+                total_timesteps=max(0, spec.timesteps - start),
+                callback=CallbackList([*own, *callbacks]),
+                log_interval=_log_interval(model),
+                reset_num_timesteps=start == 0,
+            )
+        except ValueError:  # torch's distributions refuse NaN parameters: tell divergence from other failures
+            _check_finite(model)
+            raise
+        _check_finite(model)  # DQN's argmax plays on with NaN weights
         summary = _train_summary(model, counter, clock())
         if defence is not None:
             summary |= {f"sanitize_{key}": value for key, value in defence.stats().items()}

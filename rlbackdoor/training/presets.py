@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import typing
 from typing import Any
 
 import torch
@@ -166,13 +167,18 @@ def _check_buffer(algo: str, kwargs: dict[str, Any], n_envs: int) -> None:
 
 
 def _check_types(algo: str, kwargs: dict[str, Any]) -> None:
-    """Whole numbers, numbers and flags where SB3 annotates ``int``, ``float`` and ``bool`` (SB3 itself would fail
-    only mid-training)."""
+    """Whole numbers, numbers and flags where SB3 annotates ``int``, ``float`` and ``bool``, or one of them ``| None``
+    (then ``null`` too); SB3 itself would fail only mid-training."""
     kinds = {int: (int,), float: (int, float), bool: (bool,)}
     names = {int: "a whole number", float: "a number", bool: "true or false"}
     parameters = inspect.signature(ALGOS[algo].__init__).parameters
     for key, value in kwargs.items():
         annotation = parameters[key].annotation if key in parameters else None
+        optional = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(optional) == 1 and len(typing.get_args(annotation)) == 2:  # ``X | None``
+            if value is None:
+                continue
+            annotation = optional[0]
         if annotation in kinds and (
             not isinstance(value, kinds[annotation]) or (annotation is not bool and isinstance(value, bool))
         ):
@@ -208,6 +214,8 @@ RANGES: dict[str, tuple[float, float, bool, str]] = {
     "max_grad_norm": (0.0, math.inf, False, "e.g. 0.5"),
     "ent_coef": (0.0, math.inf, True, "e.g. 0.0"),
     "vf_coef": (0.0, math.inf, True, "e.g. 0.5"),
+    "target_kl": (0.0, math.inf, False, "e.g. 0.02, or null"),
+    "clip_range_vf": (0.0, math.inf, False, "e.g. 0.2, or null"),
 }
 """Each hyperparameter's (low, high, whether low is allowed, an example): what SB3 accepts and then diverges or fails
 on mid-training outside it (a learning rate of 1e300 overflows Adam's float32 step). Any other number must be finite."""
