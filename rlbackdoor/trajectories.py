@@ -23,6 +23,8 @@ from rlbackdoor.evaluation.rollouts import check_policy_fits
 from rlbackdoor.jsonfile import loads
 
 FIELDS = ("observations", "actions", "rewards", "dones", "poisoned", "triggered")
+SCALARS = ("rewards", "dones", "poisoned", "triggered")
+"""The fields holding one number per transition (1-D arrays); observations and actions hold one array each."""
 
 
 @dataclass
@@ -90,7 +92,8 @@ class Trajectories:
 
 
 def _check_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
-    """At least one transition, one entry per transition in every field, numbers where numbers belong, no NaN or inf."""
+    """At least one transition, one entry per transition in every field (one number in :data:`SCALARS`), numbers
+    where numbers belong, no NaN or inf."""
     n = len(arrays["rewards"]) if arrays["rewards"].ndim else -1
     short = [f for f in FIELDS if arrays[f].ndim == 0 or len(arrays[f]) != n]
     if short:
@@ -98,6 +101,11 @@ def _check_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
         raise ArtifactError(f"{path}: fields differ in length ({sizes}); give every field one entry per transition")
     if n == 0:
         raise ArtifactError(f"{path}: holds no transitions; collect some steps before saving")
+    for f in SCALARS:
+        if arrays[f].ndim != 1:
+            raise ArtifactError(
+                f"{path}: {f} has shape {arrays[f].shape}; store one number per transition (a 1-D array)"
+            )
     for f in FIELDS:
         if arrays[f].dtype.kind not in "biuf":
             raise ArtifactError(f"{path}: {f} has dtype {arrays[f].dtype}; store numbers (booleans for flags)")

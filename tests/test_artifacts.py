@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -250,6 +251,30 @@ def test_a_card_naming_code_outside_the_trusted_packages_runs_nothing(copy_run: 
     with pytest.raises(ArtifactError, match="env 'this:Foo-v0' would import module 'this'"):
         load_policy(copy_run)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "sanitize"])
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        ("x", r"train: 'x' is not a mapping or null"),
+        (5, r"train: 5 is not a mapping or null"),
+        ([1], r"train: \[1\] is not a mapping or null"),
+        (True, r"train: True is not a mapping or null"),
+        (float("nan"), r"train: nan is not a mapping or null"),
+        ({"poison_rate": "x"}, r"train\.poison_rate: 'x' is not an integer or a number or null"),
+        ({"poison_rate": 2}, r"train\.poison_rate: 2 is not a rate in 0\.\.1"),
+        ({"poison_rate": float("nan")}, r"train\.poison_rate: nan is not a rate in 0\.\.1"),
+    ],
+)
+def test_a_malformed_train_entry_is_one_line_naming_card_and_field(
+    copy_run: Path, capsys: pytest.CaptureFixture[str], command: str, train: Any, message: str
+) -> None:
+    edit_card(copy_run, lambda c: c.update(train=train))
+    assert main([command, str(copy_run), "--episodes", "1", "--seeds", "1", "--wandb-mode", "disabled"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err]
+    assert re.fullmatch(rf"rlbd: error: {re.escape(str(copy_run / 'card.json'))}: {message}; retrain .*", err)
 
 
 @pytest.mark.parametrize(

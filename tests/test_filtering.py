@@ -65,6 +65,10 @@ def test_trajectories_round_trip_without_pickles(tmp_path):
         ("actions", lambda a: a[:-1], r"fields differ in length \(observations \(60, 4\), actions \(59,\)"),
         ("poisoned", lambda a: np.array("yes"), "fields differ in length"),
         ("dones", lambda a: a.astype(str), "dones has dtype <U5; store numbers"),
+        ("rewards", lambda a: a[:, None], r"rewards has shape \(60, 1\); store one number per transition"),
+        ("dones", lambda a: np.stack([a, a], 1), r"dones has shape \(60, 2\); store one number per transition"),
+        ("poisoned", lambda a: np.stack([a] * 3, 1), r"poisoned has shape \(60, 3\); store one number"),
+        ("triggered", lambda a: a.reshape(60, 1, 1), r"triggered has shape \(60, 1, 1\); store one number"),
     ],
 )
 def test_malformed_trajectory_files_are_refused(tmp_path, field, change, message):

@@ -103,7 +103,9 @@ POLICY_CASES = [
     (obs(type="Graph"), r"policy\.observation_space\.type: unknown space type 'Graph'"),
     (obs(shape="4"), r"policy\.observation_space\.shape: '4' is not a list"),
     (obs(shape=[[4]]), r"policy\.observation_space\.shape\.0: \[4\] is not a size"),
-    (obs(shape=[-4]), r"policy\.observation_space\.shape\.0: -4 is not a size >= 1"),
+    (obs(shape=[-4]), r"policy\.observation_space\.shape\.0: -4 is not a size in 1\.\.134217728"),
+    (obs(shape=[10**30]), r"policy\.observation_space\.shape\.0: 1000000000000000000000000000000 is not a size in"),
+    (obs(shape=[2**14] * 3), r"policy\.observation_space\.shape: 4,398,046,511,104 elements, more than the cap"),
     (obs(low=[0.0, 1.0]), r"policy\.observation_space\.low: 2 entries for a shape of 4 elements"),
     (obs(high=[1.0, 1.0, 1.0, "big"]), r"policy\.observation_space\.high\.3: 'big' is not a number"),
     (obs(dtype="floaty"), r"policy\.observation_space\.dtype: 'floaty' is not a numpy bool, integer or float dtype"),
@@ -124,10 +126,11 @@ POLICY_CASES = [
         ),
         r"policy\.kwargs\.features_extractor_class: FlattenExtractor does not take a Dict observation space",
     ),
-    (act(n=10**12), r"policy: about [\d,]+ weights, more than the cap"),
-    (act(n=0), r"policy\.action_space\.n: 0 is not an integer >= 1"),
-    (act(n=-1), r"policy\.action_space\.n: -1 is not an integer >= 1"),
-    (act(n="2"), r"policy\.action_space\.n: '2' is not an integer"),
+    (act(n=10**7), r"policy: about [\d,]+ weights, more than the cap"),
+    (act(n=10**30), r"policy\.action_space\.n: 1000000000000000000000000000000 is not a size in 1\.\.134217728"),
+    (act(n=0), r"policy\.action_space\.n: 0 is not a size in 1\.\.134217728"),
+    (act(n=-1), r"policy\.action_space\.n: -1 is not a size in 1\.\.134217728"),
+    (act(n="2"), r"policy\.action_space\.n: '2' is not a size"),
     (act(start=10**30), r"policy\.action_space\.start: 1000000000000000000000000000000 is not an integer in"),
     (drop("action_space", "start"), r"policy\.action_space\.start: missing"),
     (
@@ -135,10 +138,22 @@ POLICY_CASES = [
         r"policy\.action_space\.nvec\.1: -1",
     ),
     (
+        policy(action_space={"type": "MultiDiscrete", "nvec": [2, 10**30], "start": [0, 0]}),
+        r"policy\.action_space\.nvec\.1: 1000000000000000000000000000000 is not a size in 1\.\.134217728",
+    ),
+    (
         policy(action_space={"type": "MultiDiscrete", "nvec": [2], "start": []}),
         r"policy\.action_space\.start: 0 entries",
     ),
-    (policy(action_space={"type": "MultiBinary", "n": -2}), r"policy\.action_space\.n: -2 is not an integer"),
+    (policy(action_space={"type": "MultiBinary", "n": -2}), r"policy\.action_space\.n: -2 is not a size"),
+    (
+        policy(action_space={"type": "MultiBinary", "n": 10**30}),
+        r"policy\.action_space\.n: 1000000000000000000000000000000 is not a size",
+    ),
+    (
+        policy(action_space={"type": "MultiBinary", "n": [2**27] * 3}),
+        r"policy\.action_space\.n: 2,417,851,639,229,258,349,412,352 elements, more than the cap",
+    ),
     (
         policy(action_space={"type": "Dict", "spaces": {"a": {"type": "Discrete", "n": 2, "start": 0}}}),
         r"policy\.action_space: ActorCriticPolicy cannot act in a Dict space",
@@ -157,13 +172,20 @@ def test_a_malformed_policy_entry_is_one_line_naming_card_and_field(
 
 
 @pytest.mark.parametrize("command", [["eval"], ["detect", "-d", "probe"], ["sanitize"]])
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (kwargs(net_arch=[-3]), "policy.kwargs.net_arch.0: -3 is not a layer size"),
+        (act(n=10**30), "policy.action_space.n: 1000000000000000000000000000000 is not a size"),
+    ],
+)
 def test_the_cli_reports_a_hostile_policy_entry_in_one_line(
-    cartpole: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+    cartpole: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str], edit: Edit, message: str
 ) -> None:
-    run = copy_of(cartpole, tmp_path, kwargs(net_arch=[-3]))
+    run = copy_of(cartpole, tmp_path, edit)
     assert main([command[0], str(run), *command[1:], "--wandb-mode", "disabled"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.splitlines() == [err] and "card.json: policy.kwargs.net_arch.0: -3 is not a layer size" in err
+    assert err.splitlines() == [err] and f"card.json: {message}" in err
 
 
 @pytest.mark.parametrize("command", [["eval"], ["detect", "-d", "probe"], ["sanitize"]])

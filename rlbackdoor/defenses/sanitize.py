@@ -22,7 +22,7 @@ from rlbackdoor.defenses.support import SupportSanitizer, TrackingPolicy, Transi
 from rlbackdoor.errors import SpecError
 from rlbackdoor.evaluation import evaluate
 from rlbackdoor.evaluation.envs import run_env
-from rlbackdoor.evaluation.evaluate import load_baseline
+from rlbackdoor.evaluation.evaluate import check_card, load_baseline
 from rlbackdoor.evaluation.metrics import ctp_ratio
 from rlbackdoor.evaluation.rollouts import RandomPolicy, episode_seeds, rollout
 from rlbackdoor.evaluation.stats import estimate, ratio
@@ -215,5 +215,6 @@ def sanitize_run(
 
     policy, card = load_policy(run_dir)
     run_env(card, Path(run_dir) / CARD)  # a card that does not name its env fails here, naming its path
+    check_card(run_dir, card)
     baseline = load_baseline(baseline_dir, run_dir, card) if baseline_dir is not None else None
     return sanitize_agent(policy, card, method, n_clean, dim, baseline, episodes, seeds, curve)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -117,15 +118,20 @@ def attack_metrics(
     return out
 
 
-def _check_card(run_dir: str | Path, card: Mapping[str, Any]) -> None:
-    """What evaluation reads from a run's card: ``env`` an env id, ``config`` and ``metrics`` mappings where set."""
-    from rlbackdoor.training.card_schema import CARD, card_entry
+def check_card(run_dir: str | Path, card: Mapping[str, Any]) -> None:
+    """What evaluation reads from a run's card: ``env`` an env id; ``config``, ``metrics`` and ``train`` mappings
+    where set, and ``train.poison_rate`` a rate in 0..1 where set."""
+    from rlbackdoor.training.card_schema import CARD, CardError, card_entry, expect
 
     path = Path(run_dir) / CARD
     card_entry(path, card, "env", str)
-    for key in ("config", "metrics"):
+    for key in ("config", "metrics", "train"):
         if key in card:
             card_entry(path, card, key, dict, type(None))
+    field = f"{path}: train.poison_rate"
+    rate = expect(field, (card.get("train") or {}).get("poison_rate"), int, float, type(None))
+    if rate is not None and not 0 <= rate <= 1:  # NaN fails too
+        raise CardError(field, f"{reprlib.repr(rate)} is not a rate in 0..1")
 
 
 def clean_env_id(card: Mapping[str, Any]) -> str:
@@ -143,7 +149,7 @@ def load_baseline(baseline_dir: str | Path, run_dir: str | Path, card: Mapping[s
     from rlbackdoor.training.artifacts import load_policy
 
     policy, baseline_card = load_policy(baseline_dir)
-    _check_card(baseline_dir, baseline_card)
+    check_card(baseline_dir, baseline_card)
     ours, theirs = clean_env_id(card), clean_env_id(baseline_card)
     if ours != theirs:
         raise ArtifactError(
@@ -173,7 +179,7 @@ def evaluate_run(
     from rlbackdoor.training.artifacts import load_policy
 
     policy, card = load_policy(run_dir)
-    _check_card(run_dir, card)
+    check_card(run_dir, card)
     baseline = load_baseline(baseline_dir, run_dir, card) if baseline_dir is not None else None
     if is_multiagent(card["env"]):
         from rlbackdoor.multiagent.evaluation import evaluate as evaluate_multiagent

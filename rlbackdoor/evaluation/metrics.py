@@ -214,7 +214,8 @@ def stealth(
     :param payload: the run's payload spec.
     :param clean_obs: the agent's clean observations.
     :param triggered_obs: observations carrying the trigger (stamped copies, or armed steps).
-    :param card: the run's card, for ``poison_rate`` (``train.poison_rate``).
+    :param card: the run's card (as :func:`~rlbackdoor.evaluation.evaluate.check_card` checks it), for
+        ``poison_rate`` (``train.poison_rate``).
     :param seed: seeds the subsampling of :func:`obs_shift`.
     """
     if isinstance(trigger, ObservationTrigger):

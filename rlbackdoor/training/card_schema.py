@@ -56,7 +56,8 @@ MAX_LAYERS, MAX_UNITS, MAX_WEIGHTS = 64, 65_536, 2**27
 """Caps on what a card may make :func:`rebuild_policy` allocate, checked before anything is built: 64 hidden
 layers per network; 65,536 units per layer or features extractor output, and entries per MultiDiscrete; about
 134M weights over the policy's networks (512 MiB of float32; the estimate counts every layer of the MLPs, from
-the flat observation to the actions, so it also bounds Discrete and MultiBinary sizes). Trained runs stay far
+the flat observation to the actions, so no space of more elements or actions fits: every size a space description
+gives is capped at it before the space is built). Trained runs stay far
 below (SB3's default MLP: about 10k weights, NatureCNN on Atari frames: about 2M), and training refuses a policy
 beyond them (:func:`describe_policy`); without the caps a few bytes of a hostile card could exhaust memory."""
 
@@ -216,10 +217,23 @@ def _bounds(field: str, value: Any, size: int, dtype: np.dtype) -> np.ndarray:
     return np.asarray(items, dtype=dtype)
 
 
+def _size(field: str, value: Any) -> int:
+    """A number of elements or actions: 1..:data:`MAX_WEIGHTS` (no policy over a larger space fits the cap)."""
+    return _int(field, value, 1, MAX_WEIGHTS, "a size")
+
+
+def _shape(field: str, value: Any, axes: range) -> tuple[int, ...]:
+    """A shape of ``axes`` axes holding at most :data:`MAX_WEIGHTS` elements."""
+    shape = tuple(_ints(field, value, 1, MAX_WEIGHTS, axes, "a size"))
+    if math.prod(shape) > MAX_WEIGHTS:
+        _fail(field, f"{math.prod(shape):,} elements, more than the cap of {MAX_WEIGHTS:,} (card_schema.MAX_WEIGHTS)")
+    return shape
+
+
 def _box(field: str, data: Mapping[str, Any]) -> spaces.Box:
     """A Box: ``dtype``, ``shape`` (up to 31 axes) and flat ``low`` and ``high`` lists."""
     dtype = _dtype(_join(field, "dtype"), _get(field, data, "dtype", str))
-    shape = tuple(_ints(_join(field, "shape"), data.get("shape", _MISSING), 1, None, range(32), "a size"))
+    shape = _shape(_join(field, "shape"), data.get("shape", _MISSING), range(32))
     low, high = (
         _bounds(_join(field, key), data.get(key, _MISSING), math.prod(shape), dtype) for key in ("low", "high")
     )
@@ -230,14 +244,14 @@ def _box(field: str, data: Mapping[str, Any]) -> spaces.Box:
 
 
 def _discrete(field: str, data: Mapping[str, Any]) -> spaces.Discrete:
-    """A Discrete space: ``n`` >= 1 (the policy's size cap bounds it) and a ``start`` offset."""
-    n = _int(_join(field, "n"), data.get("n", _MISSING), 1)
+    """A Discrete space: ``n`` actions and a ``start`` offset."""
+    n = _size(_join(field, "n"), data.get("n", _MISSING))
     return spaces.Discrete(n, start=_int(_join(field, "start"), data.get("start", _MISSING), *_OFFSETS))
 
 
 def _multi_discrete(field: str, data: Mapping[str, Any]) -> spaces.MultiDiscrete:
     """A MultiDiscrete space: a flat ``nvec`` (SB3 takes no other) and as many ``start`` offsets."""
-    nvec = _ints(_join(field, "nvec"), data.get("nvec", _MISSING), 1, None, range(1, MAX_UNITS + 1))
+    nvec = _ints(_join(field, "nvec"), data.get("nvec", _MISSING), 1, MAX_WEIGHTS, range(1, MAX_UNITS + 1), "a size")
     start = _ints(_join(field, "start"), data.get("start", _MISSING), *_OFFSETS, range(len(nvec), len(nvec) + 1))
     return spaces.MultiDiscrete(nvec, start=start)
 
@@ -245,8 +259,9 @@ def _multi_discrete(field: str, data: Mapping[str, Any]) -> spaces.MultiDiscrete
 def _multi_binary(field: str, data: Mapping[str, Any]) -> spaces.MultiBinary:
     """A MultiBinary space: ``n`` a size or a list of sizes."""
     n = data.get("n", _MISSING)
-    shape = _ints(_join(field, "n"), n, 1, None, range(1, 32)) if isinstance(n, list) else None
-    return spaces.MultiBinary(shape or _int(_join(field, "n"), n, 1))
+    return spaces.MultiBinary(
+        _shape(_join(field, "n"), n, range(1, 32)) if isinstance(n, list) else _size(_join(field, "n"), n)
+    )
 
 
 def _dict(field: str, data: Mapping[str, Any]) -> spaces.Dict:
