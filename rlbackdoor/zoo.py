@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import shutil
+import sys
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -117,9 +118,11 @@ def _draw_args(node: dict[str, Any], where: str) -> tuple[str, Any]:
     numbers = isinstance(arg, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in arg)
     if not (numbers and len(arg) == 2):  # a bool is an int to Python, not the end of a range
         raise SpecError(f"{where}: {kind} needs [low, high] numbers; write {{{kind}: [0, 1]}}")
+    if not all(abs(v) <= sys.float_info.max for v in arg):  # a NaN, an infinity or an int too large for a float
+        raise SpecError(f"{where}: {kind} ends must be finite numbers within float range (|x| <= 1.8e308); fix them")
     lo, hi = arg
-    if not math.isfinite(hi - lo):
-        raise SpecError(f"{where}: {kind} range [{lo}, {hi}] is not finite; give finite ends")
+    if not math.isfinite(float(hi) - float(lo)):
+        raise SpecError(f"{where}: {kind} range [{float(lo):g}, {float(hi):g}] is wider than float range; narrow it")
     if hi < lo:
         raise SpecError(f"{where}: {kind} range [{lo}, {hi}] is empty; put the low end first")
     if kind == "randint" and not (isinstance(lo, int) and isinstance(hi, int) and max(-lo, hi) < 2**62):

@@ -239,6 +239,16 @@ def test_bench_killed_midway_resumes_without_recomputing(
     assert run.summary["bench/roc_probe/_type"] == "image-file"
     assert run.config["defenses"]["detectors"] == ["probe"]
 
+    # hostile lines: a finished cell whose record is malformed runs again, other malformed lines are skipped
+    train = {**first, "metrics": {**first["metrics"], "ctp": 10**400}}
+    hostile = [{**r, "metrics": "x"} if r["kind"] == "detect" else r for r in after] + [{"id": [1]}, train]
+    results.write_text("".join(json.dumps(r) + "\n" for r in hostile))
+    assert main(["bench", str(bench), "--out", str(out), "--wandb-mode", "disabled"]) == 0
+    assert "4 cells: computed 1, skipped 3 finished, failed 0" in capsys.readouterr().out
+    assert read_results(results)[detect["id"]]["metrics"]["auroc"] == detect["metrics"]["auroc"]
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {(r["kind"], r["metric"]): r["per_seed"] for r in rows}["train", "ctp"].startswith("0:")
+
 
 def test_failed_cell_is_retried_then_recorded(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
@@ -296,13 +306,40 @@ def test_agents_that_cannot_train_fail_before_any_cell(
     assert not out.exists()
 
 
-def test_read_results_skips_lines_that_are_not_json_and_refuses_unreadable_files(
+OK = {"id": "a", "kind": "train", "env": "e", "poisoning": "clean", "poison_rate": 0.0, "seed": 0, "defense": "none"}
+OK |= {"status": "ok", "metrics": {"ctp": 500.0, "asr": None, "poison_rate": 0}}
+HOSTILE = [
+    {"id": [1], "status": "ok"},
+    {**OK, "id": 1},
+    {**OK, "kind": "other"},
+    {**OK, "status": [1]},
+    {**OK, "status": "failed", "error": {"a": [1]}},
+    {k: v for k, v in OK.items() if k != "metrics"},
+    {k: v for k, v in OK.items() if k != "seed"},
+    {**OK, "seed": True},
+    {**OK, "env": None},
+    {**OK, "poison_rate": "x"},
+    *({**OK, "metrics": m} for m in (None, [1], "x")),
+    *({**OK, "metrics": {"ctp": v}} for v in ("x", [1], {"a": 1}, True, 10**400)),
+    {**OK, "kind": "detect", "metrics": {"auroc": 0.5, "roc": {"fpr": [0.0], "tpr": [0.0, 1.0]}}},
+    {**OK, "kind": "detect", "metrics": {"auroc": 0.5, "population_roc": {"fpr": ["x"], "tpr": [1]}}},
+    {**OK, "kind": "detect", "metrics": {"auroc": 0.5, "roc": [1]}},
+]
+
+
+def test_read_results_skips_lines_that_are_not_records_and_refuses_unreadable_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A line that is not JSON, or not a record of the shape the runner writes, is skipped: its cell runs again."""
     results = tmp_path / "results.jsonl"
-    record = {"id": "a", "status": "ok"}
-    results.write_text("\n".join([json.dumps(record), "[" * 100_000, '{"id": "b", "sta']) + "\n")
-    assert read_results(results) == {"a": record}  # a nested or torn line is skipped: its cell runs again
+    failed = {**OK, "id": "b", "status": "failed", "error": "boom"}
+    detect = {**OK, "id": "c", "kind": "detect", "metrics": {"auroc": None, "roc": {"fpr": [0, 1], "tpr": [0, 1]}}}
+    torn = ["[" * 100_000, '{"id": "b", "sta']
+    hostile = [json.dumps({**h, "id": "b"} if isinstance(h.get("id"), str) else h) for h in HOSTILE]
+    results.write_text("\n".join([*map(json.dumps, (OK, failed, detect)), *torn, *hostile]) + "\n")
+    assert read_results(results) == {"a": OK, "b": failed, "c": detect}
+    results.write_text("\n".join(json.dumps(h) for h in HOSTILE) + "\n")
+    assert read_results(results) == {}
     monkeypatch.setattr("rlbackdoor.bench.runner.MAX_RESULTS_BYTES", 64)
     with pytest.raises(ArtifactError, match=r"results\.jsonl: unreadable \(larger than 64 bytes\); move it away"):
         read_results(results)

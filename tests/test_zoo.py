@@ -66,8 +66,11 @@ def test_draws_resolve_every_kind_and_repeat_with_the_seed() -> None:
         ({"randint": [0.5, 2]}, "x: randint needs integer ends"),
         ({"randint": [0, 2**63]}, r"x: randint needs integer ends below 2\*\*62"),
         ({"sample": [1, 2], "k": 3}, "x: sample k=3 must be an integer in [1, 2]"),
-        ({"uniform": [float("nan"), 4.0]}, "x: uniform range [nan, 4.0] is not finite"),
-        ({"uniform": [0.0, float("inf")]}, "x: uniform range [0.0, inf] is not finite"),
+        ({"uniform": [float("nan"), 4.0]}, "x: uniform ends must be finite numbers within float range"),
+        ({"uniform": [0.0, float("inf")]}, "x: uniform ends must be finite numbers within float range"),
+        ({"uniform": [0, 10**400]}, "x: uniform ends must be finite numbers within float range"),
+        ({"randint": [-(10**400), 0]}, "x: randint ends must be finite numbers within float range"),
+        ({"uniform": [-1e308, 1e308]}, "x: uniform range [-1e.308, 1e.308] is wider than float range; narrow it"),
         ({"uniform": [True, 2.0]}, "x: uniform needs [low, high] numbers"),
         ({"randint": [0, True]}, "x: randint needs [low, high] numbers"),
         ({"sample": [1, 2], "k": True}, "x: sample k=True must be an integer in [1, 2]"),
@@ -125,12 +128,13 @@ def test_zoo_fields_beyond_their_limits_fail_before_training(
 
 
 def test_malformed_draws_anywhere_in_the_config_fail_naming_the_file(tmp_path: Path, capsys) -> None:
-    trigger = {**TINY["attack"]["trigger"], "values": [{"uniform": [float("nan"), 4.0]}]}
+    trigger = {**TINY["attack"]["trigger"], "values": [{"uniform": [0, 10**323]}]}  # an int beyond float range
     config = write(tmp_path, {**TINY, "attack": {**TINY["attack"], "trigger": trigger}})
     out = tmp_path / "zoo"
     assert main(["zoo", str(config), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and f"{config}: attack.trigger.values.0: uniform range [nan, 4.0]" in err
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert f"{config}: attack.trigger.values.0: uniform ends must be finite numbers within float range" in err
     assert not out.exists()
     unchosen = write(tmp_path, {**TINY, "poisoning": {"choice": ["inner", {"choice": []}]}})
     with pytest.raises(SpecError) as info:
@@ -248,6 +252,25 @@ def test_rlbd_detect_reports_a_nested_manifest_in_one_line(tmp_path: Path, capsy
     assert err.startswith(f"rlbd: error: {tmp_path / 'manifest.json'}: unreadable (maximum recursion depth")
     assert "\n" not in err and "Traceback" not in err
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_rlbd_detect_and_sanitize_refuse_paths_the_os_cannot_look_up_in_one_line(tmp_path: Path, capsys) -> None:
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    (zoo / "manifest.json").write_text(json.dumps({"agents": [{"path": "a" * 300, "backdoored": False}]}))
+    for command in (["detect", "--detector", "probe"], ["sanitize", "--method", "support"]):
+        assert main([command[0], str(zoo), *command[1:], "--wandb-mode", "disabled"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"rlbd: error: {zoo / 'manifest.json'}: agents.0.path: cannot look up ")
+        assert "(File name too long); use a shorter or accessible path" in err and "\n" not in err
+    long = tmp_path / ("b" * 300)
+    assert main(["detect", str(long), "--detector", "probe"]) == 2
+    assert "rlbd: error: rlbd detect: cannot look up" in capsys.readouterr().err
+    assert main(["detect", str(zoo), "--detector", "probe", "--json", str(long / "r.json")]) == 2
+    assert "rlbd: error: --json: cannot look up" in capsys.readouterr().err
+    assert main(["zoo", str(write(tmp_path, TINY)), "--out", str(long)]) == 2
+    assert "rlbd: error: --out: cannot look up" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["zoo", "zoo.yaml"]
 
 
 @pytest.mark.parametrize("text", ["[" * 100_000, "{not json"])

@@ -20,6 +20,14 @@ from rlbackdoor.errors import detail
 
 RUNS = "runs"
 ZOOS = "zoos"
+METRICS: dict[str, tuple[str, ...]] = {
+    "train": ("ctp", "ctp_ratio", "asr", "asr_raw", "return_drop", "measured_poison_rate"),
+    "sanitize": ("asr_before", "asr_after", "ctp_after", "ctp_ratio_after"),
+    "detect": ("auroc", "population_auroc"),
+}
+"""The numeric metrics (or ``None``) each kind of cell contributes to the report's tables, by table name."""
+SOURCE = {"measured_poison_rate": "poison_rate"}
+"""Table names of cell metrics whose own name is taken (the configured ``poison_rate`` labels the group)."""
 
 
 def init_worker() -> None:

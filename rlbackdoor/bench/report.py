@@ -24,19 +24,12 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from rlbackdoor.bench.cells import METRICS, SOURCE
 from rlbackdoor.bench.matrix import BenchSpec, Cell
 from rlbackdoor.bench.runner import RESULTS, read_results
 from rlbackdoor.evaluation.stats import bootstrap_ci, finite, iqm
 from rlbackdoor.training.artifacts import atomic_write
 
-METRICS: dict[str, tuple[str, ...]] = {
-    "train": ("ctp", "ctp_ratio", "asr", "asr_raw", "return_drop", "measured_poison_rate"),
-    "sanitize": ("asr_before", "asr_after", "ctp_after", "ctp_ratio_after"),
-    "detect": ("auroc", "population_auroc"),
-}
-"""The metrics each kind of cell contributes to the tables."""
-SOURCE = {"measured_poison_rate": "poison_rate"}
-"""Table names of cell metrics whose own name is taken (the configured ``poison_rate`` labels the group)."""
 SECTIONS = {"train": "Agents", "sanitize": "Sanitizers (run time)", "detect": "Detectors (per-seed population)"}
 GROUP = ("env", "poisoning", "poison_rate", "defense")
 COLUMNS = ["kind", *GROUP, "metric", "n", "iqm", "ci_low", "ci_high", "per_seed"]
@@ -179,7 +172,8 @@ def plot_roc(detector: str, records: list[dict[str, Any]], path: Path) -> Path:
         m = r["metrics"]
         roc = m.get("roc") or m.get("population_roc")
         if roc:
-            ax.plot(roc["fpr"], roc["tpr"], marker=".", label=f"{r['env']} seed {r['seed']} (AUROC {m['auroc']:.2f})")
+            label = f"{r['env']} seed {r['seed']} (AUROC {_fmt(m.get('auroc'))})"
+            ax.plot(roc["fpr"], roc["tpr"], marker=".", label=label)
     if not any((r["metrics"].get("roc") or r["metrics"].get("population_roc")) for r in records):
         ax.text(0.5, 0.5, "no model-level ROC\n(input-level detector)", ha="center", va="center")
     ax.set_xlabel("false positive rate")

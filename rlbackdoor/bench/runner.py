@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from rlbackdoor.bench.backends import check_backend, make_backend
-from rlbackdoor.bench.cells import RUNS, init_worker, run_cell
+from rlbackdoor.bench.cells import METRICS, RUNS, SOURCE, init_worker, run_cell
 from rlbackdoor.bench.matrix import Cell
 from rlbackdoor.errors import ArtifactError
 from rlbackdoor.jsonfile import loads, read_bytes
@@ -42,8 +43,46 @@ def append_line(path: Path, record: dict[str, Any]) -> None:
         os.close(fd)
 
 
+def _number(value: Any) -> bool:
+    """A JSON number as Python reads it: a float, or an int within float range (a bool is no number)."""
+    return isinstance(value, float) or (type(value) is int and abs(value) <= sys.float_info.max)
+
+
+def _roc(value: Any) -> bool:
+    """``None``, or a ROC curve: ``fpr`` and ``tpr`` lists of numbers of one length."""
+    if value is None:
+        return True
+    fpr, tpr = (value.get(k) if isinstance(value, dict) else None for k in ("fpr", "tpr"))
+    curve = isinstance(fpr, list) and isinstance(tpr, list) and len(fpr) == len(tpr)
+    return curve and all(map(_number, fpr + tpr))
+
+
+def well_formed(record: Any) -> bool:
+    """Whether ``record`` has the shape :func:`run_cells` writes, in every field the runner and the report read.
+
+    A str ``id``; a known ``kind``; the labels (str ``env``, ``poisoning`` and ``defense``, int ``seed``,
+    ``poison_rate`` a number or ``None``); ``status`` ``failed`` with a str ``error``, or ``ok`` with a ``metrics``
+    mapping whose table metrics are numbers or ``None`` and whose ROC curves (``roc``, ``population_roc``) are
+    ``None`` or curves.
+    """
+    if not (isinstance(record, dict) and isinstance(record.get("id"), str) and record.get("kind") in METRICS):
+        return False
+    labels = all(isinstance(record.get(k), str) for k in ("env", "poisoning", "defense"))
+    rate, status, metrics = record.get("poison_rate"), record.get("status"), record.get("metrics")
+    if not (labels and type(record.get("seed")) is int and (rate is None or _number(rate))):
+        return False
+    if status == "failed":
+        return isinstance(record.get("error"), str)
+    if status != "ok" or not isinstance(metrics, dict):
+        return False
+    values = [metrics.get(SOURCE.get(m, m)) for names in METRICS.values() for m in names]
+    curves = [metrics.get(k) for k in ("roc", "population_roc")]
+    return all(v is None or _number(v) for v in values) and all(map(_roc, curves))
+
+
 def read_results(path: Path) -> dict[str, dict[str, Any]]:
-    """The last record of every cell id in a results file; lines that are not JSON (torn by a crash) are skipped.
+    """The last record of every cell id in a results file; a line that is not JSON (torn by a crash) or not a
+    record of the shape the runner writes (:func:`well_formed`) is skipped, so its cell runs again.
 
     :raises ArtifactError: the file is unreadable or larger than :data:`MAX_RESULTS_BYTES`.
     """
@@ -59,7 +98,7 @@ def read_results(path: Path) -> dict[str, dict[str, Any]]:
             record = loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and "id" in record:
+        if well_formed(record):
             records[record["id"]] = record
     return records
 
