@@ -33,10 +33,10 @@ _OPTIONAL_ENV_PACKAGES = {"MiniGrid-": "minigrid", "BabyAI-": "minigrid"}
 
 def make_gym_env(env_id: str, field: str = "env", **kwargs: Any) -> gym.Env:
     """``gymnasium.make`` with the project's error: ``field`` names the spec field the id came from."""
-    for prefix, package in _OPTIONAL_ENV_PACKAGES.items():
-        if env_id.startswith(prefix):
-            importlib.import_module(package)
     try:
+        for prefix, package in _OPTIONAL_ENV_PACKAGES.items():
+            if env_id.startswith(prefix):
+                importlib.import_module(package)
         return gym.make(env_id, **kwargs)
     except (gym.error.Error, ImportError) as err:
         raise SpecError(

@@ -479,6 +479,9 @@ def first_state(state: dict[str, Any]) -> dict[str, Any]:
         (lambda s: s["param_groups"][0].update(lr=float("inf")), "the optimizer's lr is inf"),
         (lambda s: first_state(s).update(exp_avg=torch.zeros(7)), r"the optimizer's exp_avg has shape \(7,\), not"),
         (lambda s: first_state(s)["exp_avg_sq"].fill_(float("nan")), "the optimizer's exp_avg_sq holds NaN or inf"),
+        (lambda s: s["param_groups"][0].update(maximize=True), "the optimizer's maximize is True, not like False"),
+        (lambda s: s["param_groups"][0].update(capturable=True), "the optimizer's capturable is True, not like False"),
+        (lambda s: first_state(s).update(step=torch.tensor(-1.0)), "the optimizer's step is -1.0, not a count of steps"),
     ],
 )  # fmt: skip
 def test_resume_refuses_hostile_optimizer_states(tmp_path: Path, damage: Any, message: str) -> None:
@@ -510,9 +513,24 @@ def test_resume_refuses_hostile_replay_buffers(tmp_path: Path) -> None:
         (folder / "replay.npz").write_bytes(replay)
 
 
+def test_dqn_optimizing_memory_usage_resumes(tmp_path: Path) -> None:
+    """Its replay buffer holds no next_observations: checkpoints store and check the arrays it has."""
+    hyperparams = {
+        **TINY["dqn"],
+        "optimize_memory_usage": True,
+        "replay_buffer_kwargs": {"handle_timeout_termination": False},
+    }
+    spec = experiment(algo="dqn", timesteps=1024, hyperparams=hyperparams)
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, tmp_path / "run", checkpoint_every=256, callbacks=[Crash(600)])
+    assert read_card(train(spec, resume=tmp_path / "run"))["train"]["steps"] >= 1024
+
+
 def test_diverged_training_stops_in_one_line(tmp_path: Path) -> None:
     spec = experiment(timesteps=1024, hyperparams={**TINY["ppo"], "ent_coef": 1e300})
-    with pytest.raises(SpecError, match=r"training diverged: weights \S+ hold NaN or inf after \d+ steps; lower"):
+    with pytest.raises(
+        SpecError, match=r"training diverged: weights \S+ hold NaN or inf after \d+ steps; start a new run with a lower"
+    ):
         train(spec, tmp_path / "run", checkpoint_every=0)
     assert not (tmp_path / "run").exists()
 

@@ -75,7 +75,7 @@ def well_formed(record: Any) -> bool:
         return isinstance(record.get("error"), str)
     if status != "ok" or not isinstance(metrics, dict):
         return False
-    values = [metrics.get(SOURCE.get(m, m)) for names in METRICS.values() for m in names]
+    values = [metrics.get(SOURCE.get(m, m)) for m in METRICS[record["kind"]]]
     curves = [metrics.get(k) for k in ("roc", "population_roc")]
     return all(v is None or _number(v) for v in values) and all(map(_roc, curves))
 

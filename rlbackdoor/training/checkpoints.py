@@ -52,7 +52,7 @@ def save_checkpoint(model: BaseAlgorithm, run_dir: Path, state: dict[str, Any]) 
     if isinstance(model, OffPolicyAlgorithm):
         rb = model.replay_buffer
         buffer = io.BytesIO()
-        np.savez(buffer, pos=rb.pos, full=rb.full, **{k: getattr(rb, k) for k in _REPLAY_ARRAYS})
+        np.savez(buffer, pos=rb.pos, full=rb.full, **{k: getattr(rb, k) for k in _replay_arrays(rb)})
         atomic_write(folder / REPLAY, buffer.getvalue())
     counters = {k: int(getattr(model, k)) for k in _MODEL_COUNTERS if hasattr(model, k)}
     write_json(folder / STATE, {"format": FORMAT, **state, "model": counters})
@@ -146,30 +146,36 @@ def restore(model: BaseAlgorithm, folder: Path, state: dict[str, Any], counter: 
         rb = model.replay_buffer
         try:
             with np.load(folder / REPLAY, allow_pickle=False) as data:
-                for key in _REPLAY_ARRAYS:
+                for key in _replay_arrays(rb):
                     if data[key].shape != getattr(rb, key).shape:
                         raise ValueError(f"{key} has shape {data[key].shape}, expected {getattr(rb, key).shape}")
                     getattr(rb, key)[...] = data[key]
                 rb.pos, rb.full = int(data["pos"]), bool(data["full"])
-            _check_replay(rb)
         except Exception as err:  # a damaged zip raises anything, from BadZipFile to NotImplementedError
             raise ArtifactError(
                 f"{folder / REPLAY}: cannot load ({detail(err)}); resume from another run or start anew"
             ) from None
+        try:
+            _check_replay(rb)
+        except ValueError as err:
+            raise ArtifactError(
+                f"{folder / REPLAY}: cannot load ({err}); resume from another run or start anew"
+            ) from None
 
 
 def _same_kind(loaded: Any, built: Any) -> bool:
-    """Whether an optimizer setting read from a checkpoint is of the kind the freshly built optimizer holds."""
-    if isinstance(built, bool) or built is None or not isinstance(built, int | float | tuple | list):
-        return type(loaded) is type(built)
+    """Whether an optimizer setting read from a checkpoint may stand for the freshly built optimizer's: any finite
+    number for a number (learning rates follow schedules), the same value for a flag, a name or ``None``."""
     if isinstance(built, tuple | list):
         return isinstance(loaded, tuple | list) and len(loaded) == len(built) and all(map(_same_kind, loaded, built))
-    return type(loaded) in (int, float) and math.isfinite(loaded)
+    if isinstance(built, int | float) and not isinstance(built, bool):
+        return type(loaded) in (int, float) and math.isfinite(loaded)
+    return type(loaded) is type(built) and loaded == built
 
 
 def _optimizer_problem(optimizer: torch.optim.Optimizer, built: list[dict[str, Any]]) -> str | None:
-    """What is wrong with a loaded optimizer, if anything: settings of another kind than ``built`` (the fresh
-    optimizer's), or a state that does not fit its parameter or holds NaN (both fail only mid-training)."""
+    """What is wrong with a loaded optimizer, if anything: settings unlike ``built`` (the fresh optimizer's), or a
+    state that does not fit its parameter, holds NaN or counts steps below 0 (all fail only mid-training)."""
     for group, fresh in zip(optimizer.param_groups, built, strict=True):
         for key, value in fresh.items():
             if not _same_kind(group.get(key), value):
@@ -182,21 +188,26 @@ def _optimizer_problem(optimizer: torch.optim.Optimizer, built: list[dict[str, A
                     return f"the optimizer's {name} has shape {tuple(value.shape)}, not {tuple(param.shape)}"
                 if not value.isfinite().all():
                     return f"the optimizer's {name} holds NaN or inf"
+                if value.dim() == 0 and not (value >= 0 and value == value.round()):  # a scalar state counts steps
+                    return f"the optimizer's {name} is {value.item()!r}, not a count of steps"
     return None
+
+
+def _replay_arrays(rb: ReplayBuffer) -> list[str]:
+    """The arrays a replay buffer holds (it has no ``next_observations`` when it optimizes memory usage)."""
+    return [key for key in _REPLAY_ARRAYS if hasattr(rb, key)]
 
 
 def _check_replay(rb: ReplayBuffer) -> None:
     """Raise ``ValueError`` on a loaded replay buffer that training would fail on: a position outside it, actions
-    outside the action space, non-finite rewards or observations, done flags other than 0 and 1."""
+    outside the action space (Discrete from 0, as training requires), non-finite rewards or observations, done flags
+    other than 0 and 1."""
     if not 0 <= rb.pos < rb.buffer_size:
         raise ValueError(f"pos {rb.pos} is outside the buffer of {rb.buffer_size}")
     space = rb.action_space
-    if (
-        isinstance(space, spaces.Discrete)
-        and not np.isin(rb.actions, np.arange(space.start, space.start + space.n)).all()
-    ):
+    if isinstance(space, spaces.Discrete) and not np.isin(rb.actions, np.arange(space.n)).all():
         raise ValueError(f"actions lie outside {space}")
-    for key in ("observations", "next_observations", "rewards"):
+    for key in set(_replay_arrays(rb)) & {"observations", "next_observations", "rewards"}:
         values = getattr(rb, key)
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             raise ValueError(f"{key} hold NaN or inf")

@@ -72,9 +72,8 @@ def probe_env(factory: Callable[[], gym.Env], env_id: str) -> None:
     except RlbdError:
         raise
     except Exception as err:  # the env's own code and its user-configured wrappers: anything may come out
-        raise SpecError(
-            f"env: stepping {env_id} failed ({type(err).__name__}: {detail(err)[:200]}); fix its base_kwargs or base_wrappers"
-        ) from None
+        failure = f"{type(err).__name__}: {detail(err)[:200]}"
+        raise SpecError(f"env: stepping {env_id} failed ({failure}); fix its base_kwargs or base_wrappers") from None
     finally:
         env.close()
 

@@ -108,8 +108,8 @@ def _check_finite(model: BaseAlgorithm) -> None:
     broken = non_finite(model.policy.state_dict())
     if broken:
         raise SpecError(
-            f"training diverged: weights {broken} hold NaN or inf after {model.num_timesteps} steps; lower "
-            "learning_rate, ent_coef or the payload's rewards"
+            f"training diverged: weights {broken} hold NaN or inf after {model.num_timesteps} steps; start a new run "
+            "with a lower learning_rate, ent_coef or payload rewards"
         )
 
 

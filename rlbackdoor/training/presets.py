@@ -138,7 +138,8 @@ def build_model(algo: str, env: VecEnv, hyperparams: dict[str, Any], seed: int) 
         return ALGOS[algo](policy, env, seed=seed, device="cpu", verbose=0, **kwargs)
     except (TypeError, ValueError, AssertionError, KeyError, RuntimeError) as err:  # torch: e.g. a negative layer size
         raise SpecError(
-            f"hyperparams: SB3 {algo.upper()} rejects the run ({detail(err)}); fix that hyperparameter or pick another algo"
+            f"hyperparams: SB3 {algo.upper()} rejects the run ({detail(err)}); fix that hyperparameter or pick another "
+            "algo"
         ) from None
     except MemoryError:  # a buffer under MAX_BUFFER of large observations
         raise SpecError(
