@@ -152,15 +152,11 @@ def restore(model: BaseAlgorithm, folder: Path, state: dict[str, Any], counter: 
                     getattr(rb, key)[...] = data[key]
                 rb.pos, rb.full = int(data["pos"]), bool(data["full"])
         except Exception as err:  # a damaged zip raises anything, from BadZipFile to NotImplementedError
-            raise ArtifactError(
-                f"{folder / REPLAY}: cannot load ({detail(err)}); resume from another run or start anew"
-            ) from None
-        try:
-            _check_replay(rb)
-        except ValueError as err:
-            raise ArtifactError(
-                f"{folder / REPLAY}: cannot load ({err}); resume from another run or start anew"
-            ) from None
+            problem = detail(err)
+        else:
+            problem = _replay_problem(rb)
+        if problem:
+            raise ArtifactError(f"{folder / REPLAY}: cannot load ({problem}); resume from another run or start anew")
 
 
 def _same_kind(loaded: Any, built: Any) -> bool:
@@ -198,22 +194,23 @@ def _replay_arrays(rb: ReplayBuffer) -> list[str]:
     return [key for key in _REPLAY_ARRAYS if hasattr(rb, key)]
 
 
-def _check_replay(rb: ReplayBuffer) -> None:
-    """Raise ``ValueError`` on a loaded replay buffer that training would fail on: a position outside it, actions
-    outside the action space (Discrete from 0, as training requires), non-finite rewards or observations, done flags
-    other than 0 and 1."""
+def _replay_problem(rb: ReplayBuffer) -> str | None:
+    """What is wrong with a loaded replay buffer that training would fail on, if anything: a position outside it,
+    actions outside the action space (Discrete from 0, as training requires), non-finite rewards or observations,
+    done flags other than 0 and 1."""
     if not 0 <= rb.pos < rb.buffer_size:
-        raise ValueError(f"pos {rb.pos} is outside the buffer of {rb.buffer_size}")
+        return f"pos {rb.pos} is outside the buffer of {rb.buffer_size}"
     space = rb.action_space
     if isinstance(space, spaces.Discrete) and not np.isin(rb.actions, np.arange(space.n)).all():
-        raise ValueError(f"actions lie outside {space}")
-    for key in set(_replay_arrays(rb)) & {"observations", "next_observations", "rewards"}:
-        values = getattr(rb, key)
-        if values.dtype.kind == "f" and not np.isfinite(values).all():
-            raise ValueError(f"{key} hold NaN or inf")
+        return f"actions lie outside {space}"
+    for key in ("observations", "next_observations", "rewards"):
+        values = getattr(rb, key, None)
+        if values is not None and values.dtype.kind == "f" and not np.isfinite(values).all():
+            return f"{key} hold NaN or inf"
     for key in ("dones", "timeouts"):
         if not np.isin(getattr(rb, key), (0, 1)).all():
-            raise ValueError(f"{key} hold values other than 0 and 1")
+            return f"{key} hold values other than 0 and 1"
+    return None
 
 
 class Checkpointer(BaseCallback):
