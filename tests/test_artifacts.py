@@ -14,7 +14,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from damage import damaged
+from damage import damaged, reseal
 from gymnasium import spaces
 from safetensors.torch import load_file, save_file
 from stable_baselines3 import A2C, DQN, PPO
@@ -60,6 +60,7 @@ CARD_KEYS = {
     "versions",
     "train",
     "metrics",
+    "weights_sha256",
     "config",
 }
 
@@ -177,6 +178,7 @@ def nan_weights(run: Path) -> None:
     state = load_file(run / "policy.safetensors")
     state["action_net.bias"][0] = float("nan")
     save_file(state, run / "policy.safetensors")
+    reseal(run)
 
 
 @pytest.mark.parametrize(
@@ -215,7 +217,8 @@ def test_damaged_runs_raise_one_line_artifact_errors(copy_run: Path, damage: Any
 def test_randomly_damaged_runs_load_or_fail_in_one_line(copy_run: Path, name: str) -> None:
     good, refused = (copy_run / name).read_bytes(), 0
     for seed in range(100):
-        (copy_run / name).write_bytes(damaged(good, seed))
+        data = damaged(good, seed)
+        (copy_run / name).write_bytes(data)
         try:
             policy, _ = load_policy(copy_run)
         except ArtifactError as err:
@@ -223,7 +226,23 @@ def test_randomly_damaged_runs_load_or_fail_in_one_line(copy_run: Path, name: st
             assert "\n" not in str(err)
         else:
             assert all(p.isfinite().all() for p in policy.parameters())
+            assert name == "card.json" or data == good  # the card's weights_sha256 catches any change of the weights
     assert refused >= 50
+
+
+def test_weights_changed_after_training_are_refused(copy_run: Path) -> None:
+    data = bytearray((copy_run / "policy.safetensors").read_bytes())
+    data[-1] ^= 1  # one bit of the last weight: still a valid file of finite weights
+    (copy_run / "policy.safetensors").write_bytes(bytes(data))
+    with pytest.raises(
+        ArtifactError, match=r"policy\.safetensors: its SHA-256 differs from the weights_sha256 in card"
+    ):
+        load_policy(copy_run)
+    edit_card(copy_run, lambda c: c.update(weights_sha256=5))
+    with pytest.raises(ArtifactError, match=r"card\.json: weights_sha256"):
+        load_policy(copy_run)
+    edit_card(copy_run, lambda c: c.pop("weights_sha256"))  # a run written before cards recorded it
+    load_policy(copy_run)
 
 
 def test_a_card_naming_code_outside_the_trusted_packages_runs_nothing(copy_run: Path, tmp_path: Path, capsys) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from damage import reseal
 from safetensors.torch import load_file, save_file
 
 from rlbackdoor.cli import main
@@ -227,6 +228,7 @@ def test_weights_that_do_not_fit_the_card_are_one_line_errors(
     state = load_file(run / "policy.safetensors")
     damage(state)
     save_file(state, run / "policy.safetensors")
+    reseal(run)
     with pytest.raises(
         ArtifactError, match=rf"policy\.safetensors: weights do not fit the policy in card\.json \({message}"
     ) as info:

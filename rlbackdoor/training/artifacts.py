@@ -8,6 +8,7 @@ run code during analysis, and a malformed or hostile run fails with one :class:`
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -21,17 +22,27 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.policies import (
     BasePolicy,
 )
 
 from rlbackdoor.errors import ArtifactError
-from rlbackdoor.jsonfile import TooLargeError, read_json
-from rlbackdoor.training.card_schema import CARD, MAX_CARD_BYTES, RETRAIN, card_entry, expect, rebuild_policy
+from rlbackdoor.jsonfile import TooLargeError, read_bytes, read_json
+from rlbackdoor.training.card_schema import (
+    CARD,
+    MAX_CARD_BYTES,
+    MAX_WEIGHTS,
+    RETRAIN,
+    card_entry,
+    expect,
+    rebuild_policy,
+)
 
 WEIGHTS, MODEL = "policy.safetensors", "model.zip"
+MAX_WEIGHTS_BYTES = 8 * MAX_WEIGHTS + 2**20
+"""The largest ``policy.safetensors`` read: float64 weights at the card's cap, and a header."""
 PACKAGES = ("rlbackdoor", "stable-baselines3", "gymnasium", "torch", "numpy", "minigrid", "pettingzoo")
 
 
@@ -60,10 +71,15 @@ def save_model(model: BaseAlgorithm, path: Path) -> None:
     atomic_write(path, buffer.getvalue())
 
 
-def save_weights(policy: BasePolicy, path: Path) -> None:
-    """Atomically write the policy's state dict as safetensors (tensors copied: shared modules are fine)."""
+def save_weights(policy: BasePolicy, path: Path) -> str:
+    """Atomically write the policy's state dict as safetensors (tensors copied: shared modules are fine).
+
+    :return: the SHA-256 of the file, which the card records.
+    """
     state = {k: v.detach().cpu().clone().contiguous() for k, v in policy.state_dict().items()}
-    atomic_write(path, save(state))
+    data = save(state)
+    atomic_write(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------- card
@@ -100,10 +116,11 @@ def read_card(run_dir: str | Path) -> dict[str, Any]:
 
 
 def write_artifacts(model: BaseAlgorithm, run_dir: Path, card: dict[str, Any]) -> None:
-    """Write ``policy.safetensors``, ``model.zip`` and, last, ``card.json`` (its presence marks a finished run)."""
-    save_weights(model.policy, run_dir / WEIGHTS)
+    """Write ``policy.safetensors``, ``model.zip`` and, last, ``card.json`` (its presence marks a finished run), which
+    records the weights' SHA-256 as ``weights_sha256``."""
+    digest = save_weights(model.policy, run_dir / WEIGHTS)
     save_model(model, run_dir / MODEL)
-    write_json(run_dir / CARD, card)
+    write_json(run_dir / CARD, {**card, "weights_sha256": digest})
 
 
 def load_policy(run_dir: str | Path) -> tuple[BasePolicy, dict[str, Any]]:
@@ -118,10 +135,14 @@ def load_policy(run_dir: str | Path) -> tuple[BasePolicy, dict[str, Any]]:
     path = Path(run_dir) / WEIGHTS
     if not path.is_file():
         raise ArtifactError(f"{path}: missing; {RETRAIN}")
+    digest = expect(f"{Path(run_dir) / CARD}: weights_sha256", card.get("weights_sha256"), str, type(None))
     try:
-        state = load_file(path, device="cpu")
+        data = read_bytes(path, MAX_WEIGHTS_BYTES)
+        state = load(data)
     except (SafetensorError, OSError, ValueError) as err:
         raise ArtifactError(f"{path}: corrupt safetensors file ({err}); {RETRAIN}") from None
+    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+        raise ArtifactError(f"{path}: its SHA-256 differs from the weights_sha256 in {CARD} (damaged); {RETRAIN}")
     misfit = _misfit(state, policy.state_dict())
     if misfit:
         raise ArtifactError(f"{path}: weights do not fit the policy in {CARD} ({misfit}); {RETRAIN}")
