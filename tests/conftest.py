@@ -1,10 +1,16 @@
-"""Session-wide test isolation: W&B stays offline and writes under a temporary directory."""
+"""Session-wide test settings: W&B stays offline and writes under a temporary directory; property tests draw the
+same examples on every run (profile ``explore``, ``--hypothesis-profile explore``, draws new ones)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
+
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile("repeatable")
 
 
 @pytest.fixture(scope="session", autouse=True)
