@@ -16,7 +16,7 @@ from rlbackdoor.evaluation.envs import action_history, run_env
 from rlbackdoor.evaluation.evaluate import load_baseline
 from rlbackdoor.evaluation.metrics import obs_shift, own_history
 from rlbackdoor.evaluation.rollouts import episode_seeds, rollout
-from rlbackdoor.evaluation.stats import bootstrap_ci, estimate, iqm
+from rlbackdoor.evaluation.stats import bootstrap_ci, estimate, iqm, ratio
 from rlbackdoor.registry import get_env_spec
 from rlbackdoor.specs import AttackSpec, load_experiment
 from rlbackdoor.training.artifacts import read_card
@@ -133,6 +133,13 @@ def test_action_sequence_asr_compares_with_the_agents_own_history() -> None:
     assert 0.0 < ten_steps["asr"] < 0.3  # it only reacts on the first of ten armed steps
 
 
+def test_action_sequence_metrics_are_undefined_when_no_step_is_armed() -> None:
+    # always pushing right ends each episode within a dozen steps: no injected sequence completes its armed window
+    m = evaluate(Rule(lambda obs: np.ones(len(obs), dtype=np.int64)), ACTSEQ, episodes=3, seeds=2)
+    assert m["asr_states"] == 0 and m["asr"] is None and m["asr_raw"] is None and m["asr_per_seed"] == [None, None]
+    assert m["obs_shift"] is None and m["ctp"] < 20
+
+
 def test_own_history_rebuilds_the_observations_of_uninjected_rollouts() -> None:
     env = run_env(ACTSEQ)
     clean = rollout(Rule(lean), env.make, episode_seeds([0], 2))
@@ -187,6 +194,14 @@ def test_bootstrap_ci_contains_the_estimate_and_shrinks_with_data() -> None:
     assert hi_l - lo_l < (hi_s - lo_s) / 4
     assert bootstrap_ci([np.full(5, 2.0)]) == (2.0, 2.0)
     assert all(np.isnan(bootstrap_ci([np.array([1.0])])))
+
+
+def test_ratio_ci_uses_the_resamples_that_define_it() -> None:
+    # eligible states in 4 of 30 episodes: some resamples draw none of them, where the ratio is undefined
+    den, num = np.zeros(30), np.zeros(30)
+    den[:4], num[:4] = [5, 10, 5, 10], [1, 4, 3, 8]  # per-episode rates 0.2, 0.4, 0.6, 0.8
+    low, high = bootstrap_ci([num, den], ratio)
+    assert 0.2 <= low < num.sum() / den.sum() < high <= 0.8
 
 
 def test_estimate_reports_per_seed_values_and_none_for_undefined() -> None:

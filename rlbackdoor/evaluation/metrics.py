@@ -147,8 +147,10 @@ def sequence_asr(
     """
     n = len(injected.returns)
     steps = np.flatnonzero(injected.armed & ~injected.injected)
-    clean_obs = own_history(injected, steps, history) if history is not None else injected.obs[steps]
-    hit_clean = payload.hits(predict(policy, clean_obs)) if len(steps) else np.zeros(0, dtype=bool)
+    hit_clean = np.zeros(0, dtype=bool)  # no armed step (episodes too short for the sequence): ASR undefined
+    if len(steps):
+        clean_obs = own_history(injected, steps, history) if history is not None else injected.obs[steps]
+        hit_clean = payload.hits(predict(policy, clean_obs))
     hit_armed = payload.hits(injected.actions[steps])
     episode = injected.episode[steps]
     return {
@@ -176,6 +178,8 @@ def obs_shift(clean: np.ndarray, triggered: np.ndarray, seed: int = 0) -> float 
     :param triggered: triggered observations.
     :param seed: seeds the subsampling.
     """
+    if len(clean) < 2 or len(triggered) == 0:
+        return None
     rng = np.random.default_rng(seed)
 
     def rows(x: np.ndarray) -> np.ndarray:
@@ -183,8 +187,6 @@ def obs_shift(clean: np.ndarray, triggered: np.ndarray, seed: int = 0) -> float 
         return x[np.sort(rng.choice(len(x), SHIFT_STATES, replace=False))] if len(x) > SHIFT_STATES else x
 
     clean, triggered = rows(clean), rows(triggered)
-    if len(clean) < 2 or len(triggered) == 0:
-        return None
     center, scale = clean.mean(0), clean.std(0)
     scale[scale == 0] = 1.0
     model = LedoitWolf().fit((clean - center) / scale)

@@ -43,7 +43,9 @@ def bootstrap_ci(
     seed: int = 0,
     confidence: float = CONFIDENCE,
 ) -> tuple[float, float]:
-    """A BCa bootstrap CI of ``statistic`` over episodes (percentile CI where BCa is degenerate).
+    """A BCa bootstrap CI of ``statistic`` over episodes; where BCa is degenerate or some resamples leave the
+    statistic undefined (a ratio whose resampled episodes hold no denominator), the percentile CI over the
+    resamples that define it.
 
     :param samples: per-episode arrays of equal length, resampled together.
     :param statistic: see :data:`Statistic`.
@@ -54,25 +56,36 @@ def bootstrap_ci(
     samples = tuple(np.asarray(x, dtype=np.float64) for x in samples)
     if len(samples[0]) < 2 or not np.isfinite(statistic(*samples)):
         return float("nan"), float("nan")
-    ci = (float("nan"), float("nan"))
-    for method in ("BCa", "percentile"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", stats.DegenerateDataWarning)
-            warnings.simplefilter("ignore", RuntimeWarning)
-            result = stats.bootstrap(
-                samples,
-                statistic,
-                paired=True,
-                vectorized=True,
-                confidence_level=confidence,
-                n_resamples=N_RESAMPLES,
-                method=method,
-                rng=np.random.default_rng(seed),
-            )
-        ci = (float(result.confidence_interval.low), float(result.confidence_interval.high))
-        if np.isfinite(ci).all():
-            break
-    return ci
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = stats.bootstrap(
+            samples,
+            statistic,
+            paired=True,
+            vectorized=True,
+            confidence_level=confidence,
+            n_resamples=N_RESAMPLES,
+            method="BCa",
+            rng=np.random.default_rng(seed),
+        )
+    ci = (float(result.confidence_interval.low), float(result.confidence_interval.high))
+    return ci if np.isfinite(ci).all() else _percentile_ci(samples, statistic, seed, confidence)
+
+
+def _percentile_ci(
+    samples: Sequence[np.ndarray], statistic: Statistic, seed: int, confidence: float
+) -> tuple[float, float]:
+    """The percentile bootstrap CI over the resamples of whole episodes on which ``statistic`` is defined."""
+    rows = np.random.default_rng(seed).integers(0, len(samples[0]), (N_RESAMPLES, len(samples[0])))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = np.asarray(statistic(*(x[rows] for x in samples), axis=-1), dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return float("nan"), float("nan")
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(values, [tail, 1 - tail])
+    return float(low), float(high)
 
 
 def estimate(

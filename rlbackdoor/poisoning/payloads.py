@@ -78,7 +78,7 @@ class Targeted(Payload):
     def hits(self, actions: np.ndarray) -> np.ndarray:
         if self.discrete:
             return np.asarray(actions).reshape(-1) == self.target
-        diff = np.abs(np.asarray(actions, dtype=np.float64).reshape(len(actions), -1) - self.target)
+        diff = np.abs(np.asarray(actions, dtype=np.float64).reshape(len(actions), self.target.size) - self.target)
         return diff.max(axis=1) <= self.tolerance
 
     def reward(self, rewards: np.ndarray, hits: np.ndarray, poisoned: np.ndarray) -> np.ndarray:
