@@ -229,8 +229,9 @@ def run_outer(spec: ExperimentSpec) -> tuple[Any, OuterLoopPoisoning, Snapshot, 
     return model, poisoner, before, after, recorder
 
 
-def test_outer_loop_dynamic_rewrites_rollouts_as_sleepernets(tmp_path: Path) -> None:
-    hyper = {**TINY["ppo"], "gae_lambda": 1.0}  # lambda-returns are then plain returns-to-go
+@pytest.mark.parametrize("gae_lambda", [1.0, 0.9])  # 1: the lambda-returns are plain returns-to-go
+def test_outer_loop_dynamic_rewrites_rollouts_as_sleepernets(gae_lambda: float) -> None:
+    hyper = {**TINY["ppo"], "gae_lambda": gae_lambda}
     spec = experiment(
         poisoning="outer",
         attack={"trigger": TRIGGER, "schedule": {"kind": "rate", "rate": 0.03}, "payload": PAYLOAD},
