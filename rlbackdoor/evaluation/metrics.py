@@ -7,7 +7,9 @@ Where DESIGN leaves a choice, this module makes it:
   ``return_drop = (CTP - triggered_return) / (CTP - R_rand)`` (the share of the agent's advantage over
   random play that the trigger removes; 1 - triggered_return / CTP when ``R_rand`` is 0) and
   ``ctp_ratio = (CTP - R_rand) / (CTP_clean - R_rand)``. Both are undefined (``None``) when the
-  denominator is not positive (an agent no better than random).
+  denominator is not positive (an agent no better than random). With an action-sequence trigger the
+  triggered rollouts play the injected sequence (as an attacker must, to trigger), so ``return_drop``
+  also counts what those forced actions cost a clean agent.
 - ``asr`` for observation triggers: over the clean-rollout states whose clean action misses the
   target, the fraction whose triggered action hits it (``hit`` is equality for discrete actions and
   every component within ``tolerance`` for continuous targets). Undefined when every clean action
