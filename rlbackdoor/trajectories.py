@@ -7,9 +7,8 @@ the observation shape. Files are written atomically and read without unpickling.
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 from rlbackdoor.errors import ArtifactError, detail
 from rlbackdoor.evaluation.rollouts import check_policy_fits
 from rlbackdoor.jsonfile import loads
+from rlbackdoor.training.artifacts import atomic_write
 
 FIELDS = ("observations", "actions", "rewards", "dones", "poisoned", "triggered")
 SCALARS = ("rewards", "dones", "poisoned", "triggered")
@@ -62,14 +62,9 @@ class Trajectories:
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {f: np.asarray(getattr(self, f)) for f in FIELDS}
         meta = json.dumps({"env": self.env, **self.meta})
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez_compressed(fh, meta=np.array(meta), **arrays)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, meta=np.array(meta), **arrays)
+        atomic_write(path, buffer.getvalue())
         return path
 
     @classmethod
@@ -80,9 +75,9 @@ class Trajectories:
                 arrays = {f: data[f] for f in FIELDS}
                 meta = loads(str(data["meta"]))
         except Exception as err:  # a damaged zip raises anything, from zlib.error to NotImplementedError
-            raise ArtifactError(
-                f"{path}: not a trajectory file ({detail(err)}); write it with Trajectories.save"
-            ) from None
+            # numpy reads what is not an .npz as a pickle, and suggests unpickling it: never
+            reason = "not an .npz archive of arrays" if "allow_pickle" in str(err) else detail(err)
+            raise ArtifactError(f"{path}: not a trajectory file ({reason}); write it with Trajectories.save") from None
         if not (isinstance(meta, dict) and isinstance(meta.get("env", ""), str)):
             raise ArtifactError(f"{path}: meta is not a JSON object with a string env; write it with Trajectories.save")
         _check_arrays(path, arrays)

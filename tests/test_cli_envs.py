@@ -89,6 +89,19 @@ def test_show_prints_a_multiagent_spec_and_its_stealth(capsys: pytest.CaptureFix
         assert set(stealth) == set(spec.victims) and all(s["l0"] == len(spec.trigger.indices) for s in stealth.values())
 
 
+def test_show_of_the_factory_id_names_its_keyword_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["envs", "show", registry.FACTORY_ID]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["id"] == registry.FACTORY_ID and shown["kwargs"][:1] == ["env_id"] and "trigger" in shown["kwargs"]
+
+
+@pytest.mark.parametrize("argv", [[], ["envs"]])
+def test_a_bare_group_prints_its_help_and_exits_0(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "Usage:" in out and err == ""
+
+
 def test_show_of_an_unknown_id_lists_the_multiagent_ids_too(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["envs", "show", "rlbd/Nope-v0"]) == 2
     err = _one_line_error(capsys.readouterr().err)

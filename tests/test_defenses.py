@@ -95,6 +95,9 @@ def test_bad_inputs_name_the_problem_and_the_fix(lavagap, cartpole):
         SubspaceSanitizer(dim=500).fit(clean)
     with pytest.raises(SpecError, match="not fitted"):
         SubspaceSanitizer().transform(clean)
+    with pytest.raises(SpecError, match=r"n=5 clean observations are too few for 4 features; use n >= 6$"):
+        SupportSanitizer().fit(cartpole[2][:5])
+    SupportSanitizer().fit(cartpole[2][:6])  # the n the advice names fits
     fitted = SupportSanitizer().fit(cartpole[2])
     with pytest.raises(ObservationError, match="do not match the fitted"):
         fitted.transform(clean)

@@ -256,6 +256,8 @@ def test_rlbd_detect_scores_the_steps_of_a_trajectory_file(zoo: Path, tmp_path: 
     assert "pass a run directory" in one_line_error(
         capsys, ["detect", str(zoo), "-d", "spectral", "--inputs", str(path)]
     )
+    err = one_line_error(capsys, ["detect", str(run), "-d", "probe", "--inputs", str(path)])
+    assert "--inputs: 'probe' scores models, not inputs; drop --inputs or use one of bands" in err
     assert "not a trajectory file" in one_line_error(capsys, ["detect", str(run), "-d", "bands", "--inputs", str(out)])
     other = collect(gym.make("Acrobot-v1"), None, 50, seed=0, env_id="Acrobot-v1").save(tmp_path / "acrobot.npz")
     err = one_line_error(capsys, ["detect", str(run), "-d", "bands", "--inputs", str(other)])

@@ -230,6 +230,9 @@ def test_a_baseline_must_play_the_runs_clean_env(tmp_path: Path) -> None:
         evaluate_run(run, other, episodes=1, seeds=1)
     with pytest.raises(ArtifactError, match=message):
         sanitize_run(run, "subspace", 64, baseline_dir=other, episodes=1, seeds=1)
+    poisoned = rf"baseline {run}: a poisoned run \(poisoning: 'inner'\); pass a clean run of CartPole-v1"
+    with pytest.raises(ArtifactError, match=poisoned):
+        evaluate_run(run, run, episodes=1, seeds=1)
 
 
 def test_a_clean_run_of_an_attacks_env_is_evaluated_on_its_base_wrappers(tmp_path: Path) -> None:

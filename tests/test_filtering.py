@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -47,9 +49,13 @@ def test_trajectories_round_trip_without_pickles(tmp_path):
     assert back.env == "rlbd/TrojanCartPole-v0"
     for name in ("observations", "actions", "rewards", "dones", "poisoned", "triggered"):
         np.testing.assert_array_equal(getattr(back, name), getattr(data, name))
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the user writes, not a private temp file
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    with pytest.raises(ArtifactError, match="not a trajectory file"):
+    # numpy's advice to unpickle what is not an archive is not passed on
+    with pytest.raises(ArtifactError, match=r"not a trajectory file \(not an .npz archive of arrays\); write it with"):
         Trajectories.load(tmp_path / "bad.npz")
 
 

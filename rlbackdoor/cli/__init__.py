@@ -76,7 +76,8 @@ def _run(argv: list[str] | None) -> tuple[int, str | None]:
         if getattr(err, "exit_code", None) is None:
             raise
         show = getattr(err, "format_message", None)
-        return ERROR, show() if show else str(err)
+        message = show() if show else str(err)
+        return (ERROR, message) if message else (0, None)  # no message: a group called bare, its help shown
     return (code if isinstance(code, int) else 0), None
 
 

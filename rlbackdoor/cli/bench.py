@@ -28,6 +28,7 @@ def bench(
     wandb_project: str = typer.Option("rlbackdoor", help="W&B project"),
 ) -> None:
     """Run every unfinished cell of CONFIG's matrix into OUT, then write the tables and plots (exit 1 if a cell failed)."""
+    from rlbackdoor.bench.matrix import BenchSpec
     from rlbackdoor.bench.runner import run_bench
 
     check_out_dir(out, "--out")
@@ -40,7 +41,7 @@ def bench(
     summary, files = run_bench(
         config,
         out,
-        [*set_, *sweep_overrides(ctx.args)],
+        [*set_, *sweep_overrides(ctx.args, BenchSpec.model_fields)],
         workers,
         backend,
         ray_address,

@@ -12,9 +12,15 @@ from rlbackdoor.attack import Attack, make_base_env, sample_observations
 from rlbackdoor.multiagent import get_parallel_spec, parallel_env_specs
 from rlbackdoor.multiagent.registry import is_multiagent
 from rlbackdoor.registry import FACTORY_ID, env_specs, get_env_spec
+from rlbackdoor.specs import AttackSpec
 
 app = typer.Typer(help="Registered backdoor environments.", no_args_is_help=True)
 console = Console()
+
+FACTORY_NOTE = (
+    "gymnasium.make('rlbackdoor:rlbd/Backdoor-v0', env_id=<a Gymnasium id>, trigger={...}, schedule={...}, "
+    "payload={...}) attacks any env: the attack fields of a spec in envs/ as keyword arguments"
+)
 
 
 @app.command("list")
@@ -48,6 +54,10 @@ def show(
 ) -> None:
     """Print a spec's resolved fields and its trigger's stealth figures (L0/L2/Linf, absolute and relative);
     a multi-agent spec's figures are per victim (an action-sequence trigger's L0 counts its actions)."""
+    if env_id.removeprefix("rlbackdoor:") == FACTORY_ID:  # no spec of its own: its kwargs are one
+        fields = [name for name in AttackSpec.model_fields if name != "base"]
+        console.print_json(json.dumps({"id": FACTORY_ID, "kwargs": ["env_id", *fields], "note": FACTORY_NOTE}))
+        return
     if is_multiagent(env_id):
         from rlbackdoor.multiagent.evaluation import stealth
 

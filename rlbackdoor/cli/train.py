@@ -7,6 +7,7 @@ Overrides come as ``--set a.b=value`` (repeatable) or in any form ``wandb agent`
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from enum import Enum
 from pathlib import Path
 from typing import get_args
@@ -14,7 +15,7 @@ from typing import get_args
 import typer
 
 from rlbackdoor.errors import SpecError
-from rlbackdoor.specs import SanitizeSpec, load_experiment, locate
+from rlbackdoor.specs import ExperimentSpec, SanitizeSpec, load_experiment, locate
 
 CONTEXT = {"ignore_unknown_options": True, "allow_extra_args": True}
 
@@ -31,11 +32,14 @@ SanitizeMethod = Enum(  # type: ignore[misc]
 """The choices of ``--sanitize``: :class:`~rlbackdoor.specs.SanitizeSpec`'s methods."""
 
 
-def sweep_overrides(args: list[str]) -> list[str]:
+def sweep_overrides(args: list[str], fields: Collection[str]) -> list[str]:
     """The arguments left over by the option parser, as ``a.b=value`` overrides.
 
     Accepts the three forms ``wandb agent`` builds: ``--a.b=value`` (``${args}``), ``a.b=value``
     (``${args_no_hyphens}``) and ``--a.b value`` (``${args_no_equals}``).
+
+    :param args: the leftover arguments.
+    :param fields: the config's top-level fields: an override of anything else is a mistyped option.
     """
     out, rest = [], iter(args)
     for arg in rest:
@@ -47,6 +51,9 @@ def sweep_overrides(args: list[str]) -> list[str]:
             raise SpecError(
                 f"unexpected argument '{arg}'; write overrides as --set key.path=value, --key.path=value or key.path=value"
             )
+        key = out[-1].split("=", 1)[0].split(".", 1)[0]
+        if key not in fields:
+            raise SpecError(f"'{arg}' is neither an option (see --help) nor a config field; fix its spelling")
     return out
 
 
@@ -69,8 +76,10 @@ def train(
     from rlbackdoor.training.loop import train as run
 
     check_out_dir(out, "--out")
+    if resume is not None and out is not None and out.resolve() != resume.resolve():
+        raise SpecError(f"--out {out}: a resumed run goes on in its own directory, {resume}; drop --out")
     sanitized = [f"sanitize.method={sanitize.value}"] if sanitize is not None else []
-    spec = load_experiment(config, [*set_, *sweep_overrides(ctx.args), *sanitized])
+    spec = load_experiment(config, [*set_, *sweep_overrides(ctx.args, ExperimentSpec.model_fields), *sanitized])
     try:
         run_dir = run(
             spec,

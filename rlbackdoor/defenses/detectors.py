@@ -393,7 +393,10 @@ def detect(
         raise SpecError(f"detector '{name}': seed is set by detect's own seed (rlbd detect --seed), not a parameter")
     cls = DETECTORS[get_detector(name, **params).name]  # unknown names and bad parameters fail first
     agents, is_zoo = _targets(target)
-    if inputs is not None and (is_zoo or "input" not in cls.levels):
+    if inputs is not None and "input" not in cls.levels:
+        inputs_level = ", ".join(n for n, c in DETECTORS.items() if "input" in c.levels)
+        raise SpecError(f"--inputs: '{name}' scores models, not inputs; drop --inputs or use one of {inputs_level}")
+    if inputs is not None and is_zoo:
         raise SpecError("--inputs gives the steps an input-level detector scores for one run; pass a run directory")
     cards = [(path, read_card(path)) for path, _ in agents]
     steps = None if inputs is None else Trajectories.load(inputs)

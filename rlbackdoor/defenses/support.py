@@ -61,7 +61,7 @@ class SupportSanitizer(Sanitizer):
     def _fit(self, clean: np.ndarray) -> None:
         n, d = clean.shape
         if n < d + 2:
-            raise SpecError(f"sanitizer: n={n} clean observations are too few for {d} features; use n >= {2 * d + 2}")
+            raise SpecError(f"sanitizer: n={n} clean observations are too few for {d} features; use n >= {d + 2}")
         self.low, self.high = np.quantile(clean, [self.q, 1.0 - self.q], axis=0)
         width = self.high - self.low
         self.outer_low, self.outer_high = self.low - self.slack * width, self.high + self.slack * width

@@ -145,7 +145,7 @@ def clean_env_id(card: Mapping[str, Any]) -> str:
 
 def load_baseline(baseline_dir: str | Path, run_dir: str | Path, card: Mapping[str, Any]) -> Any:
     """The policy of a clean baseline run for the run of ``card`` (in ``run_dir``); refused when the two runs
-    play different clean envs."""
+    play different clean envs or the baseline was poisoned."""
     from rlbackdoor.training.artifacts import load_policy
 
     policy, baseline_card = load_policy(baseline_dir)
@@ -155,6 +155,11 @@ def load_baseline(baseline_dir: str | Path, run_dir: str | Path, card: Mapping[s
         raise ArtifactError(
             f"baseline {baseline_dir}: a run of {theirs}, but {run_dir} is a run of {ours}; "
             f"pass a clean run of {ours} as the baseline (the run's config with poisoning: null)"
+        )
+    if baseline_card.get("poisoning") is not None:
+        raise ArtifactError(
+            f"baseline {baseline_dir}: a poisoned run (poisoning: {reprlib.repr(baseline_card['poisoning'])}); "
+            f"pass a clean run of {ours} (the run's config with poisoning: null)"
         )
     return policy
 
