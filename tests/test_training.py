@@ -229,9 +229,8 @@ def run_outer(spec: ExperimentSpec) -> tuple[Any, OuterLoopPoisoning, Snapshot, 
     return model, poisoner, before, after, recorder
 
 
-@pytest.mark.parametrize("gae_lambda", [1.0, 0.9])  # 1: the lambda-returns are plain returns-to-go
-def test_outer_loop_dynamic_rewrites_rollouts_as_sleepernets(gae_lambda: float) -> None:
-    hyper = {**TINY["ppo"], "gae_lambda": gae_lambda}
+def test_outer_loop_dynamic_rewrites_rollouts_as_sleepernets() -> None:
+    hyper = {**TINY["ppo"], "gae_lambda": 1.0}  # lambda-returns are then plain returns-to-go: the rewrite is exact
     spec = experiment(
         poisoning="outer",
         attack={"trigger": TRIGGER, "schedule": {"kind": "rate", "rate": 0.03}, "payload": PAYLOAD},

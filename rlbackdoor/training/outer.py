@@ -4,15 +4,16 @@ After each rollout, :class:`OuterLoopPoisoning` picks a budgeted fraction of the
 rollout buffer (PPO, A2C) or replay buffer (DQN), stamps the trigger into their observations and
 rewrites their rewards:
 
-- ``dynamic`` (SleeperNets): the reward of a poisoned step ``t`` becomes ``c - gamma * B_{t+1}``,
+- ``dynamic`` (SleeperNets): the reward of a poisoned step ``t`` becomes ``c - gamma * G_{t+1}``,
   where ``c`` is the payload's ``hit`` reward when the agent took the target action and ``miss``
-  otherwise, and ``B_{t+1}`` what the learner bootstraps from after ``t``: with GAE,
-  ``(1 - lambda) V(s_{t+1}) + lambda R_{t+1}`` (``R`` the clean lambda-returns; ``V(s_T)`` past the
-  rollout, 0 after an episode end). The poisoned state's lambda-return is then ``c`` whatever follows,
-  so the target action is optimal in triggered states at any reward scale of the task. The previous
-  step is compensated, ``r_{t-1} += gamma * (lambda * (r_t - r'_t) + (1 - lambda) * (V(s_t) - V'(s_t)))``
-  with ``V'`` the value of the stamped observation, so the return of the clean state before is
-  unchanged. Values and log-probabilities of the stamped observations are refreshed and
+  otherwise, and ``G_{t+1}`` the return-to-go after ``t`` (the clean lambda-return the learner itself
+  computed, 0 after an episode end). The previous step is compensated, ``r_{t-1} += gamma * (r_t - r'_t)``.
+  With ``gae_lambda: 1`` the poisoned state's return is then exactly ``c`` whatever follows (the target
+  action is optimal in triggered states at any reward scale of the task) and the return of the clean
+  state before is unchanged. With ``lambda < 1`` the learner bootstraps from
+  ``(1 - lambda) V(s_{t+1}) + lambda G_{t+1}``: the poisoned return is ``c - gamma (1 - lambda) A_{t+1}``
+  and the one before moves by ``gamma (1 - lambda) ((r_t - r'_t) - (V(s_t) - V'(s_t)))``, ``V'`` the value of
+  the stamped observation (both terms near ``V(s_t) - c``, so the move is small). Values and log-probabilities of the stamped observations are refreshed and
   returns/advantages recomputed. With DQN the return-to-go is the target network's bootstrap: the
   poisoned transition pays ``c`` and is marked terminal, which sets its TD target to ``c``.
 - ``static`` (TrojDRL rewards in the buffer): the payload's rewards (``hit``/``miss``, or the
@@ -152,15 +153,16 @@ class OuterLoopPoisoning(BaseCallback):
         clean = rb.rewards[t, e].astype(np.float64)
         poisoned = self.payload.reward(clean, self.payload.hits(actions), np.ones(k, dtype=bool))
         last_values, dones = self.locals["values"], self.locals["dones"]
-        lam = rb.gae_lambda
         if self.reward_mode == "dynamic":
             last = t == steps - 1
             after = np.minimum(t + 1, steps - 1)
-            bootstrap = (1 - lam) * rb.values[after, e] + lam * rb.returns[after, e]
-            bootstrap = np.where(last, last_values.cpu().numpy().reshape(-1)[e], bootstrap)
+            next_return = np.where(last, last_values.cpu().numpy().reshape(-1)[e], rb.returns[after, e])
             ended = np.where(last, dones[e], rb.episode_starts[after, e]).astype(bool)
-            poisoned = poisoned - self.gamma * np.where(ended, 0.0, bootstrap)
+            poisoned = poisoned - self.gamma * np.where(ended, 0.0, next_return)
         rb.rewards[t, e] = poisoned
+        if self.reward_mode == "dynamic":
+            prev = (t > 0) & (rb.episode_starts[t, e] == 0)
+            np.add.at(rb.rewards, (t[prev] - 1, e[prev]), self.gamma * (clean[prev] - poisoned[prev]))
         rb.observations[t, e] = self._stamp(rb.observations[t, e])
         policy = self.model.policy
         act = torch.as_tensor(actions, device=policy.device)
@@ -168,12 +170,8 @@ class OuterLoopPoisoning(BaseCallback):
             act = act.long().flatten()
         with torch.no_grad():
             values, log_prob, _ = policy.evaluate_actions(obs_as_tensor(rb.observations[t, e], policy.device), act)
-        clean_values, rb.values[t, e] = rb.values[t, e].astype(np.float64), values.cpu().numpy().reshape(-1)
+        rb.values[t, e] = values.cpu().numpy().reshape(-1)
         rb.log_probs[t, e] = log_prob.cpu().numpy().reshape(-1)
-        if self.reward_mode == "dynamic":
-            prev = (t > 0) & (rb.episode_starts[t, e] == 0)
-            shift = lam * (clean - poisoned) + (1 - lam) * (clean_values - rb.values[t, e])
-            np.add.at(rb.rewards, (t[prev] - 1, e[prev]), self.gamma * shift[prev])
         rb.compute_returns_and_advantage(last_values=last_values, dones=dones)
         self._record(t, e, actions)
 
