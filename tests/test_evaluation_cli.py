@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ from rlbackdoor.tracking import wandb_run
 from rlbackdoor.training.artifacts import load_policy, read_card
 from rlbackdoor.training.loop import train
 
-SMOKE = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "cartpole_smoke.yaml"
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
+SMOKE = EXPERIMENTS / "cartpole_smoke.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +150,34 @@ def test_rlbd_eval_refuses_card_entries_it_cannot_read(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{run / 'card.json'}: {message}" in err
     assert (run / "card.json").read_text() == card_text
+
+
+def test_rlbd_eval_folds_every_metric_with_a_ci_into_one_row_on_a_multi_agent_run(
+    tmp_path: Path, wandb_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch.set_num_threads(1)
+    run, clean = (
+        train(load_experiment(EXPERIMENTS / f"{name}.yaml", ["timesteps=1024"]), tmp_path / name, wandb_mode="disabled")
+        for name in ("rps_inner", "rps_clean")
+    )
+    capsys.readouterr()
+    assert main(["eval", str(run), "--baseline", str(clean), "--episodes", "1", "--seeds", "2"]) == 0
+    printed = capsys.readouterr().out
+    metrics = read_card(run)["metrics"]
+    team = ["team_ctp", "team_triggered_return", "team_return_drop"]
+    assert all(f"{name}_per_seed" in metrics for name in team)  # the team metrics come with CIs
+    for name in team:
+        assert re.search(rf"│ {name} +│ \S+ +│ (\[|n/a)", printed), name
+    assert not re.search(r"_ci_low|_ci_high|_per_seed", printed)
+
+    (wb,) = offline_runs(wandb_dir)
+    (table,) = wb.path.glob("files/media/table/eval/metrics_*.table.json")
+    rows = json.loads(table.read_text())["data"]
+    headline = ["ctp", "ctp_ratio", "asr", "triggered_return", "return_drop", "random_return", "baseline_ctp"]
+    assert [row[0] for row in rows] == [*headline, *team]
+    assert [row[1:] for row in rows] == [
+        [metrics[k], metrics[f"{k}_ci_low"], metrics[f"{k}_ci_high"]] for k in [*headline, *team]
+    ]
 
 
 def test_eval_callback_logs_curves_to_sb3_and_wandb(tmp_path: Path, wandb_dir: Path) -> None:

@@ -121,6 +121,14 @@ def one_random(name: str, **spec: Any) -> dict[str, Any]:
             "parameter 'attack.schedule.rate' does not fit",
         ),
         ({"parameters": {"attack.schedule.rate": {"values": [0.1, 5.0]}}}, "with value 5.0 ("),
+        (
+            {"parameters": {"hyperparams.learning_rate": {"values": [1e-3, 2.0]}}},
+            "with value 2.0 (hyperparams.learning_rate: 2.0 is not in (0, 1]",
+        ),
+        (
+            one_random("hyperparams.n_epochs", distribution="int_uniform", min=1, max=10**9),
+            "'hyperparams.n_epochs' does not fit",
+        ),
         (one_random("attack.schedule.rate", min=0.5, max=2.0), "'attack.schedule.rate' does not fit"),
         (one_random("seed", min=0, max=2**40), "parameter 'seed' does not fit"),
         (one_random("attack.schedule.rate", distribution="log_uniform", min=-5, max=1), "with value 2.718"),
@@ -138,6 +146,31 @@ def test_bad_sweep_files(tmp_path: Path, capsys: pytest.CaptureFixture[str], fie
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"parameters": {"seed": {"values": [0, 1]}, "hyperparams.learning_rat": {"values": [1e-3, 3e-4]}}},
+        one_random("hyperparams.learning_rat", distribution="log_uniform_values", min=1e-4, max=1e-2),
+        {
+            "command": ["rlbd", "bench", str(ROOT / "configs" / "bench" / "small.yaml"), "${args}"],
+            "parameters": {"hyperparams.learning_rat": {"value": 1e-3}},
+        },
+    ],
+    ids=["grid", "random", "bench"],
+)
+def test_hyperparameters_sb3_does_not_take_are_refused_before_any_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], fields: dict[str, Any]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the default sweep folder and run directories would land here
+    path = write_sweep(tmp_path / "s.yaml", **fields)
+    assert main(["sweep", str(path), "--count", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: parameter 'hyperparams.learning_rat' does not fit" in err
+    assert "PPO.__init__() got an unexpected keyword argument 'learning_rat'" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert [p.name for p in tmp_path.iterdir()] == ["s.yaml"]
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "/tmp/abs", "..", ".hidden", "two words"])

@@ -17,8 +17,10 @@ run it unchanged; :func:`run_sweep` (``rlbd sweep FILE``) does what the agent do
   run goes to ``OUT/runs.jsonl`` and its output to ``OUT/run-<i>.log``.
 
 Parameters are dotted fields of the config the command runs (``rlbd train CONFIG`` or ``rlbd bench
-CONFIG``); each is checked against that config before any run starts, with every value of a list, and the
-ends of a distribution and a value inside it (so that a float distribution on an integer field is refused).
+CONFIG``); each is checked against that config before any run starts, as the command checks it before it writes
+anything (the config loads, the env and the model build: a misspelt hyperparameter is refused), with every value
+of a list, and the ends of a distribution and a value inside it (so that a float distribution on an integer field
+is refused).
 A grid of more than :data:`MAX_RUNS` points is refused before it is expanded.
 """
 
@@ -39,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from rlbackdoor.errors import SpecError
+from rlbackdoor.errors import RlbdError, SpecError
 from rlbackdoor.specs import FOLDER_NAME, read_yaml
 
 METHODS = ("grid", "random", "bayes")
@@ -142,22 +144,23 @@ class Sweep:
         )
 
     def _check_fields(self) -> None:
-        """Every parameter is a field of the target config, and the config takes each of its values (every value of a
+        """Every parameter is a field of the target config, and the run takes each of its values (every value of a
         list, the ends of a distribution and a value inside it: see :func:`_bounds`), written as the run's command
-        writes them."""
-        from rlbackdoor.bench.matrix import load_bench
-        from rlbackdoor.specs import load_experiment
-
+        writes them: the config loads with it, and ``rlbd train`` (``rlbd bench``) would build its env and model (so
+        that a hyperparameter SB3 does not take, e.g. a misspelt one, is refused here, not in every run)."""
         kind, config = self._target()
-        load = load_experiment if kind == "train" else load_bench
+        check = _check_train if kind == "train" else _check_bench
         if not config.is_file():
             raise SpecError(f"{self.path}: the command's config {config} does not exist; fix the path")
-        load(config)
+        try:
+            check(config, [])
+        except RlbdError as err:
+            raise SpecError(f"{self.path}: the command's config {config} does not run ({err}); fix it") from None
         for name, spec in self.parameters.items():
             for value in dict.fromkeys(str(v) for v in _bounds(spec, self.method)):
                 try:
-                    load(config, [f"{name}={value}"])
-                except SpecError as err:
+                    check(config, [f"{name}={value}"])
+                except RlbdError as err:
                     raise SpecError(
                         f"{self.path}: parameter '{name}' does not fit {config} with value {value} ({err}); "
                         "fix the value, or use a field of that config"
@@ -197,6 +200,23 @@ class Sweep:
             else:
                 out.append(word)
         return out
+
+
+def _check_train(config: Path, overrides: list[str]) -> None:
+    """What ``rlbd train CONFIG`` checks before it writes anything: the experiment loads, its env and model build."""
+    from rlbackdoor.specs import load_experiment
+    from rlbackdoor.training.loop import check_trainable
+
+    check_trainable(load_experiment(config, overrides))
+
+
+def _check_bench(config: Path, overrides: list[str]) -> None:
+    """What ``rlbd bench CONFIG`` checks of its config before it writes anything: the bench loads, its matrix
+    expands, and the env and model of every kind of agent it trains build."""
+    from rlbackdoor.bench.matrix import expand, load_bench
+    from rlbackdoor.bench.runner import _check_trainable
+
+    _check_trainable(str(config), expand(load_bench(config, overrides), config.parent, str(config)))
 
 
 def _parameter(name: str, spec: Any, method: str, where: str) -> dict[str, Any]:
@@ -372,7 +392,7 @@ def run_command(command: list[str], env: dict[str, str], log: str) -> dict[str, 
 
 
 def run_sweep(
-    path: str | Path,
+    path: str | Path | Sweep,
     out: str | Path,
     count: int | None = None,
     seed: int = 0,
@@ -383,7 +403,7 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
     """``rlbd sweep``: run every point of a grid or random sweep as a subprocess, in the sweep's W&B group.
 
-    :param path: the sweep file.
+    :param path: the sweep file, or the :class:`Sweep` read from it.
     :param out: the folder for ``runs.jsonl`` and the runs' logs.
     :param count: at most this many runs (required for random sweeps without ``run_cap``).
     :param seed: seeds the random draws.
@@ -396,7 +416,7 @@ def run_sweep(
     from rlbackdoor.bench.backends import check_backend, make_backend
     from rlbackdoor.bench.runner import append_line
 
-    sweep = Sweep(path)
+    sweep = path if isinstance(path, Sweep) else Sweep(path)
     points = sweep.points(count, seed)
     check_backend(backend, workers, ray_address)
     root = Path(out).resolve()

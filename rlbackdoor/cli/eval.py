@@ -19,7 +19,9 @@ from rlbackdoor.errors import SpecError
 from rlbackdoor.specs import MAX_EPISODES, MAX_SEED_COUNT, locate
 
 HEADLINE = ("ctp", "ctp_ratio", "asr", "asr_raw", "triggered_return", "return_drop", "random_return", "baseline_ctp")
-"""Metrics with CIs, in table order."""
+"""The headline metrics, first in the tables in this order."""
+COMPANIONS = ("_ci_low", "_ci_high", "_per_seed")
+"""The suffixes of a metric's 95% CI and per-seed values, folded into its row."""
 
 console = Console()
 
@@ -32,15 +34,22 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def with_ci(metrics: dict[str, Any]) -> list[str]:
+    """The metrics that have a 95% CI and per-seed values (all of :data:`COMPANIONS`): the :data:`HEADLINE` ones
+    in that order, then the others (e.g. the team metrics of a multi-agent run) in the order of ``metrics``."""
+    names = [name for name in metrics if all(f"{name}{s}" in metrics for s in COMPANIONS)]
+    return sorted(names, key=lambda name: HEADLINE.index(name) if name in HEADLINE else len(HEADLINE))
+
+
 def metrics_table(metrics: dict[str, Any]) -> Table:
-    """A rich table: the headline metrics with their 95% CI and per-seed values, then the other figures."""
+    """A rich table: one row per metric with a 95% CI and per-seed values (see :func:`with_ci`), then the others."""
     table = Table("metric", "value", "95% CI", "per seed", title="evaluation")
-    for name in HEADLINE:
-        if name in metrics:
-            low, high = metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"]
-            ci = "n/a" if low is None else f"[{_fmt(low)}, {_fmt(high)}]"
-            table.add_row(name, _fmt(metrics[name]), ci, " ".join(_fmt(v) for v in metrics[f"{name}_per_seed"]))
-    shown = {f"{n}{s}" for n in HEADLINE for s in ("", "_ci_low", "_ci_high", "_per_seed")}
+    folded = with_ci(metrics)
+    for name in folded:
+        low, high = metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"]
+        ci = "n/a" if low is None else f"[{_fmt(low)}, {_fmt(high)}]"
+        table.add_row(name, _fmt(metrics[name]), ci, " ".join(_fmt(v) for v in metrics[f"{name}_per_seed"]))
+    shown = {f"{n}{s}" for n in folded for s in ("", *COMPANIONS)}
     for name, value in metrics.items():
         if name not in shown:
             table.add_row(name, _fmt(value) if not isinstance(value, list) else " ".join(map(_fmt, value)), "", "")
@@ -89,6 +98,6 @@ def eval_run(
     }
     with tracking.wandb_run("eval", f"{name}-{run_dir.name}", config, mode, wandb_project, group=name) as tracker:
         tracker.summary(tracking.prefixed("eval", scalars(metrics)))
-        rows = [[k, metrics[k], metrics[f"{k}_ci_low"], metrics[f"{k}_ci_high"]] for k in HEADLINE if k in metrics]
+        rows = [[k, metrics[k], metrics[f"{k}_ci_low"], metrics[f"{k}_ci_high"]] for k in with_ci(metrics)]
         tracker.log_table("eval/metrics", ["metric", "value", "ci_low", "ci_high"], rows)
         tracker.log_artifact(run_dir / CARD, name=f"{name}-card", type="card")

@@ -25,14 +25,15 @@ def sweep(
     """Expand SWEEP's parameters and run its command once per point, each run logged offline in the sweep's group."""
     from rlbackdoor.bench.sweep import Sweep, run_sweep
 
-    target = out or Path("runs") / "sweeps" / Sweep(path).name
+    spec = Sweep(path)  # read and checked once: the checks build every run's env and model
+    target = out or Path("runs") / "sweeps" / spec.name
     check_out_dir(target, "--out" if out is not None else "sweep folder")
 
     def progress(record: dict[str, Any]) -> None:
         status = "ok" if record.get("returncode") == 0 else f"failed (exit {record.get('returncode')})"
         typer.echo(f"run {record['index']}: {record['command']}: {status}", err=True)
 
-    records = run_sweep(path, target, count, seed, workers, backend, ray_address, progress)
+    records = run_sweep(spec, target, count, seed, workers, backend, ray_address, progress)
     failed = sum(r.get("returncode") != 0 for r in records)
     typer.echo(f"{len(records)} runs, {failed} failed; log in {target / 'runs.jsonl'}")
     if failed:
