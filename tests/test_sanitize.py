@@ -9,6 +9,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from wandb_offline import offline_runs
 
 import rlbackdoor
 from rlbackdoor.cli import main
@@ -103,7 +104,9 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return rlbackdoor.train(spec, tmp_path_factory.mktemp("runs") / "smoke", wandb_mode="offline")
 
 
-def test_cli_reports_before_and_after_as_json(smoke_run: Path, tmp_path: Path):
+def test_cli_reports_before_and_after_as_json(smoke_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    (tmp_path / "wandb").mkdir()
     out = tmp_path / "reports" / "s.json"  # missing folders are created
     code = main(
         ["sanitize", str(smoke_run), "--method", "support", "--n-clean", "40", "--curve", "20",
@@ -114,6 +117,10 @@ def test_cli_reports_before_and_after_as_json(smoke_run: Path, tmp_path: Path):
     for key in ("asr_before", "asr_after", "ctp_before", "ctp_after", "n_clean", "dim"):
         assert key in data
     assert data["n_clean"] == 40 and len(data["curve"]) == 2
+    (wb,) = offline_runs(tmp_path / "wandb")  # grouped with the run's experiment, its card attached
+    assert wb.run.run_group == "cartpole_smoke" and wb.run.job_type == "sanitize"
+    assert wb.config["sanitize"]["method"] == "support" and wb.config["attack"]["trigger"]["kind"] == "value"
+    assert "card" in [a.type for a in wb.artifacts] and wb.summary["sanitize/asr_before"] == data["asr_before"]
     assert main(["sanitize", "--list"]) == 0
 
 

@@ -114,6 +114,7 @@ def _sanitize_run(
 ) -> dict[str, Any]:
     from rlbackdoor import tracking
     from rlbackdoor.defenses.sanitize import sanitize_run
+    from rlbackdoor.training.artifacts import CARD, read_card
 
     results = sanitize_run(run_dir, method, n_clean, dim, baseline, episodes, seeds, sizes)
     table = Table("", "ASR", "CTP", "ctp_ratio", title=f"{run_dir}: {method} sanitizer, n={n_clean}")
@@ -126,11 +127,16 @@ def _sanitize_run(
             points.add_row(str(p["n_clean"]), _ci(p, "asr_after"), _ci(p, "ctp_after"))
         console.print(points)
     scalars = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    config = {"run_dir": str(run_dir), "method": method, "n_clean": n_clean, "dim": dim, "baseline": str(baseline)}
-    with tracking.wandb_run("sanitize", f"sanitize-{Path(run_dir).name}", config, mode=wandb_mode) as tracker:
+    card = read_card(run_dir)  # checked by sanitize_run
+    name = str(card.get("name", Path(run_dir).name))
+    settings = {"run_dir": str(run_dir), "method": method, "n_clean": n_clean, "dim": dim, "baseline": str(baseline)}
+    config = {**(card.get("config") or {}), "attack": card.get("attack"), "sanitize": settings}
+    run_name = f"{name}-sanitize-{Path(run_dir).name}"
+    with tracking.wandb_run("sanitize", run_name, config, mode=wandb_mode, group=name) as tracker:
         tracker.summary(tracking.prefixed("sanitize", scalars))
         columns = ["n_clean", "asr_after", "ctp_after"]
         tracker.log_table("sanitize/curve", columns, [[p.get(c) for c in columns] for p in results["curve"]])
+        tracker.log_artifact(Path(run_dir) / CARD, name=f"{name}-card", type="card")
     return results
 
 
