@@ -380,7 +380,9 @@ class Crash(BaseCallback):
 
 
 @pytest.mark.parametrize("algo", ["ppo", "dqn"])
-def test_resume_continues_from_the_checkpoint_to_the_same_total(algo: str, tmp_path: Path) -> None:
+def test_resume_continues_from_the_checkpoint_to_the_same_total(
+    algo: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     spec = experiment(algo=algo, timesteps=2048, poisoning="outer" if algo == "dqn" else "inner")
     full = read_card(train(spec, tmp_path / "full", checkpoint_every=512))
     run = tmp_path / "run"
@@ -391,6 +393,8 @@ def test_resume_continues_from_the_checkpoint_to_the_same_total(algo: str, tmp_p
     state = json.loads((ckpt / "state.json").read_text())
     done = state["model"]["num_timesteps"]
     assert 512 <= done < 1300 and state["poison"]["n_steps"] == done
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said.startswith("interrupted at step 1") and said.endswith(f"continue from step {done} with --resume {run}")
     card = read_card(train(spec, resume=run, checkpoint_every=512))
     assert card["train"]["steps"] == full["train"]["steps"] and card["train"]["resumed_at"] == [done]
     assert card["train"]["poison_counts"]["n_steps"] == card["train"]["steps"]
@@ -399,9 +403,14 @@ def test_resume_continues_from_the_checkpoint_to_the_same_total(algo: str, tmp_p
         train(spec, resume=run)
 
 
-def test_resume_refuses_foreign_runs_and_dirs_without_checkpoints(tmp_path: Path) -> None:
+def test_resume_refuses_foreign_runs_and_dirs_without_checkpoints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     spec = experiment(timesteps=2048)
     run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, tmp_path / "early", checkpoint_every=512, callbacks=[Crash(100)])
+    assert capsys.readouterr().err.strip().endswith("; no checkpoint yet")
     with pytest.raises(KeyboardInterrupt):
         train(spec, run, checkpoint_every=512, callbacks=[Crash(1100)])
     with pytest.raises(ArtifactError, match="different config"):

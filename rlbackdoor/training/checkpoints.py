@@ -225,6 +225,8 @@ class Checkpointer(BaseCallback):
         super().__init__()
         self.run_dir, self.every, self.state = run_dir, every, state
         self._next = 0
+        self.saved: int | None = None
+        """The step of the last checkpoint this callback took."""
 
     def _on_training_start(self) -> None:
         self._next = (self.num_timesteps // self.every + 1) * self.every if self.every else 0
@@ -232,6 +234,7 @@ class Checkpointer(BaseCallback):
     def _on_rollout_start(self) -> None:
         if self.every and self.num_timesteps >= self._next:
             save_checkpoint(self.model, self.run_dir, self.state())
+            self.saved = self.num_timesteps
             self._next = (self.num_timesteps // self.every + 1) * self.every
 
     def _on_step(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -207,7 +208,8 @@ def train(
         ) as tracker,
     ):
         model.set_logger(Logger(folder=None, output_formats=[TrackerOutput(tracker)]))
-        own.append(Checkpointer(run_dir, checkpoint_every, checkpoint_state))
+        checkpointer = Checkpointer(run_dir, checkpoint_every, checkpoint_state)
+        own.append(checkpointer)
         if counter is not None:
             own.append(PoisonRateLog(counter))
         evaluator = None
@@ -226,6 +228,14 @@ def train(
             )
         except ValueError:  # torch's distributions refuse NaN parameters: tell divergence from other failures
             _check_finite(model)
+            raise
+        except KeyboardInterrupt:
+            kept = checkpointer.saved if checkpointer.saved is not None else (start if folder is not None else None)
+            print(
+                f"interrupted at step {model.num_timesteps}; "
+                + (f"continue from step {kept} with --resume {run_dir}" if kept is not None else "no checkpoint yet"),
+                file=sys.stderr,
+            )
             raise
         _check_finite(model)  # DQN's argmax plays on with NaN weights
         summary = _train_summary(model, counter, clock())
