@@ -106,7 +106,7 @@ def test_every_detector_scores_every_agent_of_a_real_zoo(zoo: Path, name: str) -
     if "model" in cls.levels:
         assert report.auroc is not None and 0.0 <= report.auroc <= 1.0 and np.isfinite(report.cross_entropy)
     else:
-        assert report.auroc is None and report.input_summary["models"] == 2.0
+        assert report.auroc is None and report.input_summary["models"] == 2
     json.dumps(report.to_json())  # JSON-ready
 
 

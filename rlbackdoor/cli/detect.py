@@ -81,7 +81,10 @@ def detect(
             line += f"  |  population AUROC {_fmt(report.population['auroc'])}  cross-entropy {_fmt(report.population['cross_entropy'])}"
         console.print(line)
     if report.input_summary:
-        console.print("input level: " + "  ".join(f"{k} {v:.3f}" for k, v in report.input_summary.items()))
+        console.print(
+            "input level: "
+            + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in report.input_summary.items())
+        )
     if report.note:
         console.print(report.note)
     console.print(f"seconds per model {payload['seconds_per_model']:.1f}")

@@ -437,7 +437,7 @@ def _input_summary(results: list[ModelResult]) -> dict[str, float] | None:
     if not rows:
         return None
     means = {k: float(np.mean([row[k] for row in rows])) for k in ("auroc", "precision", "recall", "f1")}
-    return {**means, "models": float(len(rows))}
+    return {**means, "models": len(rows)}
 
 
 # -------------------------------------------------------------------------------------------- reports
