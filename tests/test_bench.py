@@ -104,7 +104,7 @@ def test_rates_of_a_budget_schedule_from_an_experiment_config(tmp_path: Path) ->
         ("defenses.sanitizers=[nope]", "unknown sanitizer 'nope'; use one of"),
         ("envs=[rlbd/Nope-v0]", "{bench}: envs: unknown env 'rlbd/Nope-v0'; use a registered id"),
         ("envs=[missing.yaml]", "experiment config 'missing.yaml' not found"),
-        ("poisonning=[inner]", "poisonning: Extra inputs are not permitted"),
+        ("poisonning=[inner]", "'--poisonning=[inner]' is neither an option (see --help) nor a config field"),
         ("poison_rates=[0]", "poison_rates [0.0] must lie in (0, 1]"),
         ("poisoning=[sideways]", "poisoning.0: Input should be 'inner' or 'outer'"),
         ("algo=null", "{bench}: env rlbd/TrojanCartPole-v1: algo: Field required (fix: add this field)"),

@@ -125,10 +125,7 @@ def one_random(name: str, **spec: Any) -> dict[str, Any]:
             {"parameters": {"hyperparams.learning_rate": {"values": [1e-3, 2.0]}}},
             "with value 2.0 (hyperparams.learning_rate: 2.0 is not in (0, 1]",
         ),
-        (
-            one_random("hyperparams.n_epochs", distribution="int_uniform", min=1, max=10**9),
-            "'hyperparams.n_epochs' does not fit",
-        ),
+        (one_random("hyperparams.batch_size", min=0, max=64), "with value 0 (hyperparams.batch_size: 0 is not a count"),
         (one_random("attack.schedule.rate", min=0.5, max=2.0), "'attack.schedule.rate' does not fit"),
         (one_random("seed", min=0, max=2**40), "parameter 'seed' does not fit"),
         (one_random("attack.schedule.rate", distribution="log_uniform", min=-5, max=1), "with value 2.718"),

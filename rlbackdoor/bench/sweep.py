@@ -35,6 +35,7 @@ import shlex
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -152,19 +153,21 @@ class Sweep:
         check = _check_train if kind == "train" else _check_bench
         if not config.is_file():
             raise SpecError(f"{self.path}: the command's config {config} does not exist; fix the path")
-        try:
-            check(config, [])
-        except RlbdError as err:
-            raise SpecError(f"{self.path}: the command's config {config} does not run ({err}); fix it") from None
-        for name, spec in self.parameters.items():
-            for value in dict.fromkeys(str(v) for v in _bounds(spec, self.method)):
-                try:
-                    check(config, [f"{name}={value}"])
-                except RlbdError as err:
-                    raise SpecError(
-                        f"{self.path}: parameter '{name}' does not fit {config} with value {value} ({err}); "
-                        "fix the value, or use a field of that config"
-                    ) from None
+        with warnings.catch_warnings():  # SB3's advice (e.g. on batch sizes) goes to each run's log, once
+            warnings.simplefilter("ignore")
+            try:
+                check(config, [])
+            except RlbdError as err:
+                raise SpecError(f"{self.path}: the command's config {config} does not run ({err}); fix it") from None
+            for name, spec in self.parameters.items():
+                for value in dict.fromkeys(str(v) for v in _bounds(spec, self.method)):
+                    try:
+                        check(config, [f"{name}={value}"])
+                    except RlbdError as err:
+                        raise SpecError(
+                            f"{self.path}: parameter '{name}' does not fit {config} with value {value} ({err}); "
+                            "fix the value, or use a field of that config"
+                        ) from None
 
     def points(self, count: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
         """The parameter values of each run: the whole grid (or its first ``count``), or ``count`` random draws."""
@@ -214,9 +217,9 @@ def _check_bench(config: Path, overrides: list[str]) -> None:
     """What ``rlbd bench CONFIG`` checks of its config before it writes anything: the bench loads, its matrix
     expands, and the env and model of every kind of agent it trains build."""
     from rlbackdoor.bench.matrix import expand, load_bench
-    from rlbackdoor.bench.runner import _check_trainable
+    from rlbackdoor.bench.runner import check_cells_trainable
 
-    _check_trainable(str(config), expand(load_bench(config, overrides), config.parent, str(config)))
+    check_cells_trainable(str(config), expand(load_bench(config, overrides), config.parent, str(config)))
 
 
 def _parameter(name: str, spec: Any, method: str, where: str) -> dict[str, Any]:
