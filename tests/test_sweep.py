@@ -214,6 +214,10 @@ def test_two_run_sweep_runs_rlbd_train_offline_in_the_sweep_group(
     assert sorted(r["index"] for r in records) == [0, 1] and all(r["returncode"] == 0 for r in records)
     cards = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs").glob("cartpole_smoke/*/card.json"))]
     assert sorted(c["attack"]["schedule"]["rate"] for c in cards) == [0.05, 0.2]
+    run_dirs = sorted(str(p.parent.resolve()) for p in (tmp_path / "runs").glob("cartpole_smoke/*/card.json"))
+    assert sorted(r["run_dir"] for r in records) == run_dirs  # each run's directory, as rlbd train printed it
+    assert main(["sweep", str(path), "--out", str(tmp_path / "sweep")]) == 2  # the records stay one sweep's
+    assert "it holds the runs of an earlier sweep (runs.jsonl); pick another folder" in capsys.readouterr().err
     assert all(c["timesteps"] == 512 for c in cards)
     runs = offline_runs(wandb_dir)
     assert len(runs) == 2 and all(r.run.run_group == "smoke-grid" and r.run.job_type == "train" for r in runs)

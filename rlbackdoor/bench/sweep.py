@@ -387,11 +387,17 @@ def _draw(spec: Mapping[str, Any], rng: np.random.Generator) -> Any:
 
 
 def run_command(command: list[str], env: dict[str, str], log: str) -> dict[str, Any]:
-    """Run one sweep command with its output to ``log``; return its exit code and wall seconds."""
+    """Run one sweep command with its output to ``log``; return its exit code, wall seconds and, when its output
+    names one (``rlbd train`` prints it), its run directory."""
     start = time.monotonic()
     with open(log, "wb") as fh:
         code = subprocess.run(command, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False).returncode
-    return {"returncode": code, "seconds": round(time.monotonic() - start, 3)}
+    record: dict[str, Any] = {"returncode": code, "seconds": round(time.monotonic() - start, 3)}
+    lines = Path(log).read_text(errors="replace").splitlines()
+    run_dir = next((line for line in reversed(lines) if line and (Path(line) / "card.json").is_file()), None)
+    if run_dir is not None:
+        record["run_dir"] = str(Path(run_dir).resolve())
+    return record
 
 
 def run_sweep(

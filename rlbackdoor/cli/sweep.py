@@ -9,6 +9,7 @@ import typer
 
 from rlbackdoor.bench.sweep import MAX_RUNS
 from rlbackdoor.cli.checks import check_out_dir
+from rlbackdoor.errors import SpecError
 
 
 def sweep(
@@ -16,7 +17,9 @@ def sweep(
     count: int | None = typer.Option(
         None, min=1, max=MAX_RUNS, help="at most N runs (random sweeps need it, or run_cap)"
     ),
-    out: Path | None = typer.Option(None, help="folder for runs.jsonl and run logs [default: runs/sweeps/<name>]"),
+    out: Path | None = typer.Option(
+        None, help="folder for runs.jsonl and run logs [default: runs/sweeps/<name>/<timestamp>-<pid>]"
+    ),
     seed: int = typer.Option(0, min=0, help="seeds the random draws"),
     workers: int = typer.Option(1, min=1, help="runs at a time"),
     backend: str = typer.Option("local", help="local (process pool) | ray"),
@@ -24,10 +27,13 @@ def sweep(
 ) -> None:
     """Expand SWEEP's parameters and run its command once per point, each run logged offline in the sweep's group."""
     from rlbackdoor.bench.sweep import Sweep, run_sweep
+    from rlbackdoor.training.loop import default_run_dir
 
     spec = Sweep(path)  # read and checked once: the checks build every run's env and model
-    target = out or Path("runs") / "sweeps" / spec.name
+    target = out or default_run_dir(spec.name, Path("runs") / "sweeps")
     check_out_dir(target, "--out" if out is not None else "sweep folder")
+    if (target / "runs.jsonl").exists():
+        raise SpecError(f"--out {target}: it holds the runs of an earlier sweep (runs.jsonl); pick another folder")
 
     def progress(record: dict[str, Any]) -> None:
         status = "ok" if record.get("returncode") == 0 else f"failed (exit {record.get('returncode')})"
