@@ -133,7 +133,7 @@ def test_rlbd_eval_bad_inputs_exit_2_with_one_line_and_leave_the_card(
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda card: card.pop("env"), "env: missing; retrain or re-export the run, or fix card.json"),
+        (lambda card: card.pop("env"), "env: missing; retrain the run or restore an undamaged copy, or fix card.json"),
         (lambda card: card.update(metrics=[1]), "metrics: [1] is not a mapping or null"),
         (lambda card: card.update(config="ppo"), "config: 'ppo' is not a mapping or null"),
         (lambda card: card["attack"]["trigger"].update(indices=[7]), "attack.trigger.indices: [7] out of range"),

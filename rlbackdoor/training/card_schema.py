@@ -34,7 +34,7 @@ from rlbackdoor.errors import ArtifactError, SpecError
 from rlbackdoor.training.presets import CLASS_KEYS, CLASSES, class_name
 
 CARD = "card.json"
-RETRAIN = "retrain or re-export the run"
+RETRAIN = "retrain the run or restore an undamaged copy"
 
 POLICIES: dict[str, type[BasePolicy]] = {
     "ActorCriticPolicy": ActorCriticPolicy,
