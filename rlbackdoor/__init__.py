@@ -53,4 +53,9 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'rlbackdoor' has no attribute '{name}'")
 
 
+def __dir__() -> list[str]:
+    """The public API (the lazy names included), not this module's helpers."""
+    return sorted([*__all__, "__version__"])
+
+
 register_all()

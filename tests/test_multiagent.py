@@ -63,6 +63,8 @@ def test_registered_ids_and_lazy_exports():
     assert rlbackdoor.list_parallel_envs() == list_parallel_envs()
     assert isinstance(rlbackdoor.make_parallel(RPS), BackdoorParallelEnv)
     assert isinstance(gym.make(f"rlbackdoor:{RPS}").unwrapped, SingleAgentEnv)
+    assert dir(rlbackdoor) == sorted([*rlbackdoor.__all__, "__version__"])  # lazy names listed, helpers not
+    assert all(getattr(rlbackdoor, name) is not None for name in rlbackdoor.__all__)
 
 
 def test_import_does_not_load_pettingzoo_envs():
