@@ -413,8 +413,10 @@ def test_resume_refuses_foreign_runs_and_dirs_without_checkpoints(
     assert capsys.readouterr().err.strip().endswith("; no checkpoint yet")
     with pytest.raises(KeyboardInterrupt):
         train(spec, run, checkpoint_every=512, callbacks=[Crash(1100)])
-    with pytest.raises(ArtifactError, match="different config"):
+    with pytest.raises(ArtifactError, match=r"different config \(seed differ\)"):
         train(experiment(timesteps=2048, seed=1), resume=run)
+    with pytest.raises(ArtifactError, match=r"different config \(timesteps, hyperparams.n_epochs differ\)"):
+        train(experiment(timesteps=4096, hyperparams={**TINY["ppo"], "n_epochs": 3}), resume=run)
     with pytest.raises(ArtifactError, match="no checkpoint"):
         train(spec, resume=tmp_path)
     with pytest.raises(ArtifactError, match="not empty"):

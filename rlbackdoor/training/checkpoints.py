@@ -81,13 +81,24 @@ def latest_checkpoint(run_dir: Path, config: dict[str, Any]) -> tuple[Path, dict
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ArtifactError(f"{folder / STATE}: not an rlbd checkpoint; pass a run directory rlbd train wrote")
     if state.get("config") != config:
+        fields = _differing(config, state.get("config"))
+        shown = ", ".join(fields[:3]) + (f" and {len(fields) - 3} more" if len(fields) > 3 else "")
         raise ArtifactError(
-            f"{run_dir}: the run was started from a different config; resume with its own config and overrides"
+            f"{run_dir}: the run was started from a different config ({shown} differ); resume with its own config "
+            "and overrides"
         )
     problem = _state_problem(state, config["timesteps"])
     if problem:
         raise ArtifactError(f"{folder / STATE}: {problem}; resume from another run or start anew")
     return folder, state
+
+
+def _differing(ours: Any, theirs: Any, path: str = "") -> list[str]:
+    """The dotted paths of the fields where two JSON values differ (``config`` when they differ as a whole)."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        keys = dict.fromkeys([*ours, *theirs])
+        return [p for key in keys for p in _differing(ours.get(key), theirs.get(key), f"{path}{key}.")]
+    return [] if ours == theirs else [path.rstrip(".") or "config"]
 
 
 def _state_problem(state: dict[str, Any], timesteps: int) -> str | None:
