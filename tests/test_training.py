@@ -401,6 +401,8 @@ def test_resume_continues_from_the_checkpoint_to_the_same_total(
     assert not (run / FOLDER).exists()
     with pytest.raises(ArtifactError, match="already finished"):
         train(spec, resume=run)
+    with pytest.raises(ArtifactError, match="a finished run is there; choose another --out$"):
+        train(spec, run)
 
 
 def test_resume_refuses_foreign_runs_and_dirs_without_checkpoints(

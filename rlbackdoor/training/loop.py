@@ -150,6 +150,8 @@ def train(
     else:
         run_dir = Path(out) if out is not None else default_run_dir(spec.name)
         if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            if (run_dir / CARD).exists():
+                raise ArtifactError(f"{run_dir}: a finished run is there; choose another --out")
             raise ArtifactError(f"{run_dir}: already exists and is not empty; choose another --out, or --resume it")
     start = int(state.get("model", {}).get("num_timesteps", 0))
     # a resumed run draws new env and attack randomness: replaying step 0's draws would repeat episodes
