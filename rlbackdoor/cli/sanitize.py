@@ -3,16 +3,18 @@ of a trajectory dataset."""
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from rlbackdoor.cli.checks import check_file_out, check_single_agent, check_single_agent_runs, write_json_out
+from rlbackdoor.cli.train import WandbMode
 from rlbackdoor.errors import SpecError
-from rlbackdoor.specs import MAX_CLEAN, MAX_EPISODES, MAX_SEED_COUNT
+from rlbackdoor.specs import MAX_CLEAN, MAX_EPISODES, MAX_SEED_COUNT, SanitizeSpec
 
 if TYPE_CHECKING:
     import numpy as np
@@ -30,6 +32,11 @@ def _ci(m: dict[str, Any], key: str) -> str:
 
 EPISODES, SEEDS = 10, 3
 """Evaluation episodes per seed and seeds of a run's sanitization when not given (options of a run only)."""
+
+FilterMode = Enum(  # type: ignore[misc]
+    "FilterMode", [(m, m) for m in get_args(SanitizeSpec.model_fields["mode"].annotation)], type=str
+)
+"""The choices of ``--mode``: what :class:`~rlbackdoor.specs.SanitizeSpec` does with flagged transitions."""
 
 
 def sanitize(
@@ -49,11 +56,11 @@ def sanitize(
     curve: str | None = typer.Option(None, "--curve", help="comma-separated other n values to report (e.g. 8,16,32)"),
     trajectories: Path | None = typer.Option(None, "--trajectories", help="filter this .npz dataset instead"),
     out: Path | None = typer.Option(None, "--out", help="with --trajectories: where to write the filtered dataset"),
-    mode: str | None = typer.Option(
-        None, "--mode", help="with --trajectories: drop | repair flagged transitions [default: drop]"
+    mode: FilterMode | None = typer.Option(
+        None, "--mode", help="with --trajectories: drop or repair flagged transitions [default: drop]"
     ),
     json_out: Path | None = typer.Option(None, "--json", help="write the results as JSON"),
-    wandb_mode: str | None = typer.Option(None, "--wandb-mode", help="online | offline | disabled"),
+    wandb_mode: WandbMode | None = typer.Option(None, "--wandb-mode", help="W&B mode"),
     list_methods: bool = typer.Option(False, "--list", help="print the methods and exit"),
 ) -> None:
     """Sanitize a backdoored agent at run time and report ASR/CTP before and after (with CIs and the
@@ -74,7 +81,7 @@ def sanitize(
         for option, value in run_options.items():
             if value is not None:
                 raise SpecError(f"sanitize: {option} applies to a run, not to --trajectories; drop one of them")
-        results = _filter_dataset(trajectories, method, n_clean, dim, out, mode or "drop")
+        results = _filter_dataset(trajectories, method, n_clean, dim, out, mode.value if mode else "drop")
     elif run_dir is not None:
         for option, value in (("--mode", mode), ("--out", out)):
             if value is not None:
@@ -84,7 +91,15 @@ def sanitize(
         check_single_agent_runs(run_dir, "sanitize")
         sizes = _curve(curve or "")
         results = _sanitize_run(
-            run_dir, method, n_clean, dim, baseline, episodes or EPISODES, seeds or SEEDS, sizes, wandb_mode
+            run_dir,
+            method,
+            n_clean,
+            dim,
+            baseline,
+            episodes or EPISODES,
+            seeds or SEEDS,
+            sizes,
+            wandb_mode.value if wandb_mode else None,
         )
     else:
         raise SpecError("sanitize: give a RUN_DIR, or --trajectories FILE, or --list")
