@@ -165,9 +165,23 @@ def test_hyperparameters_sb3_does_not_take_are_refused_before_any_run(
     assert main(["sweep", str(path), "--count", "2"]) == 2
     err = capsys.readouterr().err
     assert f"{path}: parameter 'hyperparams.learning_rat' does not fit" in err
-    assert "PPO.__init__() got an unexpected keyword argument 'learning_rat'" in err
+    assert "(hyperparams.learning_rat: no such hyperparameter of SB3 PPO" in err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert [p.name for p in tmp_path.iterdir()] == ["s.yaml"]
+
+
+def test_values_are_checked_alone_and_combinations_left_to_the_runs(tmp_path: Path) -> None:
+    # a2c takes no batch_size (the config's), but every run also sets hyperparams; one run has n_envs 1 with n_steps 1,
+    # which SB3 refuses, but no run of the sweep does
+    command = ["rlbd", "train", str(SMOKE), "--no-progress", "--checkpoint-every=0", "--wandb-mode=disabled", "${args}"]
+    parameters = {
+        "algo": {"value": "a2c"},
+        "hyperparams": {"value": {"n_steps": 1, "learning_rate": 0.001}},
+        "n_envs": {"value": 2},
+        "timesteps": {"value": 64},
+    }
+    path = write_sweep(tmp_path / "s.yaml", name="combos", command=command, parameters=parameters)
+    assert main(["sweep", str(path), "--out", str(tmp_path / "out")]) == 0
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "/tmp/abs", "..", ".hidden", "two words"])

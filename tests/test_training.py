@@ -401,7 +401,7 @@ def test_resume_continues_from_the_checkpoint_to_the_same_total(
     assert not (run / FOLDER).exists()
     with pytest.raises(ArtifactError, match="already finished"):
         train(spec, resume=run)
-    with pytest.raises(ArtifactError, match="a finished run is there; choose another --out$"):
+    with pytest.raises(ArtifactError, match=r"a finished run is there; choose another --out$"):
         train(spec, run)
 
 

@@ -227,7 +227,7 @@ def run_bench(
     cells = expand(spec, Path(config).parent, str(config))
     mode = tracking.resolve_mode(wandb_mode)  # a bad mode or backend fails before anything is written
     check_backend(backend, workers, ray_address)
-    check_cells_trainable(str(config), cells)
+    _check_trainable(str(config), cells)
     root = Path(out)
     read_results(root / RESULTS)  # a results file that cannot be read fails before anything is written
     root.mkdir(parents=True, exist_ok=True)
@@ -237,7 +237,7 @@ def run_bench(
     return summary, files
 
 
-def check_cells_trainable(source: str, cells: list[Cell]) -> None:
+def _check_trainable(source: str, cells: list[Cell]) -> None:
     """Build the env and the model of every distinct kind of agent the cells train (env, algo, hyperparameters,
     envs, loop), as training would first, so that a bad one fails before anything is written (errors name
     ``source``, the bench file)."""

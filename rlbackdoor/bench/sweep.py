@@ -35,14 +35,13 @@ import shlex
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rlbackdoor.errors import RlbdError, SpecError
+from rlbackdoor.errors import SpecError
 from rlbackdoor.specs import FOLDER_NAME, read_yaml
 
 METHODS = ("grid", "random", "bayes")
@@ -145,29 +144,37 @@ class Sweep:
         )
 
     def _check_fields(self) -> None:
-        """Every parameter is a field of the target config, and the run takes each of its values (every value of a
+        """Every parameter is a field of the target config, and the config takes each of its values (every value of a
         list, the ends of a distribution and a value inside it: see :func:`_bounds`), written as the run's command
-        writes them: the config loads with it, and ``rlbd train`` (``rlbd bench``) would build its env and model (so
-        that a hyperparameter SB3 does not take, e.g. a misspelt one, is refused here, not in every run)."""
+        writes them; a ``hyperparams.KEY`` parameter names a hyperparameter one of the sweep's algos takes, and
+        each value is of a kind and range it takes (:func:`~rlbackdoor.training.presets.check_hyperparameter`).
+        Values are checked one at a time: what only a combination refuses is each run's to report."""
+        from rlbackdoor.bench.matrix import load_bench
+        from rlbackdoor.specs import load_experiment
+        from rlbackdoor.training.presets import ALGOS, check_hyperparameter
+
         kind, config = self._target()
-        check = _check_train if kind == "train" else _check_bench
+        load = load_experiment if kind == "train" else load_bench
         if not config.is_file():
             raise SpecError(f"{self.path}: the command's config {config} does not exist; fix the path")
-        with warnings.catch_warnings():  # SB3's advice (e.g. on batch sizes) goes to each run's log, once
-            warnings.simplefilter("ignore")
-            try:
-                check(config, [])
-            except RlbdError as err:
-                raise SpecError(f"{self.path}: the command's config {config} does not run ({err}); fix it") from None
-            for name, spec in self.parameters.items():
-                for value in dict.fromkeys(str(v) for v in _bounds(spec, self.method)):
-                    try:
-                        check(config, [f"{name}={value}"])
-                    except RlbdError as err:
-                        raise SpecError(
-                            f"{self.path}: parameter '{name}' does not fit {config} with value {value} ({err}); "
-                            "fix the value, or use a field of that config"
-                        ) from None
+        base = load(config)
+        algos = [a for a in ALGOS if a == getattr(base, "algo", None) or a in map(str, self._values("algo"))]
+        for name, spec in self.parameters.items():
+            key = name.removeprefix("hyperparams.") if name.count(".") == 1 else None
+            for value in dict.fromkeys(str(v) for v in _bounds(spec, self.method)):
+                try:
+                    loaded = load(config, [f"{name}={value}"])
+                    if name.startswith("hyperparams.") and key is not None:
+                        check_hyperparameter(algos or list(ALGOS), key, loaded.hyperparams[key])
+                except SpecError as err:
+                    raise SpecError(
+                        f"{self.path}: parameter '{name}' does not fit {config} with value {value} ({err}); "
+                        "fix the value, or use a field of that config"
+                    ) from None
+
+    def _values(self, name: str) -> list[Any]:
+        """The values the sweep can give ``name`` (none when it is not a parameter)."""
+        return _bounds(self.parameters[name], self.method) if name in self.parameters else []
 
     def points(self, count: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
         """The parameter values of each run: the whole grid (or its first ``count``), or ``count`` random draws."""
@@ -203,23 +210,6 @@ class Sweep:
             else:
                 out.append(word)
         return out
-
-
-def _check_train(config: Path, overrides: list[str]) -> None:
-    """What ``rlbd train CONFIG`` checks before it writes anything: the experiment loads, its env and model build."""
-    from rlbackdoor.specs import load_experiment
-    from rlbackdoor.training.loop import check_trainable
-
-    check_trainable(load_experiment(config, overrides))
-
-
-def _check_bench(config: Path, overrides: list[str]) -> None:
-    """What ``rlbd bench CONFIG`` checks of its config before it writes anything: the bench loads, its matrix
-    expands, and the env and model of every kind of agent it trains build."""
-    from rlbackdoor.bench.matrix import expand, load_bench
-    from rlbackdoor.bench.runner import check_cells_trainable
-
-    check_cells_trainable(str(config), expand(load_bench(config, overrides), config.parent, str(config)))
 
 
 def _parameter(name: str, spec: Any, method: str, where: str) -> dict[str, Any]:

@@ -148,6 +148,26 @@ def build_model(algo: str, env: VecEnv, hyperparams: dict[str, Any], seed: int) 
         ) from None
 
 
+def check_hyperparameter(algos: list[str], key: str, value: Any) -> None:
+    """One hyperparameter on its own, as :func:`build_model` checks it: one of ``algos`` takes ``key``, and a value of
+    the kind and range it takes (a sweep's parameter, before any run; combinations are the runs' own to check).
+
+    :raises SpecError: no algo of ``algos`` takes ``key`` (e.g. a misspelt name), or none takes ``value``.
+    """
+    takers = [algo for algo in algos if key == "policy" or key in inspect.signature(ALGOS[algo].__init__).parameters]
+    if not takers:
+        names = " or ".join(algo.upper() for algo in algos)
+        raise SpecError(f"hyperparams.{key}: no such hyperparameter of SB3 {names}; fix its spelling")
+    _, kwargs = to_sb3({key: value})
+    for i, algo in enumerate(takers):
+        try:
+            _check_types(algo, kwargs)
+            return
+        except SpecError:
+            if i == len(takers) - 1:
+                raise
+
+
 def _check_buffer(algo: str, kwargs: dict[str, Any], n_envs: int) -> None:
     """Refuse a buffer of more than :data:`MAX_BUFFER` transitions before SB3 allocates it: PPO's and A2C's rollout
     buffer (``n_steps`` x ``n_envs``); DQN's replay buffer (``buffer_size``), its batches (``batch_size``) and its
