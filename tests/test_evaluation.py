@@ -202,6 +202,9 @@ def test_ratio_ci_uses_the_resamples_that_define_it() -> None:
     den[:4], num[:4] = [5, 10, 5, 10], [1, 4, 3, 8]  # per-episode rates 0.2, 0.4, 0.6, 0.8
     low, high = bootstrap_ci([num, den], ratio)
     assert 0.2 <= low < num.sum() / den.sum() < high <= 0.8
+    # eligible states in one episode of 10: a third of the resamples lack them, and the rest all agree: no CI
+    one_num, one_den = np.r_[3.0, np.zeros(9)], np.r_[5.0, np.zeros(9)]
+    assert all(np.isnan(bootstrap_ci([one_num, one_den], ratio)))
 
 
 def test_estimate_reports_per_seed_values_and_none_for_undefined() -> None:

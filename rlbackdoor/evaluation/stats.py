@@ -18,6 +18,8 @@ Statistic = Callable[..., np.ndarray | float]
 
 CONFIDENCE = 0.95
 N_RESAMPLES = 2000
+DEFINED = 0.95
+"""The share of resamples that must define a statistic for its percentile CI over them (see :func:`bootstrap_ci`)."""
 
 
 def mean(x: np.ndarray, axis: int = -1) -> np.ndarray | float:
@@ -45,13 +47,14 @@ def bootstrap_ci(
 ) -> tuple[float, float]:
     """A BCa bootstrap CI of ``statistic`` over episodes; where BCa is degenerate or some resamples leave the
     statistic undefined (a ratio whose resampled episodes hold no denominator), the percentile CI over the
-    resamples that define it.
+    resamples that define it, when at least :data:`DEFINED` of them do.
 
     :param samples: per-episode arrays of equal length, resampled together.
     :param statistic: see :data:`Statistic`.
     :param seed: seeds the resampling.
     :param confidence: the confidence level.
-    :return: ``(low, high)``; NaN with fewer than two episodes or an undefined statistic.
+    :return: ``(low, high)``; NaN with fewer than two episodes, an undefined statistic, or one that too many
+        resamples leave undefined.
     """
     samples = tuple(np.asarray(x, dtype=np.float64) for x in samples)
     if len(samples[0]) < 2 or not np.isfinite(statistic(*samples)):
@@ -81,7 +84,7 @@ def _percentile_ci(
     with np.errstate(divide="ignore", invalid="ignore"):
         values = np.asarray(statistic(*(x[rows] for x in samples), axis=-1), dtype=np.float64)
     values = values[np.isfinite(values)]
-    if not len(values):
+    if len(values) < DEFINED * N_RESAMPLES:  # e.g. the denominator in one or two episodes: no telling its spread
         return float("nan"), float("nan")
     tail = (1 - confidence) / 2
     low, high = np.quantile(values, [tail, 1 - tail])
