@@ -36,6 +36,18 @@ def prefixed(stage: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
     return {f"{stage}/{key}": value for key, value in metrics.items()}
 
 
+def run_config(card: Mapping[str, Any], key: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The W&B config of a command on a trained run: the run's experiment config, its resolved attack and
+    hyperparameters (from its card), and the command's own ``settings`` under ``key``, a name no experiment field
+    has."""
+    return {
+        **(card.get("config") or {}),
+        "attack": card.get("attack"),
+        "hyperparams": card.get("hyperparams"),
+        key: dict(settings),
+    }
+
+
 def api_key_configured() -> bool:
     """Whether a W&B API key is set in ``WANDB_API_KEY`` or in the netrc file for the W&B host."""
     if os.environ.get("WANDB_API_KEY"):

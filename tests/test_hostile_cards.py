@@ -169,7 +169,9 @@ def test_a_malformed_policy_entry_is_one_line_naming_card_and_field(
     run = copy_of(cartpole, tmp_path, edit)
     with pytest.raises(ArtifactError, match=f"^{re.escape(str(run / 'card.json'))}: {message}") as info:
         load_policy(run)
-    assert "\n" not in str(info.value) and str(info.value).endswith("; retrain the run or restore an undamaged copy, or fix card.json")
+    assert "\n" not in str(info.value) and str(info.value).endswith(
+        "; retrain the run or restore an undamaged copy, or fix card.json"
+    )
 
 
 @pytest.mark.parametrize("command", [["eval"], ["detect", "-d", "probe"], ["sanitize"]])

@@ -90,12 +90,7 @@ def eval_run(
 
     name = str(card.get("name", run_dir.name))
     settings = {"run_dir": str(run_dir), "baseline": str(baseline) if baseline else None, "episodes": episodes}
-    config = {
-        **(card.get("config") or {}),
-        "attack": card.get("attack"),
-        "hyperparams": card.get("hyperparams"),
-        "eval": {**settings, "seeds": metrics["seeds"], "t0": t0},
-    }
+    config = tracking.run_config(card, "eval", {**settings, "seeds": metrics["seeds"], "t0": t0})
     with tracking.wandb_run("eval", f"{name}-{run_dir.name}", config, mode, wandb_project, group=name) as tracker:
         tracker.summary(tracking.prefixed("eval", scalars(metrics)))
         rows = [[k, metrics[k], metrics[f"{k}_ci_low"], metrics[f"{k}_ci_high"]] for k in with_ci(metrics)]

@@ -123,7 +123,7 @@ class DetectReport:
     zoo: bool = False
     metrics: dict[str, Any] | None = None
     population: dict[str, Any] | None = None
-    input_summary: dict[str, float] | None = None
+    input_summary: dict[str, float | int] | None = None
     note: str = ""
 
     @property
@@ -432,7 +432,7 @@ def detect(
     return report
 
 
-def _input_summary(results: list[ModelResult]) -> dict[str, float] | None:
+def _input_summary(results: list[ModelResult]) -> dict[str, float | int] | None:
     rows = [r.inputs for r in results if r.inputs and "auroc" in r.inputs]
     if not rows:
         return None
