@@ -70,8 +70,13 @@ class Trajectories:
     @classmethod
     def load(cls, path: str | Path) -> Trajectories:
         """Read a file written by :meth:`save` (no pickles are loaded)."""
+        if not Path(path).exists():
+            raise ArtifactError(f"{path}: no such file; check the path")
         try:
-            with np.load(path, allow_pickle=False) as data:
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("one .npy array, not an .npz archive")
+            with data:
                 arrays = {f: data[f] for f in FIELDS}
                 meta = loads(str(data["meta"]))
         except Exception as err:  # a damaged zip raises anything, from zlib.error to NotImplementedError

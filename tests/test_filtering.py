@@ -57,6 +57,11 @@ def test_trajectories_round_trip_without_pickles(tmp_path):
     # numpy's advice to unpickle what is not an archive is not passed on
     with pytest.raises(ArtifactError, match=r"not a trajectory file \(not an .npz archive of arrays\); write it with"):
         Trajectories.load(tmp_path / "bad.npz")
+    np.save(tmp_path / "one.npy", data.observations)
+    with pytest.raises(ArtifactError, match=r"not a trajectory file \(one .npy array, not an .npz archive\)"):
+        Trajectories.load(tmp_path / "one.npy")
+    with pytest.raises(ArtifactError, match=r"missing.npz: no such file; check the path$"):
+        Trajectories.load(tmp_path / "missing.npz")
 
 
 @pytest.mark.parametrize(

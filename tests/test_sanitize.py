@@ -140,7 +140,7 @@ def test_cli_filters_a_trajectory_dataset(tmp_path: Path):
     ("argv", "message"),
     [
         (["sanitize"], "give a RUN_DIR"),
-        (["sanitize", "--trajectories", "missing.npz"], "not a trajectory file"),
+        (["sanitize", "--trajectories", "missing.npz"], "missing.npz: no such file; check the path"),
         (["sanitize", "nowhere", "--method", "support"], "nowhere"),
         (["sanitize", "nowhere", "--curve", "-3,0"], "--curve '-3,0' is not a comma-separated list of integers in 1"),
         (["sanitize", "nowhere", "--curve", "8,1000001"], "list of integers in 1..1000000; e.g. 8,16,32"),

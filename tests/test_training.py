@@ -414,6 +414,9 @@ def test_resume_refuses_foreign_runs_and_dirs_without_checkpoints(
         train(spec, tmp_path / "early", checkpoint_every=512, callbacks=[Crash(100)])
     assert capsys.readouterr().err.strip().endswith("; no checkpoint yet")
     with pytest.raises(KeyboardInterrupt):
+        train(spec, tmp_path / "off", checkpoint_every=0, callbacks=[Crash(100)])
+    assert capsys.readouterr().err.strip().endswith("; checkpoints were off: nothing is kept")
+    with pytest.raises(KeyboardInterrupt):
         train(spec, run, checkpoint_every=512, callbacks=[Crash(1100)])
     with pytest.raises(ArtifactError, match=r"different config \(seed differ\)"):
         train(experiment(timesteps=2048, seed=1), resume=run)

@@ -233,11 +233,11 @@ def train(
             raise
         except KeyboardInterrupt:
             kept = checkpointer.saved if checkpointer.saved is not None else (start if folder is not None else None)
-            print(
-                f"interrupted at step {model.num_timesteps}; "
-                + (f"continue from step {kept} with --resume {run_dir}" if kept is not None else "no checkpoint yet"),
-                file=sys.stderr,
-            )
+            if kept is not None:
+                what = f"continue from step {kept} with --resume {run_dir}"
+            else:
+                what = "no checkpoint yet" if checkpoint_every else "checkpoints were off: nothing is kept"
+            print(f"interrupted at step {model.num_timesteps}; {what}", file=sys.stderr)
             raise
         _check_finite(model)  # DQN's argmax plays on with NaN weights
         summary = _train_summary(model, counter, clock())
