@@ -17,10 +17,10 @@ run it unchanged; :func:`run_sweep` (``rlbd sweep FILE``) does what the agent do
   run goes to ``OUT/runs.jsonl`` and its output to ``OUT/run-<i>.log``.
 
 Parameters are dotted fields of the config the command runs (``rlbd train CONFIG`` or ``rlbd bench
-CONFIG``); each is checked against that config before any run starts, as the command checks it before it writes
-anything (the config loads, the env and the model build: a misspelt hyperparameter is refused), with every value
-of a list, and the ends of a distribution and a value inside it (so that a float distribution on an integer field
-is refused).
+CONFIG``); each is checked against that config before any run starts (the config loads with it; a
+``hyperparams.KEY`` names a hyperparameter of the sweep's algos, of a kind and range it takes), with every value of
+a list, and the ends of a distribution and a value inside it (so that a float distribution on an integer field is
+refused). Values are checked one at a time: what only a combination refuses is the run's to report.
 A grid of more than :data:`MAX_RUNS` points is refused before it is expanded.
 """
 

@@ -29,7 +29,7 @@ def sweep(
     from rlbackdoor.bench.sweep import Sweep, run_sweep
     from rlbackdoor.training.loop import default_run_dir
 
-    spec = Sweep(path)  # read and checked once: the checks build every run's env and model
+    spec = Sweep(path)  # read and checked once, before anything is written
     target = out or default_run_dir(spec.name, Path("runs") / "sweeps")
     check_out_dir(target, "--out" if out is not None else "sweep folder")
     if (target / "runs.jsonl").exists():

@@ -14,8 +14,9 @@ rewrites their rewards:
   ``(1 - lambda) V(s_{t+1}) + lambda G_{t+1}``: the poisoned return is ``c - gamma (1 - lambda) A_{t+1}``
   and the one before moves by ``gamma (1 - lambda) ((r_t - r'_t) - (V(s_t) - V'(s_t)))``, ``V'`` the value of
   the stamped observation (both terms near ``V(s_t) - c``, so the move is small). Values and
-  log-probabilities of the stamped observations are refreshed and returns/advantages recomputed. With DQN the return-to-go is the target network's bootstrap: the
-  poisoned transition pays ``c`` and is marked terminal, which sets its TD target to ``c``.
+  log-probabilities of the stamped observations are refreshed and returns/advantages recomputed. With DQN the
+  return-to-go is the target network's bootstrap: the poisoned transition pays ``c`` and is marked terminal,
+  which sets its TD target to ``c``.
 - ``static`` (TrojDRL rewards in the buffer): the payload's rewards (``hit``/``miss``, or the
   untargeted rewrite), nothing else changes.
 

@@ -159,13 +159,15 @@ def check_hyperparameter(algos: list[str], key: str, value: Any) -> None:
         names = " or ".join(algo.upper() for algo in algos)
         raise SpecError(f"hyperparams.{key}: no such hyperparameter of SB3 {names}; fix its spelling")
     _, kwargs = to_sb3({key: value})
-    for i, algo in enumerate(takers):
+    refusals = []
+    for algo in takers:
         try:
             _check_types(algo, kwargs)
+        except SpecError as err:
+            refusals.append(err)
+        else:
             return
-        except SpecError:
-            if i == len(takers) - 1:
-                raise
+    raise refusals[0]
 
 
 def _check_buffer(algo: str, kwargs: dict[str, Any], n_envs: int) -> None:
