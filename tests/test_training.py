@@ -6,6 +6,7 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from wandb_offline import offline_runs
 
 from rlbackdoor import tracking
 from rlbackdoor.cli import main
+from rlbackdoor.cli.train import sweep_overrides
 from rlbackdoor.defenses.filtering import n_discrete_actions
 from rlbackdoor.errors import ArtifactError, SpecError
 from rlbackdoor.specs import ExperimentSpec, apply_overrides, load_experiment, parse
@@ -696,6 +698,24 @@ def test_cli_train_with_set_and_sweep_style_overrides(tmp_path: Path, capsys: py
     assert card["hyperparams"]["n_steps"] == 32 and card["hyperparams"]["n_epochs"] == 2
 
 
+def test_sweep_overrides_take_every_form_wandb_agent_builds() -> None:
+    fields = ExperimentSpec.model_fields
+    point = {"seed": 3, "hyperparams.learning_rate": 0.001, "attack.payload.kind": "targeted", "sharing": True}
+    assert sweep_overrides([json.dumps(point)], fields) == [  # ${args_json}
+        "seed=3",
+        "hyperparams.learning_rate=0.001",
+        'attack.payload.kind="targeted"',
+        "sharing=true",
+    ]
+    # ${args_no_boolean_flags}: a bare flag is true when nothing or another option follows it
+    assert sweep_overrides(["--sharing", "--seed=3"], fields) == ["sharing=true", "seed=3"]
+    assert sweep_overrides(["--seed", "3", "--sharing"], fields) == ["seed=3", "sharing=true"]
+    assert sweep_overrides(["--attack.payload.reward.miss", "-1.0"], fields) == ["attack.payload.reward.miss=-1.0"]
+    for bad, message in (('{"seed": }', "not a JSON object of overrides"), ('{"sed": 1}', "neither an option")):
+        with pytest.raises(SpecError, match=re.escape(message)):
+            sweep_overrides([bad], fields)
+
+
 class Broken(gym.Wrapper):
     """CartPole whose observation or reward (``what``: obs, reward) turns NaN, or whose observation overflows to inf
     (overflow), on the 300th step of each env."""
@@ -787,7 +807,7 @@ NAN_OBS, NAN_REWARD = "observation contains NaN or inf; fix", "reward is NaN or 
         (["stray"], "unexpected argument"),
         (["--ouy", "x"], "'--ouy' is neither an option (see --help) nor a config field"),
         (["--timestep=5"], "'--timestep=5' is neither an option"),
-        (["--seed"], "unexpected argument '--seed'"),
+        (["--seed"], "seed: Input should be a valid integer"),  # a bare option is a true flag
         (["-x=1"], "unexpected argument '-x=1'"),
     ],
 )

@@ -7,14 +7,17 @@ Overrides come as ``--set a.b=value`` (repeatable) or in any form ``wandb agent`
 
 from __future__ import annotations
 
+import json
+import reprlib
 from collections.abc import Collection
 from enum import Enum
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import typer
 
 from rlbackdoor.errors import SpecError
+from rlbackdoor.jsonfile import loads
 from rlbackdoor.specs import ExperimentSpec, SanitizeSpec, load_experiment, locate
 
 CONTEXT = {"ignore_unknown_options": True, "allow_extra_args": True}
@@ -35,26 +38,46 @@ SanitizeMethod = Enum(  # type: ignore[misc]
 def sweep_overrides(args: list[str], fields: Collection[str]) -> list[str]:
     """The arguments left over by the option parser, as ``a.b=value`` overrides.
 
-    Accepts the three forms ``wandb agent`` builds: ``--a.b=value`` (``${args}``), ``a.b=value``
-    (``${args_no_hyphens}``) and ``--a.b value`` (``${args_no_equals}``).
+    Accepts every form ``wandb agent`` builds: ``--a.b=value`` (``${args}``), ``a.b=value`` (``${args_no_hyphens}``),
+    ``--a.b value`` (``${args_no_equals}``), a bare ``--a.b`` for true (``${args_no_boolean_flags}``: when nothing
+    or another ``--`` option follows) and one JSON object of them all (``${args_json}``).
 
     :param args: the leftover arguments.
     :param fields: the config's top-level fields: an override of anything else is a mistyped option.
     """
-    out, rest = [], iter(args)
-    for arg in rest:
-        if "=" in arg and (arg.startswith("--") or not arg.startswith("-")):
-            out.append(arg.removeprefix("--"))
-        elif arg.startswith("--") and len(arg) > 2 and (value := next(rest, None)) is not None:
-            out.append(f"{arg[2:]}={value}")
+    out = []
+    for i, arg in enumerate(args):
+        if i and args[i - 1].startswith("--") and "=" not in args[i - 1] and not arg.startswith("--"):
+            continue  # the value of ``--a.b value``, taken with it
+        if arg.startswith("{"):
+            words = [f"{key}={json.dumps(value)}" for key, value in _json_object(arg).items()]
+        elif "=" in arg and (arg.startswith("--") or not arg.startswith("-")):
+            words = [arg.removeprefix("--")]
+        elif arg.startswith("--") and len(arg) > 2:
+            flag = i + 1 == len(args) or args[i + 1].startswith("--")
+            words = [f"{arg[2:]}={'true' if flag else args[i + 1]}"]
         else:
             raise SpecError(
                 f"unexpected argument '{arg}'; write overrides as --set key.path=value, --key.path=value or key.path=value"
             )
-        key = out[-1].split("=", 1)[0].split(".", 1)[0]
-        if key not in fields:
-            raise SpecError(f"'{arg}' is neither an option (see --help) nor a config field; fix its spelling")
+        for word in words:
+            if word.split("=", 1)[0].split(".", 1)[0] not in fields:
+                raise SpecError(f"'{arg}' is neither an option (see --help) nor a config field; fix its spelling")
+        out += words
     return out
+
+
+def _json_object(arg: str) -> dict[str, Any]:
+    """The overrides of a ``${args_json}`` argument."""
+    try:
+        data = loads(arg)
+    except ValueError as err:
+        raise SpecError(
+            f"'{reprlib.repr(arg)}': not a JSON object of overrides ({err}); fix the sweep's command"
+        ) from None
+    if not (isinstance(data, dict) and all(isinstance(key, str) for key in data)):
+        raise SpecError(f"'{reprlib.repr(arg)}': not a JSON object of overrides; fix the sweep's command")
+    return data
 
 
 def train(
