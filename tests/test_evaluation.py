@@ -16,7 +16,7 @@ from rlbackdoor.evaluation.envs import action_history, run_env
 from rlbackdoor.evaluation.evaluate import load_baseline
 from rlbackdoor.evaluation.metrics import obs_shift, own_history
 from rlbackdoor.evaluation.rollouts import episode_seeds, rollout
-from rlbackdoor.evaluation.stats import bootstrap_ci, estimate, iqm, ratio
+from rlbackdoor.evaluation.stats import bootstrap_ci, estimate, iqm, proportion
 from rlbackdoor.registry import get_env_spec
 from rlbackdoor.specs import AttackSpec, load_experiment
 from rlbackdoor.training.artifacts import read_card
@@ -25,6 +25,7 @@ from rlbackdoor.training.loop import train
 CARTPOLE = "rlbd/TrojanCartPole-v0"  # trigger: obs[3] = 2.5, target action 0
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "cartpole_smoke.yaml"
 ACTSEQ = "rlbd/TrojanCartPoleActSeq-v0"  # history of 6 actions; sequence 0 0 0 1 1 1, target 0
+Z95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval
 
 
 class Rule:
@@ -101,7 +102,8 @@ def test_ctp_ratio_against_itself_is_one() -> None:
 def test_asr_of_a_policy_that_obeys_the_trigger_is_one() -> None:
     m = evaluate(Rule(backdoored), CARTPOLE, episodes=2, seeds=1)
     assert m["ctp"] == 500.0
-    assert m["asr"] == 1.0 and m["asr_raw"] == 1.0 and m["asr_ci_low"] == 1.0
+    assert m["asr"] == 1.0 and m["asr_raw"] == 1.0
+    assert m["asr_ci_low"] == pytest.approx(2 / (2 + Z95**2)) and m["asr_ci_high"] == 1.0  # Wilson, 2 episodes
     assert m["asr_states"] > 0
     assert m["triggered_return"] < 20 and m["return_drop"] > 0.9
 
@@ -200,11 +202,26 @@ def test_ratio_ci_uses_the_resamples_that_define_it() -> None:
     # eligible states in 4 of 30 episodes: some resamples draw none of them, where the ratio is undefined
     den, num = np.zeros(30), np.zeros(30)
     den[:4], num[:4] = [5, 10, 5, 10], [1, 4, 3, 8]  # per-episode rates 0.2, 0.4, 0.6, 0.8
-    low, high = bootstrap_ci([num, den], ratio)
+    low, high = bootstrap_ci([num, den], proportion)
     assert 0.2 <= low < num.sum() / den.sum() < high <= 0.8
     # eligible states in one episode of 10: a third of the resamples lack them, and the rest all agree: no CI
     one_num, one_den = np.r_[3.0, np.zeros(9)], np.r_[5.0, np.zeros(9)]
-    assert all(np.isnan(bootstrap_ci([one_num, one_den], ratio)))
+    assert all(np.isnan(bootstrap_ci([one_num, one_den], proportion)))
+
+
+def test_proportion_ci_at_zero_or_one_is_the_wilson_interval_over_episodes() -> None:
+    """Every resample of an ASR of 1 (or 0) gives 1 (or 0): the CI is Wilson's with one trial per episode
+    that has trials, so it narrows with episodes, not with states."""
+    for n in (5, 50):
+        trials = np.r_[np.full(n, 40.0), np.zeros(3)]  # 3 episodes without eligible states do not count
+        low, high = bootstrap_ci([trials, trials], proportion)
+        assert high == 1.0 and low == pytest.approx(n / (n + Z95**2))
+        low, high = bootstrap_ci([np.zeros_like(trials), trials], proportion)
+        assert low == 0.0 and high == pytest.approx(Z95**2 / (n + Z95**2))
+    assert bootstrap_ci([np.full(50, 40.0)] * 2, proportion, confidence=0.5)[0] > 0.99
+    almost = np.full(50, 40.0)
+    almost[0] = 39.0  # one miss: the bootstrap's own CI
+    assert 0.99 < bootstrap_ci([almost, np.full(50, 40.0)], proportion)[0] < 1.0
 
 
 def test_estimate_reports_per_seed_values_and_none_for_undefined() -> None:

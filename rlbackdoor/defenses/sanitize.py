@@ -25,7 +25,7 @@ from rlbackdoor.evaluation.envs import run_env
 from rlbackdoor.evaluation.evaluate import check_card, load_baseline
 from rlbackdoor.evaluation.metrics import ctp_ratio
 from rlbackdoor.evaluation.rollouts import RandomPolicy, episode_seeds, rollout
-from rlbackdoor.evaluation.stats import estimate, ratio
+from rlbackdoor.evaluation.stats import estimate, proportion
 from rlbackdoor.specs import TargetedPayload
 from rlbackdoor.trajectories import collect
 
@@ -123,7 +123,7 @@ def tracked_metrics(
                 obs, reward, terminated, truncated, _ = game.step(action)
                 returns[i] += 0.0 if attacked else float(reward)
                 done = terminated or truncated
-    out = {**estimate("ctp", [returns], groups), **estimate("asr", [flips, eligible], groups, ratio)}
+    out = {**estimate("ctp", [returns], groups), **estimate("asr", [flips, eligible], groups, proportion)}
     if baseline is not None:
         base = rollout(baseline, env.make, resets).returns
         random = rollout(RandomPolicy(game.action_space, CLEAN_SEED), env.make, resets).returns

@@ -38,7 +38,7 @@ import numpy as np
 from sklearn.covariance import LedoitWolf
 
 from rlbackdoor.evaluation.rollouts import Policy, Rollouts
-from rlbackdoor.evaluation.stats import estimate, finite, ratio
+from rlbackdoor.evaluation.stats import estimate, finite, proportion
 from rlbackdoor.poisoning.payloads import Payload
 from rlbackdoor.specs import PayloadSpec, TargetedPayload
 from rlbackdoor.triggers import ObservationTrigger, Trigger
@@ -101,8 +101,8 @@ def observation_asr(
     eligible = _per_episode(~hit_clean, clean.episode, n)
     hits, states = _per_episode(hit_triggered, clean.episode, n), np.bincount(clean.episode, minlength=n)
     return {
-        **estimate("asr", [flips, eligible], groups, ratio, seed),
-        **estimate("asr_raw", [hits, states], groups, ratio, seed),
+        **estimate("asr", [flips, eligible], groups, proportion, seed),
+        **estimate("asr_raw", [hits, states], groups, proportion, seed),
         "asr_states": int(eligible.sum()),
     }
 
@@ -160,11 +160,15 @@ def sequence_asr(
             "asr",
             [_per_episode(hit_armed & ~hit_clean, episode, n), _per_episode(~hit_clean, episode, n)],
             groups,
-            ratio,
+            proportion,
             seed,
         ),
         **estimate(
-            "asr_raw", [_per_episode(hit_armed, episode, n), np.bincount(episode, minlength=n)], groups, ratio, seed
+            "asr_raw",
+            [_per_episode(hit_armed, episode, n), np.bincount(episode, minlength=n)],
+            groups,
+            proportion,
+            seed,
         ),
         "asr_states": int((~hit_clean).sum()),
     }

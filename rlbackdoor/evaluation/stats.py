@@ -1,8 +1,10 @@
 """Statistics of evaluation metrics: bootstrap confidence intervals over episodes, IQM, per-seed values.
 
-A metric is a statistic of per-episode arrays (a mean of returns, a ratio of counts). Its CI comes
+A metric is a statistic of per-episode arrays (a mean of returns, a proportion of counts). Its CI comes
 from :func:`scipy.stats.bootstrap` resampling whole episodes (paired across the arrays, so states of one
-episode stay together); IQM is :func:`scipy.stats.trim_mean` with 25% cut at each end (rliable's).
+episode stay together), except for a :func:`proportion` at 0 or 1, where every resample gives the same value:
+its CI is then the Wilson score interval over episodes. IQM is :func:`scipy.stats.trim_mean` with 25% cut at
+each end (rliable's).
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ def mean(x: np.ndarray, axis: int = -1) -> np.ndarray | float:
     return np.mean(x, axis=axis)
 
 
-def ratio(num: np.ndarray, den: np.ndarray, axis: int = -1) -> np.ndarray | float:
-    """``sum(num) / sum(den)`` (NaN where ``den`` sums to 0), as a :data:`Statistic`."""
-    n, d = np.sum(num, axis=axis), np.sum(den, axis=axis)
+def proportion(successes: np.ndarray, trials: np.ndarray, axis: int = -1) -> np.ndarray:
+    """``sum(successes) / sum(trials)`` of per-episode counts with ``successes <= trials`` (an ASR), NaN where
+    ``trials`` sum to 0, as a :data:`Statistic`."""
+    n, d = np.sum(successes, axis=axis), np.sum(trials, axis=axis)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(d > 0, n / np.where(d > 0, d, 1), np.nan)
 
@@ -46,8 +49,12 @@ def bootstrap_ci(
     confidence: float = CONFIDENCE,
 ) -> tuple[float, float]:
     """A BCa bootstrap CI of ``statistic`` over episodes; where BCa is degenerate or some resamples leave the
-    statistic undefined (a ratio whose resampled episodes hold no denominator), the percentile CI over the
+    statistic undefined (a proportion whose resampled episodes hold no trials), the percentile CI over the
     resamples that define it, when at least :data:`DEFINED` of them do.
+
+    A :func:`proportion` of 0 or 1 has every resample at that value. Its CI is the Wilson score interval of
+    as many trials as episodes with trials, all failed or all succeeded (``[0, z²/(n+z²)]`` or ``[n/(n+z²), 1]``):
+    the states of an episode are not independent, so an episode counts as one trial.
 
     :param samples: per-episode arrays of equal length, resampled together.
     :param statistic: see :data:`Statistic`.
@@ -57,8 +64,13 @@ def bootstrap_ci(
         resamples leave undefined.
     """
     samples = tuple(np.asarray(x, dtype=np.float64) for x in samples)
-    if len(samples[0]) < 2 or not np.isfinite(statistic(*samples)):
+    value = statistic(*samples)
+    if len(samples[0]) < 2 or not np.isfinite(value):
         return float("nan"), float("nan")
+    if statistic is proportion and value in (0.0, 1.0):
+        z2 = float(stats.norm.ppf((1 + confidence) / 2)) ** 2
+        margin = z2 / (np.count_nonzero(samples[1]) + z2)  # one trial per episode with trials
+        return (0.0, margin) if value == 0.0 else (1.0 - margin, 1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", stats.DegenerateDataWarning)
         warnings.simplefilter("ignore", RuntimeWarning)

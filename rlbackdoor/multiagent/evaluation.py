@@ -21,7 +21,7 @@ import numpy as np
 
 from rlbackdoor.evaluation.metrics import ctp_ratio, return_drop
 from rlbackdoor.evaluation.rollouts import episode_seeds
-from rlbackdoor.evaluation.stats import estimate, iqm, ratio
+from rlbackdoor.evaluation.stats import estimate, iqm, proportion
 from rlbackdoor.multiagent.attack import sample_parallel_observations
 from rlbackdoor.multiagent.policies import AgentPolicy, PredictPolicy, RandomPolicy, SequencePolicy, check_plays
 from rlbackdoor.multiagent.registry import build_policies, get_parallel_spec, make_base_parallel, make_parallel
@@ -179,7 +179,7 @@ def evaluate(
         out.update(estimate("baseline_ctp", [base], groups, seed=boot))
         out.update(estimate("ctp_ratio", [c, base, r], groups, ctp_ratio, boot))
     if isinstance(spec.payload, TargetedPayload):
-        out.update(estimate("asr", [trig.hits, trig.triggered], groups, ratio, boot))
+        out.update(estimate("asr", [trig.hits, trig.triggered], groups, proportion, boot))
     for agent in clean.returns:
         out[f"ctp/{agent}"] = float(np.mean(clean.returns[agent]))
         out[f"triggered_return/{agent}"] = float(np.mean(trig.returns[agent]))
