@@ -190,12 +190,14 @@ def _check_buffer(algo: str, kwargs: dict[str, Any], n_envs: int) -> None:
 
 
 def _check_types(algo: str, kwargs: dict[str, Any]) -> None:
-    """Whole numbers, numbers and flags where SB3 annotates ``int``, ``float`` and ``bool``, or one of them ``| None``
-    (then ``null`` too); SB3 itself would fail only mid-training."""
+    """None of the :data:`OWNED` arguments; whole numbers, numbers and flags where SB3 annotates ``int``, ``float``
+    and ``bool``, or one of them ``| None`` (then ``null`` too); SB3 itself would fail only mid-training."""
     kinds = {int: (int,), float: (int, float), bool: (bool,)}
     names = {int: "a whole number", float: "a number", bool: "true or false"}
     parameters = inspect.signature(ALGOS[algo].__init__).parameters
     for key, value in kwargs.items():
+        if key in OWNED:
+            raise SpecError(f"hyperparams.{key}: {OWNED[key]}; remove it from hyperparams")
         annotation = parameters[key].annotation if key in parameters else None
         optional = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
         if len(optional) == 1 and len(typing.get_args(annotation)) == 2:  # ``X | None``
@@ -220,6 +222,16 @@ def _check_range(key: str, value: float) -> None:
     bounds = f"in {'[' if closed else '('}{low:g}, {high:g}{']' if math.isfinite(high) else ')'}"
     raise SpecError(f"hyperparams.{key}: {value!r} is not {bounds if key in RANGES else 'finite'}; give {example}")
 
+
+OWNED = {
+    "env": "rlbd builds the env from the experiment's env and attack",
+    "seed": "the run's seed is the experiment's seed field (or --set seed=N)",
+    "device": "rlbd trains on the CPU",
+    "verbose": "rlbd prints its own progress",
+    "tensorboard_log": "rlbd logs to W&B (offline runs upload with wandb sync), not to TensorBoard",
+    "_init_setup_model": "rlbd builds the model itself",
+}
+"""SB3 constructor arguments the run sets itself, with why: refused as hyperparameters."""
 
 MAX_BUFFER = 10**7
 """The most transitions a rollout buffer (``n_steps`` x ``n_envs``), a replay buffer (``buffer_size``), a batch drawn
