@@ -52,9 +52,10 @@ def bootstrap_ci(
     statistic undefined (a proportion whose resampled episodes hold no trials), the percentile CI over the
     resamples that define it, when at least :data:`DEFINED` of them do.
 
-    A :func:`proportion` of 0 or 1 has every resample at that value. Its CI is the Wilson score interval of
-    as many trials as episodes with trials, all failed or all succeeded (``[0, z²/(n+z²)]`` or ``[n/(n+z²), 1]``):
-    the states of an episode are not independent, so an episode counts as one trial.
+    A :func:`proportion` of 0 or 1 has every resample at that value. Its CI is then the Wilson score interval
+    (:func:`scipy.stats.binomtest`) of as many trials as episodes with trials, all failed or all succeeded
+    (``[0, z²/(n+z²)]`` or ``[n/(n+z²), 1]``): the states of an episode are not independent, so an episode counts
+    as one trial.
 
     :param samples: per-episode arrays of equal length, resampled together.
     :param statistic: see :data:`Statistic`.
@@ -68,9 +69,9 @@ def bootstrap_ci(
     if len(samples[0]) < 2 or not np.isfinite(value):
         return float("nan"), float("nan")
     if statistic is proportion and value in (0.0, 1.0):
-        z2 = float(stats.norm.ppf((1 + confidence) / 2)) ** 2
-        margin = z2 / (np.count_nonzero(samples[1]) + z2)  # one trial per episode with trials
-        return (0.0, margin) if value == 0.0 else (1.0 - margin, 1.0)
+        n = int(np.count_nonzero(samples[1]))  # one trial per episode with trials
+        ci = stats.binomtest(int(value) * n, n).proportion_ci(confidence, method="wilson")
+        return float(ci.low), float(ci.high)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", stats.DegenerateDataWarning)
         warnings.simplefilter("ignore", RuntimeWarning)
