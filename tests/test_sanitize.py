@@ -125,7 +125,9 @@ def test_cli_reports_before_and_after_as_json(smoke_run: Path, tmp_path: Path, m
     assert main(["sanitize", "--list"]) == 0
 
 
-def test_cli_filters_a_trajectory_dataset(tmp_path: Path):
+def test_cli_filters_a_trajectory_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    (tmp_path / "wandb").mkdir()
     path = collect(gym.make("rlbd/TrojanCartPole-v0"), None, 3000, 1, "rlbd/TrojanCartPole-v0").save(tmp_path / "t.npz")
     out = tmp_path / "clean.npz"
     assert main(["sanitize", "--trajectories", str(path), "--n-clean", "300", "--out", str(out),
@@ -134,6 +136,9 @@ def test_cli_filters_a_trajectory_dataset(tmp_path: Path):
     kept = Trajectories.load(out)
     assert report["recall"] >= 0.9 and len(kept) == 3000 - report["flagged"]
     assert kept.poisoned.sum() <= report["poisoned"] * 0.1
+    (wb,) = offline_runs(tmp_path / "wandb")  # one W&B run, grouped by the dataset's env
+    assert wb.run.job_type == "sanitize" and wb.run.run_group == "rlbd/TrojanCartPole-v0"
+    assert wb.config["sanitizer"]["mode"] == "drop" and wb.summary["sanitize/flagged"] == report["flagged"]
 
 
 @pytest.mark.parametrize(
@@ -155,7 +160,6 @@ def test_cli_filters_a_trajectory_dataset(tmp_path: Path):
         (["sanitize", "--trajectories", "t.npz", "--baseline", "b"], "--baseline applies to a run, not to"),
         (["sanitize", "--trajectories", "t.npz", "--episodes", "10"], "--episodes applies to a run, not to"),
         (["sanitize", "--trajectories", "t.npz", "--seeds", "3"], "--seeds applies to a run, not to"),
-        (["sanitize", "--trajectories", "t.npz", "--wandb-mode", "offline"], "--wandb-mode applies to a run, not"),
         (["sanitize", "nowhere", "--dim", "-1"], "--dim"),
         (["sanitize", "nowhere", "--episodes", "0"], "--episodes"),
         (["sanitize", "nowhere", "--seeds", "0"], "--seeds"),

@@ -77,11 +77,19 @@ def sanitize(
     check_file_out(out, "--out")
     if trajectories is not None:
         run_options = {"RUN_DIR": run_dir, "--baseline": baseline, "--episodes": episodes, "--seeds": seeds}
-        run_options |= {"--curve": curve, "--wandb-mode": wandb_mode}
+        run_options["--curve"] = curve
         for option, value in run_options.items():
             if value is not None:
                 raise SpecError(f"sanitize: {option} applies to a run, not to --trajectories; drop one of them")
-        results = _filter_dataset(trajectories, method, n_clean, dim, out, mode.value if mode else "drop")
+        results = _filter_dataset(
+            trajectories,
+            method,
+            n_clean,
+            dim,
+            out,
+            mode.value if mode else "drop",
+            wandb_mode.value if wandb_mode else None,
+        )
     elif run_dir is not None:
         for option, value in (("--mode", mode), ("--out", out)):
             if value is not None:
@@ -174,8 +182,9 @@ def _check_actions(path: Path, actions: np.ndarray, env: str, n_actions: int) ->
 
 
 def _filter_dataset(
-    path: Path, method: str, n_clean: int, dim: int | None, out: Path | None, mode: str
+    path: Path, method: str, n_clean: int, dim: int | None, out: Path | None, mode: str, wandb_mode: str | None
 ) -> dict[str, Any]:
+    from rlbackdoor import tracking
     from rlbackdoor.attack import make_base_env
     from rlbackdoor.defenses.filtering import TransitionFilter, n_discrete_actions
     from rlbackdoor.defenses.sanitize import make_sanitizer
@@ -208,4 +217,10 @@ def _filter_dataset(
         f"{path}: flagged {report.flagged} of {report.n} transitions (precision {precision}, "
         f"recall {recall} against the recorded poisoned flags); wrote {len(kept)} to {target}"
     )
+    scalars = {k: v for k, v in report.as_dict().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    settings = {k: v for k, v in results.items() if k in ("trajectories", "out", "method", "mode", "n_clean")}
+    with tracking.wandb_run(
+        "sanitize", f"{target.stem}-filter", {"sanitizer": settings}, mode=wandb_mode, group=data.env
+    ) as tracker:
+        tracker.summary(tracking.prefixed("sanitize", scalars))
     return results
