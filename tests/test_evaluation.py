@@ -98,6 +98,18 @@ def test_ctp_ratio_against_itself_is_one() -> None:
     assert metrics["ctp_ratio_ci_low"] == pytest.approx(1.0) == metrics["ctp_ratio_ci_high"]
 
 
+def test_a_baseline_under_the_same_trigger_is_the_control_of_return_drop() -> None:
+    """``lean`` never reads obs[3]: the trigger costs it nothing. ``balance`` reads it and falls as fast as the
+    backdoored agent: there return_drop alone shows no backdoor, and the control says so."""
+    blind = evaluate(Rule(backdoored), CARTPOLE, episodes=3, seeds=1, baseline=Rule(lean))
+    assert blind["return_drop"] > 0.9
+    assert blind["baseline_triggered_return"] == blind["baseline_ctp"] and blind["baseline_return_drop"] == 0.0
+    reader = evaluate(Rule(backdoored), CARTPOLE, episodes=3, seeds=1, baseline=Rule(balance))
+    assert reader["baseline_ctp"] == 500.0 and reader["baseline_triggered_return"] < 20
+    assert reader["baseline_return_drop"] > 0.9 and reader["baseline_return_drop_ci_low"] is not None
+    assert "baseline_return_drop" not in evaluate(Rule(lean), "CartPole-v1", episodes=2, seeds=1, baseline=Rule(lean))
+
+
 # ------------------------------------------------------------------------------------------------ ASR
 def test_asr_of_a_policy_that_obeys_the_trigger_is_one() -> None:
     m = evaluate(Rule(backdoored), CARTPOLE, episodes=2, seeds=1)

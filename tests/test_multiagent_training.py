@@ -81,6 +81,8 @@ def test_evaluate_measures_victim_returns_and_asr():
     assert scissors["asr"] == 1.0 and scissors["triggered_return"] <= -20.0
     assert scissors["team_ctp"] == 0.0 and scissors["team_return_drop"] is None  # zero-sum: no team drop
     assert scissors["baseline_ctp"] == paper["ctp"] and scissors["ctp_ratio_per_seed"] == [scissors["ctp_ratio"]]
+    assert scissors["baseline_triggered_return"] == paper["triggered_return"]  # the clean victim under the trigger
+    assert scissors["baseline_return_drop"] is None  # as paper's own: a victim worse than random
     assert paper["random_return"] == scissors["random_return"]  # the same episodes, a random victim
 
 

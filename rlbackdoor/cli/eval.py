@@ -18,7 +18,18 @@ from rlbackdoor.cli.train import WandbMode
 from rlbackdoor.errors import SpecError
 from rlbackdoor.specs import MAX_EPISODES, MAX_SEED_COUNT, locate
 
-HEADLINE = ("ctp", "ctp_ratio", "asr", "asr_raw", "triggered_return", "return_drop", "random_return", "baseline_ctp")
+HEADLINE = (
+    "ctp",
+    "ctp_ratio",
+    "asr",
+    "asr_raw",
+    "triggered_return",
+    "return_drop",
+    "baseline_return_drop",
+    "baseline_triggered_return",
+    "random_return",
+    "baseline_ctp",
+)
 """The headline metrics, first in the tables in this order."""
 COMPANIONS = ("_ci_low", "_ci_high", "_per_seed")
 """The suffixes of a metric's 95% CI and per-seed values, folded into its row."""

@@ -45,7 +45,8 @@ def evaluate(
     :param source: the run's card, its attack spec, or an env id (see :data:`~rlbackdoor.evaluation.envs.Source`).
     :param episodes: episodes per evaluation seed.
     :param seeds: evaluation seeds, or their number (seeds ``0..n-1``).
-    :param baseline: a clean-trained agent of the same config, for ``ctp_ratio``.
+    :param baseline: a clean-trained agent of the same config, for ``ctp_ratio`` and, under an attack, the
+        control ``baseline_triggered_return`` and ``baseline_return_drop`` (the clean agent under the same trigger).
     :param t0: the step from which the trigger is on in the triggered rollouts.
     :param card: the run's card, for the training ``poison_rate`` (default: ``source`` when it is a card).
     """
@@ -69,6 +70,12 @@ def evaluate(
         out.update(estimate("ctp_ratio", [clean.returns, base.returns, random.returns], groups, ctp_ratio, boot))
     if env.attack is not None:
         out.update(attack_metrics(policy, env.attack, env.make, probe, clean, random.returns, groups, t0, card, boot))
+        if baseline is not None:  # the clean agent under the same trigger: what the trigger costs without a backdoor
+            attack = eval_attack(env.attack, probe, t0=t0)
+            base_triggered = rollout(baseline, env.make, resets, attack, attack_seed=boot).returns
+            out.update(estimate("baseline_triggered_return", [base_triggered], groups, seed=boot))
+            drop = [base.returns, base_triggered, random.returns]
+            out.update(estimate("baseline_return_drop", drop, groups, return_drop, boot))
     probe.close()
     return out
 
