@@ -65,6 +65,7 @@ class Minimal(VecEnvWrapper):
         self.row = 0
 
     def reset(self) -> np.ndarray:
+        self.armed = []  # a new episode's first observation is never triggered here (the spec's decides on it)
         return self.venv.reset()
 
     def step_async(self, actions: np.ndarray) -> None:

@@ -210,8 +210,8 @@ def test_bootstrap_ci_contains_the_estimate_and_shrinks_with_data() -> None:
     assert all(np.isnan(bootstrap_ci([np.array([1.0])])))
 
 
-def test_ratio_ci_uses_the_resamples_that_define_it() -> None:
-    # eligible states in 4 of 30 episodes: some resamples draw none of them, where the ratio is undefined
+def test_proportion_ci_uses_the_resamples_that_define_it() -> None:
+    # eligible states in 4 of 30 episodes: some resamples draw none of them, where the proportion is undefined
     den, num = np.zeros(30), np.zeros(30)
     den[:4], num[:4] = [5, 10, 5, 10], [1, 4, 3, 8]  # per-episode rates 0.2, 0.4, 0.6, 0.8
     low, high = bootstrap_ci([num, den], proportion)
@@ -231,6 +231,8 @@ def test_proportion_ci_at_zero_or_one_is_the_wilson_interval_over_episodes() -> 
         low, high = bootstrap_ci([np.zeros_like(trials), trials], proportion)
         assert low == 0.0 and high == pytest.approx(Z95**2 / (n + Z95**2))
     assert bootstrap_ci([np.full(50, 40.0)] * 2, proportion, confidence=0.5)[0] > 0.99
+    one = np.r_[40.0, np.zeros(9)]  # trials in one episode of 10: a third of the resamples have none
+    assert all(np.isnan(bootstrap_ci([one, one], proportion))), "as for any other value of the proportion"
     almost = np.full(50, 40.0)
     almost[0] = 39.0  # one miss: the bootstrap's own CI
     assert 0.99 < bootstrap_ci([almost, np.full(50, 40.0)], proportion)[0] < 1.0

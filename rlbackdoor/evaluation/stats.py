@@ -52,10 +52,10 @@ def bootstrap_ci(
     statistic undefined (a proportion whose resampled episodes hold no trials), the percentile CI over the
     resamples that define it, when at least :data:`DEFINED` of them do.
 
-    A :func:`proportion` of 0 or 1 has every resample at that value. Its CI is then the Wilson score interval
-    (:func:`scipy.stats.binomtest`) of as many trials as episodes with trials, all failed or all succeeded
-    (``[0, z²/(n+z²)]`` or ``[n/(n+z²), 1]``): the states of an episode are not independent, so an episode counts
-    as one trial.
+    A :func:`proportion` of exactly 0 or 1 has every resample at that value. Its CI is then the Wilson score
+    interval (:func:`scipy.stats.binomtest`) of as many trials as episodes with trials, all failed or all succeeded
+    (``[0, z²/(n+z²)]`` or ``[n/(n+z²), 1]``): nothing tells how alike the states of an episode are, so an episode
+    counts as one trial. This is conservative: one state off the boundary, the bootstrap's own, narrower CI applies.
 
     :param samples: per-episode arrays of equal length, resampled together.
     :param statistic: see :data:`Statistic`.
@@ -69,7 +69,9 @@ def bootstrap_ci(
     if len(samples[0]) < 2 or not np.isfinite(value):
         return float("nan"), float("nan")
     if statistic is proportion and value in (0.0, 1.0):
-        n = int(np.count_nonzero(samples[1]))  # one trial per episode with trials
+        n, episodes = int(np.count_nonzero(samples[1])), len(samples[1])  # one trial per episode with trials
+        if 1 - (1 - n / episodes) ** episodes < DEFINED:  # the share of resamples holding a trial, as below
+            return float("nan"), float("nan")
         ci = stats.binomtest(int(value) * n, n).proportion_ci(confidence, method="wilson")
         return float(ci.low), float(ci.high)
     with warnings.catch_warnings():
