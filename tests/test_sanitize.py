@@ -34,6 +34,13 @@ class Backdoored:
         return (actions if obs.ndim == 2 else actions[0]), state
 
 
+class Lean:
+    """Pushes toward the pole's angle only: a weak clean policy, the baseline of ``ctp_ratio``."""
+
+    def predict(self, obs, state=None, episode_start=None, deterministic=True):
+        return (np.asarray(obs).reshape(-1, 4)[:, 2] > 0).astype(np.int64), state
+
+
 def test_impute_sanitizer_forgets_the_trigger_value(tmp_path: Path):
     result = sanitize_agent(Backdoored(), CARD, "impute", n_clean=200, episodes=3, seeds=2)
     assert result["asr_after"] < 0.5 * result["asr_before"]
@@ -52,9 +59,10 @@ def test_support_sanitizer_removes_a_value_backdoor_and_keeps_the_task():
 def test_tracking_restores_the_overwritten_feature_from_the_dynamics():
     """The trigger overwrites the angular velocity, which the last observation and action predict: the
     tracked agent acts as on the true state, where a single-observation repair can only guess."""
-    result = sanitize_agent(Backdoored(), CARD, "track", n_clean=20, episodes=3, seeds=1)
+    result = sanitize_agent(Backdoored(), CARD, "track", n_clean=20, episodes=3, seeds=1, baseline=Lean())
     assert result["asr_before"] == 1.0 and result["asr_after"] <= 0.02
-    assert result["ctp_after"] >= 0.99 * result["ctp_before"]
+    assert result["ctp_after"] == result["ctp_before"] == 500.0
+    assert result["ctp_ratio_after"] == result["ctp_ratio_before"]  # paired: the same random returns and resamples
     with pytest.raises(SpecError, match="no attack"):
         tracked_metrics(TrackingPolicy(Backdoored(), None, None), {"env": "CartPole-v1", "attack": None})
 

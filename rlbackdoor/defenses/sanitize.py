@@ -2,8 +2,9 @@
 
 The defender has the agent and a clean copy of its env: it rolls the agent on the clean env to
 collect ``n_clean`` observations, fits a sanitizer on them and lets the agent act on sanitized
-observations. The metrics are :func:`rlbackdoor.evaluation.evaluate`'s, on the same episode seeds
-before and after, so the two are paired.
+observations. The metrics are :func:`rlbackdoor.evaluation.evaluate`'s, on the same episode seeds, random
+returns and bootstrap resamples before and after, so the two are paired. The stateful ``track`` sanitizer's ASR
+after is measured on-line (see :func:`tracked_metrics`): on other states than the ASR before.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from rlbackdoor.defenses.support import SupportSanitizer, TrackingPolicy, Transi
 from rlbackdoor.errors import SpecError
 from rlbackdoor.evaluation import evaluate
 from rlbackdoor.evaluation.envs import run_env
-from rlbackdoor.evaluation.evaluate import check_card, load_baseline
+from rlbackdoor.evaluation.evaluate import check_card, derived_seed, load_baseline
 from rlbackdoor.evaluation.metrics import ctp_ratio
 from rlbackdoor.evaluation.rollouts import RandomPolicy, episode_seeds, rollout
 from rlbackdoor.evaluation.stats import estimate, proportion
@@ -96,6 +97,7 @@ def tracked_metrics(
     """
     seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     env, resets, groups = run_env(card), episode_seeds(seeds, episodes), np.repeat(seeds, episodes)
+    boot = derived_seed(seeds, episodes)  # evaluate's: the random returns and resamples of the figures before
     if env.attack is None:
         raise SpecError("sanitize: the run has no attack to measure; use a backdoored run")
     game = env.make()
@@ -123,11 +125,14 @@ def tracked_metrics(
                 obs, reward, terminated, truncated, _ = game.step(action)
                 returns[i] += 0.0 if attacked else float(reward)
                 done = terminated or truncated
-    out = {**estimate("ctp", [returns], groups), **estimate("asr", [flips, eligible], groups, proportion)}
+    out = {
+        **estimate("ctp", [returns], groups, seed=boot),
+        **estimate("asr", [flips, eligible], groups, proportion, boot),
+    }
     if baseline is not None:
         base = rollout(baseline, env.make, resets).returns
-        random = rollout(RandomPolicy(game.action_space, CLEAN_SEED), env.make, resets).returns
-        out.update(estimate("ctp_ratio", [returns, base, random], groups, ctp_ratio))
+        random = rollout(RandomPolicy(game.action_space, derived_seed(seeds, 1)), env.make, resets).returns
+        out.update(estimate("ctp_ratio", [returns, base, random], groups, ctp_ratio, boot))
     game.close()
     return out
 

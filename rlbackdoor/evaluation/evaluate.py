@@ -22,7 +22,9 @@ INJECT_RATE = 0.05
 """Per-step probability of injecting an action-sequence trigger when measuring its ASR."""
 
 
-def _seed(seeds: Sequence[int], salt: int) -> int:
+def derived_seed(seeds: Sequence[int], salt: int) -> int:
+    """A seed drawn from the evaluation ``seeds`` and ``salt``: 1 for the random policy, the episode count for the
+    bootstrap (shared by every evaluation of the same seeds and episodes, so that their figures are paired)."""
     return int(np.random.SeedSequence([*seeds, salt]).generate_state(1)[0])
 
 
@@ -53,10 +55,10 @@ def evaluate(
     seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     card = card if card is not None else (source if isinstance(source, Mapping) else None)
     env = run_env(source)
-    resets, groups, boot = episode_seeds(seeds, episodes), np.repeat(seeds, episodes), _seed(seeds, episodes)
+    resets, groups, boot = episode_seeds(seeds, episodes), np.repeat(seeds, episodes), derived_seed(seeds, episodes)
     clean = rollout(policy, env.make, resets)
     probe = env.make()
-    random = rollout(RandomPolicy(probe.action_space, _seed(seeds, 1)), env.make, resets)
+    random = rollout(RandomPolicy(probe.action_space, derived_seed(seeds, 1)), env.make, resets)
     out: dict[str, Any] = {
         "episodes": episodes,
         "seeds": seeds,
