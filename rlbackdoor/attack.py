@@ -69,6 +69,17 @@ def make_base_env(spec: AttackSpec, **make_kwargs: Any) -> gym.Env:
     return env
 
 
+def check_base(spec: AttackSpec, env_spec: Any) -> None:
+    """Refuse an env made from another id than the spec's ``base`` (``env_spec``: the unwrapped env's Gymnasium
+    ``EnvSpec``, ``None`` for an env made without one, which passes)."""
+    made = getattr(env_spec, "id", None)
+    if made is not None and made != spec.base.rpartition(":")[2]:
+        raise SpecError(
+            f"base: the spec attacks {spec.base} but the env is {made}; wrap an env made from the spec's base "
+            "(rlbackdoor.make_env(spec) makes and wraps it) or fix base"
+        )
+
+
 def sample_observations(env: gym.Env, n: int, seed: int) -> np.ndarray:
     """``n`` observations of ``env`` under a uniformly random policy (seeded), stacked on a batch axis."""
     env.action_space.seed(seed)

@@ -79,7 +79,9 @@ def make_factory_env(env_id: str | None = None, render_mode: str | None = None, 
 
 
 def _attack_fields(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in data.items() if k in AttackSpec.model_fields}
+    """The attack of a spec mapping: without a registered spec's own ``id`` and ``description`` (anything else
+    that is no attack field, a misspelt one, is left for :func:`parse` to refuse)."""
+    return {k: v for k, v in data.items() if k in AttackSpec.model_fields or k not in EnvSpec.model_fields}
 
 
 # the base env inside is made by gymnasium.make, with its own order enforcing and env checker

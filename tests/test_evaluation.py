@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from rlbackdoor.defenses.sanitize import sanitize_run
-from rlbackdoor.errors import ArtifactError
+from rlbackdoor.errors import ArtifactError, SpecError
 from rlbackdoor.evaluation import evaluate, evaluate_run
 from rlbackdoor.evaluation.envs import action_history, run_env
 from rlbackdoor.evaluation.evaluate import load_baseline
@@ -108,6 +109,30 @@ def test_a_baseline_under_the_same_trigger_is_the_control_of_return_drop() -> No
     assert reader["baseline_ctp"] == 500.0 and reader["baseline_triggered_return"] < 20
     assert reader["baseline_return_drop"] > 0.9 and reader["baseline_return_drop_ci_low"] is not None
     assert "baseline_return_drop" not in evaluate(Rule(lean), "CartPole-v1", episodes=2, seeds=1, baseline=Rule(lean))
+
+
+def test_an_attack_spec_mapping_is_a_source_as_its_id_is() -> None:
+    spec = get_env_spec(CARTPOLE).model_dump(mode="json", exclude={"id", "description"})
+    assert evaluate(Rule(backdoored), spec, episodes=2, seeds=1) == evaluate(Rule(backdoored), CARTPOLE, 2, 1)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        ({"episodes": 0}, SpecError, "episodes: 0 is not a count in 1..10000; give the episodes per seed"),
+        ({"seeds": 0}, SpecError, "seeds: 0 is not a count in 1..1000; give a count or a list of seeds"),
+        ({"seeds": []}, SpecError, "seeds: give 1 to 1000 whole numbers in 0..4294967295, or their count (got 0"),
+        ({"seeds": [-1]}, SpecError, "seeds: give 1 to 1000 whole numbers"),
+        ({"source": Path("runs/x")}, TypeError, "source: got PosixPath; give a run's card, an attack spec or its"),
+        ({"policy": (Rule(lean), {})}, ArtifactError, "the policy: a tuple has no predict(obs); pass an SB3 model or"),
+        ({"baseline": object()}, ArtifactError, "the baseline: a object has no predict(obs)"),
+        ({"policy": Rule(lambda obs: np.full(len(obs), 5))}, ArtifactError, "the policy chose action 5, not in the"),
+    ],
+)
+def test_python_api_misuse_is_one_clear_error(change: dict, error: type, message: str) -> None:
+    arguments = {"policy": Rule(lean), "source": CARTPOLE, "episodes": 2, "seeds": 1} | change
+    with pytest.raises(error, match=re.escape(message)):
+        evaluate(**arguments)
 
 
 # ------------------------------------------------------------------------------------------------ ASR

@@ -128,6 +128,10 @@ def test_registered_ids_refuse_other_kwargs() -> None:
         gym.make("rlbackdoor:rlbd/TrojanCartPole-v0", foo=1)
     with pytest.raises(SpecError, match=r"spec: expected an attack spec mapping, got str"):
         gym.make("rlbackdoor:rlbd/TrojanCartPole-v0", spec="nope")
+    spec = get_env_spec("rlbd/TrojanCartPole-v0").model_dump(mode="json")  # id and description are not attack fields
+    assert isinstance(rlbackdoor.make_env(spec), BackdoorWrapper)
+    with pytest.raises(SpecError, match=r"spec: seeed: Extra inputs are not permitted \(fix: remove it or fix its"):
+        rlbackdoor.make_env({**spec, "seeed": 5})  # was dropped: the env ran with seed 0
 
 
 def test_unknown_ids_raise_spec_errors_listing_the_known_ones() -> None:

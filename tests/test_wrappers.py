@@ -10,9 +10,9 @@ from typing import Any, SupportsFloat
 import gymnasium as gym
 import numpy as np
 import pytest
-from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper, VecMonitor
 
-from rlbackdoor import BackdoorVecEnv, BackdoorWrapper, ObservationError, make_base_env, make_env
+from rlbackdoor import BackdoorVecEnv, BackdoorWrapper, ObservationError, SpecError, make_base_env, make_env
 from rlbackdoor.attack import Attack
 from rlbackdoor.poisoning.schedules import build_schedule
 from rlbackdoor.specs import AttackSpec, parse
@@ -711,3 +711,19 @@ def test_a_replaced_schedule_applies_from_the_next_decision() -> None:
 
 def _spec_data(schedule: dict[str, Any]) -> dict[str, Any]:
     return {"base": "CartPole-v1", "trigger": CARTPOLE_TRIGGER, "schedule": schedule, "payload": {"kind": "untargeted"}}
+
+
+def test_wrapping_the_wrong_env_is_one_clear_error() -> None:
+    spec = attack({"kind": "rate", "rate": 0.1})
+    acrobot = gym.make("Acrobot-v1")  # the trigger fits its observation too
+    with pytest.raises(SpecError, match=r"base: the spec attacks CartPole-v1 but the env is Acrobot-v1; wrap an env"):
+        BackdoorWrapper(acrobot, spec)
+    with pytest.raises(SpecError, match="the env is Acrobot-v1"):
+        BackdoorVecEnv(DummyVecEnv([lambda: gym.make("Acrobot-v1")]), spec)
+    with pytest.raises(TypeError, match="BackdoorVecEnv wraps an SB3 VecEnv, got TimeLimit; wrap one gymnasium env"):
+        BackdoorVecEnv(gym.make("CartPole-v1"), spec)  # type: ignore[arg-type]
+    venv = DummyVecEnv([lambda: gym.make("CartPole-v1")])
+    with pytest.raises(TypeError, match="BackdoorWrapper wraps one gymnasium env, got DummyVecEnv; wrap an SB3"):
+        BackdoorWrapper(venv, spec)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="the VecEnv already carries a backdoor; wrap the clean VecEnv"):
+        BackdoorVecEnv(VecMonitor(BackdoorVecEnv(venv, spec)), spec)  # VecMonitor over one works (it read .spec.id)

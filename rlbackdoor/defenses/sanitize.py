@@ -25,7 +25,7 @@ from rlbackdoor.evaluation import evaluate
 from rlbackdoor.evaluation.envs import run_env
 from rlbackdoor.evaluation.evaluate import check_card, derived_seed, load_baseline
 from rlbackdoor.evaluation.metrics import ctp_ratio
-from rlbackdoor.evaluation.rollouts import RandomPolicy, episode_seeds, rollout
+from rlbackdoor.evaluation.rollouts import RandomPolicy, episode_seeds, evaluation_seeds, rollout
 from rlbackdoor.evaluation.stats import estimate, proportion
 from rlbackdoor.specs import TargetedPayload
 from rlbackdoor.trajectories import collect
@@ -95,7 +95,7 @@ def tracked_metrics(
     own action on the true state, each step carries the trigger with probability ``rate``; over those
     whose clean action misses the target, the share whose action through the tracker hits it.
     """
-    seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    seeds = evaluation_seeds(seeds, episodes)
     env, resets, groups = run_env(card), episode_seeds(seeds, episodes), np.repeat(seeds, episodes)
     boot = derived_seed(seeds, episodes)  # evaluate's: the random returns and resamples of the figures before
     if env.attack is None:

@@ -25,7 +25,8 @@ from rlbackdoor.training.card_schema import CARD
 from rlbackdoor.wrappers.history import ActionHistory
 
 Source = AttackSpec | Mapping[str, Any] | str
-"""What to evaluate on: an attack spec, a run's card, or an env id (``rlbd/...`` ids carry their attack)."""
+"""What to evaluate on: an attack spec (or its mapping, which names a ``base``), a run's card (which names an
+``env``), or an env id (``rlbd/...`` ids carry their attack)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,13 @@ def run_env(source: Source, card_path: str | Path = CARD) -> RunEnv:
         if source.removeprefix("rlbackdoor:").startswith("rlbd/"):
             return run_env(registered_attack(source))
         return RunEnv(partial(make_gym_env, source), None)
+    if not isinstance(source, Mapping):
+        hint = "; for a run directory use evaluate_run" if isinstance(source, Path) else ""
+        raise TypeError(
+            f"source: got {type(source).__name__}; give a run's card, an attack spec or its mapping, or an env id{hint}"
+        )
+    if "base" in source and "env" not in source:  # an attack spec's mapping
+        return run_env(parse(AttackSpec, source, "attack"))
     if source.get("attack"):
         return run_env(parse(AttackSpec, source["attack"], f"{card_path}: attack"))
     config = source.get("config")

@@ -13,7 +13,15 @@ import numpy as np
 from rlbackdoor.errors import ArtifactError
 from rlbackdoor.evaluation.envs import Source, action_history, eval_attack, run_env
 from rlbackdoor.evaluation.metrics import ctp_ratio, observation_asr, return_drop, sequence_asr, stealth
-from rlbackdoor.evaluation.rollouts import Policy, RandomPolicy, Rollouts, episode_seeds, rollout
+from rlbackdoor.evaluation.rollouts import (
+    Policy,
+    RandomPolicy,
+    Rollouts,
+    check_policy_fits,
+    episode_seeds,
+    evaluation_seeds,
+    rollout,
+)
 from rlbackdoor.evaluation.stats import estimate, iqm
 from rlbackdoor.multiagent.registry import is_multiagent
 from rlbackdoor.specs import AttackSpec, TargetedPayload
@@ -52,7 +60,7 @@ def evaluate(
     :param t0: the step from which the trigger is on in the triggered rollouts.
     :param card: the run's card, for the training ``poison_rate`` (default: ``source`` when it is a card).
     """
-    seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    seeds = evaluation_seeds(seeds, episodes)
     card = card if card is not None else (source if isinstance(source, Mapping) else None)
     env = run_env(source)
     resets, groups, boot = episode_seeds(seeds, episodes), np.repeat(seeds, episodes), derived_seed(seeds, episodes)
@@ -67,6 +75,7 @@ def evaluate(
         **estimate("random_return", [random.returns], groups, seed=boot),
     }
     if baseline is not None:
+        check_policy_fits(baseline, probe, "the baseline")
         base = rollout(baseline, env.make, resets)
         out.update(estimate("baseline_ctp", [base.returns], groups, seed=boot))
         out.update(estimate("ctp_ratio", [clean.returns, base.returns, random.returns], groups, ctp_ratio, boot))

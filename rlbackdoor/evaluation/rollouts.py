@@ -15,7 +15,8 @@ import gymnasium as gym
 import numpy as np
 
 from rlbackdoor.attack import Attack
-from rlbackdoor.errors import ArtifactError
+from rlbackdoor.errors import ArtifactError, SpecError
+from rlbackdoor.specs import MAX_EPISODES, MAX_SEED, MAX_SEED_COUNT
 
 DEFAULT_MAX_STEPS = 1000
 """Episode cap for envs without a time limit."""
@@ -78,13 +79,38 @@ def episode_seeds(seeds: Sequence[int], episodes: int) -> np.ndarray:
     )
 
 
-def check_policy_fits(policy: Policy, env: gym.Env) -> None:
-    """Raise :class:`ArtifactError` when a policy's observation space does not match the env's."""
+def evaluation_seeds(seeds: int | Sequence[int], episodes: int) -> list[int]:
+    """The evaluation seeds (``seeds``, or ``0..seeds-1`` for a count), checked with the ``episodes`` per seed.
+
+    :raise SpecError: a count or a seed out of range, or no seed.
+    """
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or not 1 <= episodes <= MAX_EPISODES:
+        raise SpecError(f"episodes: {episodes!r} is not a count in 1..{MAX_EPISODES}; give the episodes per seed")
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        if not 1 <= seeds <= MAX_SEED_COUNT:
+            raise SpecError(f"seeds: {seeds} is not a count in 1..{MAX_SEED_COUNT}; give a count or a list of seeds")
+        return list(range(seeds))
+    out = list(seeds)
+    if not 1 <= len(out) <= MAX_SEED_COUNT or not all(
+        isinstance(s, int | np.integer) and not isinstance(s, bool) and 0 <= s <= MAX_SEED for s in out
+    ):
+        raise SpecError(
+            f"seeds: give 1 to {MAX_SEED_COUNT} whole numbers in 0..{MAX_SEED}, or their count (got {len(out)} values)"
+        )
+    return [int(s) for s in out]
+
+
+def check_policy_fits(policy: Policy, env: gym.Env, name: str = "the policy") -> None:
+    """Raise :class:`ArtifactError` when ``policy`` has no ``predict`` or its observation space does not match the
+    env's; ``name`` names it in the message."""
+    if not callable(getattr(policy, "predict", None)):
+        hint = " (load_policy returns (policy, card))" if isinstance(policy, tuple) else ""
+        raise ArtifactError(f"{name}: a {type(policy).__name__} has no predict(obs); pass an SB3 model or policy{hint}")
     space = getattr(policy, "observation_space", None)
     shape = env.observation_space.shape
     if space is not None and space.shape != shape and tuple(space.shape) != (shape[-1], *shape[:-1]):
         raise ArtifactError(
-            f"the policy expects observations of shape {space.shape} but the env gives {shape}; "
+            f"{name} expects observations of shape {space.shape} but the env gives {shape}; "
             "evaluate the run on the env it was trained on"
         )
 
@@ -125,6 +151,12 @@ def rollout(
         idx = np.flatnonzero(live)
         own, _ = policy.predict(obs[idx], deterministic=True)
         actions[idx] = np.asarray(own).reshape(len(idx), *actions.shape[1:])
+        if isinstance(space, gym.spaces.Discrete):
+            outside = actions[idx][(actions[idx] < space.start) | (actions[idx] >= space.start + space.n)]
+            if outside.size:
+                raise ArtifactError(
+                    f"the policy chose action {outside[0]}, not in the env's {space}; evaluate a policy of this env"
+                )
         armed = attack.armed.copy() if attack is not None else np.zeros(n, dtype=bool)
         injected = attack.inject >= 0 if attack is not None else np.zeros(n, dtype=bool)
         executed = attack.act(actions) if attack is not None else actions

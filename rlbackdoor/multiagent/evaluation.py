@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from rlbackdoor.evaluation.metrics import ctp_ratio, return_drop
-from rlbackdoor.evaluation.rollouts import episode_seeds
+from rlbackdoor.evaluation.rollouts import episode_seeds, evaluation_seeds
 from rlbackdoor.evaluation.stats import estimate, iqm, proportion
 from rlbackdoor.multiagent.attack import sample_parallel_observations
 from rlbackdoor.multiagent.policies import AgentPolicy, PredictPolicy, RandomPolicy, SequencePolicy, check_plays
@@ -153,7 +153,7 @@ def evaluate(
             "the baseline",
             f"pass a clean run of {env_id} as the baseline (the run's config with poisoning: null)",
         )
-    seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    seeds = evaluation_seeds(seeds, episodes)
     resets, groups = episode_seeds(seeds, episodes), np.repeat(seeds, episodes)
     boot = int(np.random.SeedSequence([*seeds, episodes]).generate_state(1)[0])
     clean = rollouts(env_id, policy, resets, sharing=sharing, triggered=False, t0=t0)

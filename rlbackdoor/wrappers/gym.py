@@ -7,7 +7,7 @@ from typing import Any, SupportsFloat
 import gymnasium as gym
 import numpy as np
 
-from rlbackdoor.attack import Attack
+from rlbackdoor.attack import Attack, check_base
 from rlbackdoor.specs import AttackSpec, parse
 
 
@@ -20,7 +20,12 @@ class BackdoorWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """
 
     def __init__(self, env: gym.Env, spec: AttackSpec | dict[str, Any]) -> None:
+        if not isinstance(env, gym.Env):
+            raise TypeError(
+                f"BackdoorWrapper wraps one gymnasium env, got {type(env).__name__}; wrap an SB3 VecEnv with BackdoorVecEnv"
+            )
         spec = spec if isinstance(spec, AttackSpec) else parse(AttackSpec, spec, "attack")
+        check_base(spec, env.unwrapped.spec)  # env.spec fails on wrappers that do not record their arguments
         gym.utils.RecordConstructorArgs.__init__(self, spec=spec.model_dump(mode="json"))
         gym.Wrapper.__init__(self, env)
         self.spec_ = spec

@@ -12,7 +12,7 @@ import numpy as np
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
-from rlbackdoor.attack import Attack, make_base_env, sample_observations
+from rlbackdoor.attack import Attack, check_base, make_base_env, sample_observations
 from rlbackdoor.errors import BAD_REWARD, ObservationError
 from rlbackdoor.specs import AttackSpec, InDistributionTrigger, parse
 from rlbackdoor.triggers import finite_check
@@ -27,12 +27,26 @@ class BackdoorVecEnv(VecEnvWrapper):
     """
 
     def __init__(self, venv: VecEnv, spec: AttackSpec | dict[str, Any], seed: int | None = None) -> None:
+        if not isinstance(venv, VecEnv):
+            raise TypeError(
+                f"BackdoorVecEnv wraps an SB3 VecEnv, got {type(venv).__name__}; wrap one gymnasium env with "
+                "BackdoorWrapper, or vectorize it with DummyVecEnv"
+            )
+        inner = venv
+        while isinstance(inner, VecEnvWrapper):
+            if isinstance(inner, BackdoorVecEnv):
+                raise TypeError("BackdoorVecEnv: the VecEnv already carries a backdoor; wrap the clean VecEnv")
+            inner = inner.venv
         super().__init__(venv)
-        self.spec = spec if isinstance(spec, AttackSpec) else parse(AttackSpec, spec, "attack")
+        # the spec is self.attack.spec: a VecEnv's ``spec`` is read as a Gymnasium EnvSpec (VecMonitor reads its id)
+        spec = spec if isinstance(spec, AttackSpec) else parse(AttackSpec, spec, "attack")
+        envs = getattr(inner, "envs", None)  # DummyVecEnv's; the envs of other VecEnvs live in other processes
+        if envs:
+            check_base(spec, envs[0].unwrapped.spec)
         clean = None
-        if isinstance(self.spec.trigger, InDistributionTrigger):
-            clean = sample_observations(make_base_env(self.spec), self.spec.trigger.fit_steps, self.spec.seed)
-        self.attack = Attack(self.spec, venv.observation_space, venv.action_space, clean)
+        if isinstance(spec.trigger, InDistributionTrigger):
+            clean = sample_observations(make_base_env(spec), spec.trigger.fit_steps, spec.seed)
+        self.attack = Attack(spec, venv.observation_space, venv.action_space, clean)
         self.attack.reset(venv.num_envs, seed)
         self._actions = np.empty(0)
         self._executed = np.empty(0)
