@@ -253,6 +253,22 @@ def test_apply_refuses_observations_that_are_not_numbers() -> None:
         build_trigger(spec, VECTOR, spaces.Discrete(2)).apply(np.array([["a", "b", "c", "d"]]))
 
 
+@pytest.mark.parametrize(
+    ("batch", "shown"),
+    [(np.full((1, 8, 8, 3), 0.7), "float64 hold 0.7"), (np.full((1, 8, 8, 3), 300), "int64 hold 300")],
+)
+def test_apply_refuses_values_the_integer_space_cannot_hold(batch: np.ndarray, shown: str) -> None:
+    """A uint8 image normalised to [0, 1], or out of its range, was cast silently (0.7 -> 0, 300 -> 44)."""
+    spec = parse(AttackSpec, _attack({"kind": "patch", "size": 2, "position": 0, "value": 9}), "t").trigger
+    trigger = build_trigger(spec, spaces.Box(0, 255, (8, 8, 3), np.uint8), spaces.Discrete(3))
+    with pytest.raises(
+        ObservationError, match=rf"{shown}, which the space's uint8 cannot represent; pass observations"
+    ):
+        trigger.apply(batch)
+    out = trigger.apply(np.full((1, 8, 8, 3), 7.0))  # whole numbers in range are read as the space's
+    assert out.dtype == np.uint8 and out[0, 0, 0].tolist() == [9, 9, 9] and out[0, 7, 7].tolist() == [7, 7, 7]
+
+
 def test_in_distribution_rejects_clean_observations_of_another_shape() -> None:
     spec = parse(AttackSpec, _attack({"kind": "in_distribution", "indices": [0, 2], "quantiles": [0.0, 1.0]}), "t")
     with pytest.raises(SpecError, match=r"clean observations have shape \(100, 5\), expected \(N, 3\)"):

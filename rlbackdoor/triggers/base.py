@@ -34,7 +34,8 @@ class ObservationTrigger(ABC):
         """Write the trigger into ``out[rows]`` in place."""
 
     def apply(self, obs: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-        """Return a copy of ``obs`` (shape ``(B, *space.shape)``) with the trigger on the rows where ``mask``.
+        """Return a copy of ``obs`` (shape ``(B, *space.shape)``, read as the space's dtype: values an integer dtype
+        cannot hold are refused) with the trigger on the rows where ``mask``.
 
         :param obs: a batch of observations.
         :param mask: boolean ``(B,)``; ``None`` triggers every row.
@@ -51,12 +52,22 @@ class ObservationTrigger(ABC):
                     f"({len(obs)},); pass one flag per observation of the batch"
                 )
         try:
-            obs = obs.astype(self.space.dtype, copy=False)
+            with np.errstate(invalid="ignore"):  # NaN into an integer dtype: refused below
+                converted = obs.astype(self.space.dtype, copy=False)
         except (TypeError, ValueError):
             raise ObservationError(
                 f"observations of dtype {obs.dtype} cannot be read as {self.space.dtype}; pass numeric observations"
             ) from None
-        return self.stamped(obs, mask)
+        if converted is not obs and np.issubdtype(converted.dtype, np.integer):
+            with np.errstate(invalid="ignore"):
+                lost = converted != obs  # e.g. images normalised to [0, 1] for a uint8 space, or out of its range
+            if lost.any():
+                value, dtype = obs[lost].flat[0].item(), converted.dtype
+                raise ObservationError(
+                    f"observations of dtype {obs.dtype} hold {value!r}, which the space's {dtype} cannot represent; "
+                    f"pass observations of the observation space (dtype {dtype})"
+                )
+        return self.stamped(converted, mask)
 
     def stamped(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """:meth:`apply` without its checks of ``mask`` and dtype, for the attack's own batches."""
