@@ -13,7 +13,7 @@ from wandb_offline import offline_runs
 
 import rlbackdoor
 from rlbackdoor.cli import main
-from rlbackdoor.defenses.sanitize import clean_observations, sanitize_agent, tracked_metrics
+from rlbackdoor.defenses.sanitize import clean_transitions, sanitize_agent, tracked_metrics
 from rlbackdoor.defenses.support import SupportSanitizer, TrackingPolicy, TransitionModel
 from rlbackdoor.errors import SpecError
 from rlbackdoor.specs import ExperimentSpec
@@ -91,10 +91,11 @@ def test_tracking_replaces_features_that_contradict_the_dynamics():
 
 def test_clean_rollouts_of_a_sampling_agent_are_reproducible(smoke_run: Path):
     policy, card = rlbackdoor.load_policy(smoke_run)
-    first = clean_observations(policy, card, 50, min_steps=200)
+    first = clean_transitions(policy, card, 50, min_steps=200)
     torch.rand(1)  # whatever else draws from torch in between
-    np.testing.assert_array_equal(first, clean_observations(policy, card, 50, min_steps=200))
-    assert not np.array_equal(first, clean_observations(policy, card, 50, seed=1, min_steps=200))
+    for part, again in zip(first, clean_transitions(policy, card, 50, min_steps=200), strict=True):
+        np.testing.assert_array_equal(part, again)
+    assert not np.array_equal(first[0], clean_transitions(policy, card, 50, seed=1, min_steps=200)[0])
 
 
 def test_subspace_cannot_help_on_full_rank_observations():

@@ -73,13 +73,6 @@ def clean_transitions(
     return data.observations[pick], data.actions[pick], data.observations[np.where(has_next, pick + 1, pick)], has_next
 
 
-def clean_observations(
-    policy: Any, card: Mapping[str, Any], n: int, seed: int = CLEAN_SEED, min_steps: int = 2000
-) -> np.ndarray:
-    """The observations of :func:`clean_transitions`."""
-    return clean_transitions(policy, card, n, seed, min_steps)[0]
-
-
 def tracked_metrics(
     tracker: TrackingPolicy,
     card: Mapping[str, Any],
