@@ -13,7 +13,7 @@ from typing import Any
 from rlbackdoor.attack import Attack, make_base_env
 from rlbackdoor.errors import ArtifactError, ObservationError, RlbdError, SpecError
 from rlbackdoor.registry import env_specs, get_env_spec, make_env, register_all
-from rlbackdoor.specs import AttackSpec, EnvSpec
+from rlbackdoor.specs import AttackSpec, EnvSpec, load_experiment
 from rlbackdoor.wrappers.gym import BackdoorWrapper
 
 __version__ = "0.1.0"
@@ -24,6 +24,8 @@ _LAZY = {
     "make_parallel": "rlbackdoor.multiagent",
     "load_policy": "rlbackdoor.training.artifacts",
     "train": "rlbackdoor.training.loop",
+    "evaluate": "rlbackdoor.evaluation",
+    "evaluate_run": "rlbackdoor.evaluation",
 }
 
 __all__ = [
@@ -37,8 +39,11 @@ __all__ = [
     "RlbdError",
     "SpecError",
     "env_specs",
+    "evaluate",
+    "evaluate_run",
     "get_env_spec",
     "list_parallel_envs",
+    "load_experiment",
     "load_policy",
     "make_base_env",
     "make_env",

@@ -38,3 +38,23 @@ def test_demo_bad_input_is_one_line_exit_2_before_training(
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"rlbackdoor.demo: error: {option} must be at least") and "\n" not in err
     assert not (tmp_path / "d").exists()
+
+
+def test_the_readme_python_block_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """The README's "From Python" block as written, at 2048 steps and 2 episodes, from another directory."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    block = readme.split("From Python, the same steps", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    small = {
+        '"configs/': f'"{root}/configs/',
+        "timesteps=100000": "timesteps=2048",
+        "episodes=10, seeds=3": "episodes=2, seeds=1",
+    }
+    for text, replacement in small.items():
+        assert text in block
+        block = block.replace(text, replacement)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    asr, low, high, ctp = map(float, capsys.readouterr().out.split())
+    assert 0 <= low <= asr <= high <= 1 and ctp > 0
+    assert len(list((tmp_path / "runs" / "cartpole_inner").iterdir())) == 1

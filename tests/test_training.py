@@ -924,3 +924,12 @@ def test_cli_resume_reports_an_unreadable_checkpoint_state_in_one_line(
     assert err.startswith(f"rlbd: error: {folder / 'state.json'}: unreadable ({reason}")
     assert err.endswith("resume from another run or start anew") and "\n" not in err and "Traceback" not in err
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_train_takes_an_experiment_mapping(tmp_path: Path) -> None:
+    data = load_experiment(SMOKE, ["timesteps=256"]).model_dump(mode="json")
+    run = train(data, tmp_path / "run", wandb_mode="disabled")
+    assert read_card(run)["config"]["timesteps"] == 256
+    with pytest.raises(SpecError, match=r"experiment: timestep: Extra inputs are not permitted"):
+        train({**data, "timestep": 5}, tmp_path / "other", wandb_mode="disabled")
+    assert not (tmp_path / "other").exists()

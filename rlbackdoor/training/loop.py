@@ -6,7 +6,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +23,7 @@ from rlbackdoor import tracking
 from rlbackdoor.defenses.filtering import FilterVecEnv, RolloutFilter, training_filter
 from rlbackdoor.errors import ArtifactError, SpecError
 from rlbackdoor.evaluation.callback import EvalCallback
-from rlbackdoor.specs import ExperimentSpec
+from rlbackdoor.specs import ExperimentSpec, parse
 from rlbackdoor.training import presets
 from rlbackdoor.training.artifacts import CARD, non_finite, versions, write_artifacts
 from rlbackdoor.training.callbacks import PoisonCounter, PoisonRateLog, ProgressBar, TrackerOutput, poison_rate
@@ -115,7 +115,7 @@ def _check_finite(model: BaseAlgorithm) -> None:
 
 
 def train(
-    spec: ExperimentSpec,
+    spec: ExperimentSpec | Mapping[str, Any],
     out: Path | None = None,
     *,
     resume: Path | None = None,
@@ -131,7 +131,7 @@ def train(
     before the run directory is created. A killed run leaves its last checkpoint; ``resume`` it to
     train the remaining steps.
 
-    :param spec: the experiment.
+    :param spec: the experiment (:func:`~rlbackdoor.specs.load_experiment` reads one from YAML), or its mapping.
     :param out: the run directory (must be empty or absent); default ``runs/<name>/<timestamp>-<pid>``.
     :param resume: an interrupted run directory of the same experiment to continue (``out`` is ignored).
     :param wandb_mode: ``online``, ``offline`` or ``disabled``; ``None``: see :mod:`rlbackdoor.tracking`.
@@ -140,6 +140,7 @@ def train(
     :param progress: show a progress bar on stderr.
     :param callbacks: more SB3 callbacks, called after the project's own.
     """
+    spec = spec if isinstance(spec, ExperimentSpec) else parse(ExperimentSpec, spec, "experiment")
     torch.set_num_threads(1)
     config = spec.model_dump(mode="json")
     state: dict[str, Any] = {}
