@@ -417,3 +417,9 @@ def test_detectors_reject_bad_fits_and_unknown_names() -> None:
         probe.fit(RulePolicy(bump=False), np.zeros((1, 4), np.float32))
     with pytest.raises(ObservationError, match="NaN"):
         probe.fit(RulePolicy(bump=False), np.full((8, 4), np.nan, np.float32))
+
+
+def test_a_run_directory_given_as_the_policy_points_to_load_policy(tmp_path: Path) -> None:
+    detector = get_detector("stimulation")
+    with pytest.raises(SpecError, match=r"not PosixPath; load a run directory with rlbackdoor.load_policy"):
+        detector.fit(tmp_path, np.zeros((10, 4), np.float32))

@@ -358,6 +358,11 @@ FIT_ERRORS = [
         IMAGE,
         r"does not broadcast to the patch \(H, W, C\) = \(2, 2, 3\)",
     ),
+    (
+        {"kind": "patch", "size": 2, "value": [9, 0, 0], "layout": "chw"},  # a 7x7x3 view read as 7 channels
+        spaces.Box(0, 255, (7, 7, 3), np.uint8),
+        r"= \(2, 2, 7\) \(layout chw of the \(7, 7, 3\) observation\); give a scalar.*or fix layout",
+    ),
     ({"kind": "patch", "size": 2, "value": 1}, VECTOR, r"need an image \(H, W\[, C\]\) observation"),
 ]
 

@@ -8,6 +8,7 @@ policies (``q_net``), on vector and image observations. Inputs are float tensors
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import PurePath
 
 import numpy as np
 import torch
@@ -39,9 +40,13 @@ class PolicyNet:
             chain = [policy.q_net.features_extractor, *policy.q_net.q_net[:-1]]
             self.head = policy.q_net.q_net[-1]
         else:
+            fix = (
+                "load a run directory with rlbackdoor.load_policy"
+                if isinstance(policy, str | PurePath)
+                else "train the agent with ppo, a2c or dqn"
+            )
             raise SpecError(
-                f"detectors analyse ActorCriticPolicy (PPO, A2C) and DQNPolicy, not {type(policy).__name__}; "
-                "train the agent with ppo, a2c or dqn"
+                f"detectors analyse ActorCriticPolicy (PPO, A2C) and DQNPolicy, not {type(policy).__name__}; {fix}"
             )
         self.chain = chain
         # hidden layers: after every activation, and after a features extractor that has weights (CNN)

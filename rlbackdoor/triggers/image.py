@@ -34,7 +34,7 @@ class PatchObsTrigger(ObservationTrigger):
                 f"trigger: a {ph}x{pw} patch at ({r}, {col}) does not fit the {h}x{w} image; "
                 f"use size <= ({h - r}, {w - col}) or move position"
             )
-        hwc = self._pattern(spec, ph, pw, c)
+        hwc = self._pattern(spec, ph, pw, c, f"layout {self.layout} of the {space.shape} observation")
         region = (slice(r, r + ph), slice(col, col + pw))
         self.region = (slice(None), *region) if self.layout == "chw" else region
         self.pattern = np.moveaxis(hwc, -1, 0) if self.layout == "chw" else hwc
@@ -54,7 +54,7 @@ class PatchObsTrigger(ObservationTrigger):
         return (shape[1], shape[2], shape[0]) if self.layout == "chw" else (shape[0], shape[1], shape[2])
 
     @staticmethod
-    def _pattern(spec: PatchTrigger, ph: int, pw: int, c: int) -> np.ndarray:
+    def _pattern(spec: PatchTrigger, ph: int, pw: int, c: int, layout: str) -> np.ndarray:
         raw = np.asarray(spec.value if spec.pattern is None else spec.pattern, dtype=np.float64)
         if raw.ndim == 2:
             raw = raw[..., None]
@@ -63,8 +63,8 @@ class PatchObsTrigger(ObservationTrigger):
             return np.broadcast_to(raw, target).copy()
         except ValueError:
             raise SpecError(
-                f"trigger: value/pattern of shape {raw.shape} does not broadcast to the patch (H, W, C) = {target}; "
-                "give a scalar, one value per channel, or an HxW[xC] pattern"
+                f"trigger: value/pattern of shape {raw.shape} does not broadcast to the patch (H, W, C) = {target} "
+                f"({layout}); give a scalar, one value per channel, or an HxW[xC] pattern, or fix layout"
             ) from None
 
     def _stamp(self, out: np.ndarray, rows: np.ndarray) -> None:
