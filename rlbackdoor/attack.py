@@ -21,6 +21,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+from gymnasium.envs.registration import parse_env_id
 
 from rlbackdoor.errors import SpecError, detail
 from rlbackdoor.poisoning.payloads import Payload, build_payload
@@ -71,13 +72,20 @@ def make_base_env(spec: AttackSpec, **make_kwargs: Any) -> gym.Env:
 
 def check_base(spec: AttackSpec, env_spec: Any) -> None:
     """Refuse an env made from another id than the spec's ``base`` (``env_spec``: the unwrapped env's Gymnasium
-    ``EnvSpec``, ``None`` for an env made without one, which passes)."""
+    ``EnvSpec``, ``None`` for an env made without one, which passes). A base without a version takes any."""
     made = getattr(env_spec, "id", None)
-    if made is not None and made != spec.base.rpartition(":")[2]:
-        raise SpecError(
-            f"base: the spec attacks {spec.base} but the env is {made}; wrap an env made from the spec's base "
-            "(rlbackdoor.make_env(spec) makes and wraps it) or fix base"
-        )
+    if made is None:
+        return
+    namespace, name, version = parse_env_id(spec.base.rpartition(":")[2])
+    made_namespace, made_name, made_version = parse_env_id(made)
+    if (namespace, name) == (made_namespace, made_name) and version in (None, made_version):
+        return
+    if made_namespace == "rlbd":
+        raise SpecError(f"base: the env is {made}, which already carries a backdoor; wrap an env of the clean base")
+    raise SpecError(
+        f"base: the spec attacks {spec.base} but the env is {made}; wrap an env made from the spec's base "
+        "(rlbackdoor.make_env(spec) makes and wraps it) or fix base"
+    )
 
 
 def sample_observations(env: gym.Env, n: int, seed: int) -> np.ndarray:

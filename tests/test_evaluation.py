@@ -116,13 +116,20 @@ def test_an_attack_spec_mapping_is_a_source_as_its_id_is() -> None:
     assert evaluate(Rule(backdoored), spec, episodes=2, seeds=1) == evaluate(Rule(backdoored), CARTPOLE, 2, 1)
 
 
+def test_numpy_counts_and_seeds_are_taken() -> None:
+    counted = evaluate(Rule(lean), CARTPOLE, episodes=np.int64(2), seeds=np.int64(2))
+    assert counted == evaluate(Rule(lean), CARTPOLE, episodes=2, seeds=np.arange(2))
+    assert counted["seeds"] == [0, 1]
+
+
 @pytest.mark.parametrize(
     ("change", "error", "message"),
     [
         ({"episodes": 0}, SpecError, "episodes: 0 is not a count in 1..10000; give the episodes per seed"),
         ({"seeds": 0}, SpecError, "seeds: 0 is not a count in 1..1000; give a count or a list of seeds"),
-        ({"seeds": []}, SpecError, "seeds: give 1 to 1000 whole numbers in 0..4294967295, or their count (got 0"),
-        ({"seeds": [-1]}, SpecError, "seeds: give 1 to 1000 whole numbers"),
+        ({"seeds": []}, SpecError, "seeds: give a count, or 1 to 1000 whole numbers in 0..4294967295 (got [])"),
+        ({"seeds": [-1]}, SpecError, "seeds: give a count, or 1 to 1000 whole numbers"),
+        ({"seeds": "3"}, SpecError, "seeds: give a count, or 1 to 1000 whole numbers in 0..4294967295 (got '3')"),
         ({"source": Path("runs/x")}, TypeError, "source: got PosixPath; give a run's card, an attack spec or its"),
         ({"policy": (Rule(lean), {})}, ArtifactError, "the policy: a tuple has no predict(obs); pass an SB3 model or"),
         ({"baseline": object()}, ArtifactError, "the baseline: a object has no predict(obs)"),

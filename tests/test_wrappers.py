@@ -725,5 +725,12 @@ def test_wrapping_the_wrong_env_is_one_clear_error() -> None:
     venv = DummyVecEnv([lambda: gym.make("CartPole-v1")])
     with pytest.raises(TypeError, match="BackdoorWrapper wraps one gymnasium env, got DummyVecEnv; wrap an SB3"):
         BackdoorWrapper(venv, spec)  # type: ignore[arg-type]
+    with pytest.raises(SpecError, match="the env is rlbd/TrojanCartPole-v0, which already carries a backdoor; wrap"):
+        BackdoorWrapper(gym.make("rlbackdoor:rlbd/TrojanCartPole-v0"), spec)
+    unversioned = attack({"kind": "rate", "rate": 0.1}, base="CartPole")  # any version, as gymnasium.make picks
+    assert isinstance(make_env(unversioned), BackdoorWrapper)
+    assert isinstance(BackdoorVecEnv(DummyVecEnv([lambda: gym.make("CartPole-v1")]), unversioned), BackdoorVecEnv)
+    with pytest.raises(SpecError, match="the spec attacks CartPole-v0 but the env is CartPole-v1"):
+        BackdoorWrapper(gym.make("CartPole-v1"), attack({"kind": "rate", "rate": 0.1}, base="CartPole-v0"))
     with pytest.raises(TypeError, match="the VecEnv already carries a backdoor; wrap the clean VecEnv"):
         BackdoorVecEnv(VecMonitor(BackdoorVecEnv(venv, spec)), spec)  # VecMonitor over one works (it read .spec.id)

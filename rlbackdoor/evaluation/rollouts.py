@@ -7,6 +7,7 @@ triggered rollouts of one (seed, episode) start from the same state.
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -84,20 +85,23 @@ def evaluation_seeds(seeds: int | Sequence[int], episodes: int) -> list[int]:
 
     :raise SpecError: a count or a seed out of range, or no seed.
     """
-    if isinstance(episodes, bool) or not isinstance(episodes, int) or not 1 <= episodes <= MAX_EPISODES:
+    if not _whole(episodes) or not 1 <= episodes <= MAX_EPISODES:
         raise SpecError(f"episodes: {episodes!r} is not a count in 1..{MAX_EPISODES}; give the episodes per seed")
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        if not 1 <= seeds <= MAX_SEED_COUNT:
+    if _whole(seeds):
+        if not 1 <= seeds <= MAX_SEED_COUNT:  # type: ignore[operator]
             raise SpecError(f"seeds: {seeds} is not a count in 1..{MAX_SEED_COUNT}; give a count or a list of seeds")
-        return list(range(seeds))
-    out = list(seeds)
-    if not 1 <= len(out) <= MAX_SEED_COUNT or not all(
-        isinstance(s, int | np.integer) and not isinstance(s, bool) and 0 <= s <= MAX_SEED for s in out
-    ):
+        return list(range(int(seeds)))  # type: ignore[arg-type]
+    out = list(seeds) if isinstance(seeds, Sequence | np.ndarray) else []
+    if not 1 <= len(out) <= MAX_SEED_COUNT or not all(_whole(s) and 0 <= s <= MAX_SEED for s in out):
         raise SpecError(
-            f"seeds: give 1 to {MAX_SEED_COUNT} whole numbers in 0..{MAX_SEED}, or their count (got {len(out)} values)"
+            f"seeds: give a count, or 1 to {MAX_SEED_COUNT} whole numbers in 0..{MAX_SEED} (got {reprlib.repr(seeds)})"
         )
     return [int(s) for s in out]
+
+
+def _whole(x: Any) -> bool:
+    """Whether ``x`` is a whole number (a Python or numpy integer, not a bool)."""
+    return isinstance(x, int | np.integer) and not isinstance(x, bool | np.bool_)
 
 
 def check_policy_fits(policy: Policy, env: gym.Env, name: str = "the policy") -> None:
