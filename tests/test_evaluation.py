@@ -296,9 +296,12 @@ def test_a_baseline_must_play_the_runs_clean_env(tmp_path: Path) -> None:
         evaluate_run(run, other, episodes=1, seeds=1)
     with pytest.raises(ArtifactError, match=message):
         sanitize_run(run, "subspace", 64, baseline_dir=other, episodes=1, seeds=1)
-    poisoned = rf"baseline {run}: a poisoned run \(poisoning: 'inner'\); pass a clean run of CartPole-v1"
+    poisoned = rf"baseline {run}: a poisoned run \(poisoning: 'inner', training poison rate 0.0\d+\); pass a clean"
     with pytest.raises(ArtifactError, match=poisoned):
         evaluate_run(run, run, episodes=1, seeds=1)
+    control = ["attack.schedule={kind: rate, rate: 0.0}", *tiny]  # a zoo's clean control: the trigger never fires
+    quiet = train(load_experiment(SMOKE, control), tmp_path / "control", wandb_mode="disabled")
+    assert load_baseline(quiet, run, read_card(run)) is not None
 
 
 def test_a_clean_run_of_an_attacks_env_is_evaluated_on_its_base_wrappers(tmp_path: Path) -> None:

@@ -163,7 +163,8 @@ def clean_env_id(card: Mapping[str, Any]) -> str:
 
 def load_baseline(baseline_dir: str | Path, run_dir: str | Path, card: Mapping[str, Any]) -> Any:
     """The policy of a clean baseline run for the run of ``card`` (in ``run_dir``); refused when the two runs
-    play different clean envs or the baseline was poisoned."""
+    play different clean envs or the baseline's training poisoned a step (a zoo's clean controls, whose trigger
+    never fires, are clean baselines)."""
     from rlbackdoor.training.artifacts import load_policy
 
     policy, baseline_card = load_policy(baseline_dir)
@@ -174,10 +175,11 @@ def load_baseline(baseline_dir: str | Path, run_dir: str | Path, card: Mapping[s
             f"baseline {baseline_dir}: a run of {theirs}, but {run_dir} is a run of {ours}; "
             f"pass a clean run of {ours} as the baseline (the run's config with poisoning: null)"
         )
-    if baseline_card.get("poisoning") is not None:
+    rate = (baseline_card.get("train") or {}).get("poison_rate")
+    if baseline_card.get("poisoning") is not None and rate != 0:
         raise ArtifactError(
-            f"baseline {baseline_dir}: a poisoned run (poisoning: {reprlib.repr(baseline_card['poisoning'])}); "
-            f"pass a clean run of {ours} (the run's config with poisoning: null)"
+            f"baseline {baseline_dir}: a poisoned run (poisoning: {reprlib.repr(baseline_card['poisoning'])}, "
+            f"training poison rate {rate}); pass a clean run of {ours} (the run's config with poisoning: null)"
         )
     return policy
 
