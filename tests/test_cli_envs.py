@@ -170,3 +170,19 @@ def test_console_script_reports_errors_on_one_line() -> None:
     assert out.returncode == 2
     assert "unknown backdoor env id 'rlbd/Nope-v0'" in _one_line_error(out.stderr)
     assert out.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        ("train", "[default: runs/<name>/<timestamp>-<pid>]"),
+        ("sanitize", "[default: drop]"),
+        ("eval", "[default: WANDB_MODE"),
+    ],
+)
+def test_help_shows_the_defaults_written_in_brackets(
+    command: str, shown: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # rich read "[default: ...]" as a markup tag and printed nothing of it
+    assert main([command, "--help"]) == 0
+    assert shown in capsys.readouterr().out

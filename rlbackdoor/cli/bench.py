@@ -13,7 +13,7 @@ from typing import Any
 import typer
 
 from rlbackdoor.cli.checks import check_out_dir
-from rlbackdoor.cli.train import WandbMode, sweep_overrides
+from rlbackdoor.cli.train import WANDB_MODE_HELP, WandbMode, sweep_overrides
 
 
 def bench(
@@ -24,7 +24,7 @@ def bench(
     backend: str = typer.Option("local", help="local (process pool) | ray"),
     ray_address: str | None = typer.Option(None, help="an existing Ray cluster (host:port); default: a local one"),
     set_: list[str] = typer.Option([], "--set", help="override key.path=value (repeatable)"),
-    wandb_mode: WandbMode | None = typer.Option(None, help="W&B mode [default: WANDB_MODE, else online iff logged in]"),
+    wandb_mode: WandbMode | None = typer.Option(None, help=WANDB_MODE_HELP),
     wandb_project: str = typer.Option("rlbackdoor", help="W&B project"),
 ) -> None:
     """Run every unfinished cell of CONFIG's matrix into OUT, then write the tables and plots (exit 1 if a cell failed)."""

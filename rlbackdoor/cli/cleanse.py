@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rlbackdoor.cli.train import WandbMode
+from rlbackdoor.cli.train import WANDB_MODE_HELP, WandbMode
 from rlbackdoor.specs import MAX_EPISODES, MAX_TIMESTEPS
 
 console = Console()
@@ -24,7 +24,7 @@ def cleanse(
     ),
     seed: int = typer.Option(0, min=0, help="seeds the probers and the episodes"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the report to this JSON file"),
-    wandb_mode: WandbMode | None = typer.Option(None, help="W&B mode [default: WANDB_MODE, else online iff logged in]"),
+    wandb_mode: WandbMode | None = typer.Option(None, help=WANDB_MODE_HELP),
 ) -> None:
     """Train a probing opponent against each frozen victim; a collapse of its return flags a backdoor."""
     from rlbackdoor import tracking

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rlbackdoor.cli.checks import check_file_out, check_single_agent_runs, write_json_out
-from rlbackdoor.cli.train import WandbMode
+from rlbackdoor.cli.train import WANDB_MODE_HELP, WandbMode
 from rlbackdoor.errors import SpecError
 from rlbackdoor.specs import MAX_CLEAN, apply_overrides
 
@@ -42,7 +42,7 @@ def detect(
         None, help="trajectory .npz whose steps an input-level detector scores (run dir)"
     ),
     json_out: Path | None = typer.Option(None, "--json", help="write the full report as JSON here"),
-    wandb_mode: WandbMode | None = typer.Option(None, help="W&B mode [default: WANDB_MODE, else online iff logged in]"),
+    wandb_mode: WandbMode | None = typer.Option(None, help=WANDB_MODE_HELP),
 ) -> None:
     """Run a detector on TARGET: per-model scores, and for a zoo AUROC, cross-entropy and ROC."""
     if list_:

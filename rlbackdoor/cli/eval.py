@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rlbackdoor.cli.checks import check_file_out, write_json_out
-from rlbackdoor.cli.train import WandbMode
+from rlbackdoor.cli.train import WANDB_MODE_HELP, WandbMode
 from rlbackdoor.errors import SpecError
 from rlbackdoor.specs import MAX_EPISODES, MAX_SEED_COUNT, locate
 
@@ -79,7 +79,7 @@ def eval_run(
     seeds: int = typer.Option(3, min=1, max=MAX_SEED_COUNT, help="evaluation seeds 0..N-1"),
     t0: int = typer.Option(0, min=0, help="step from which the trigger is on in triggered rollouts"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the metrics to this JSON file"),
-    wandb_mode: WandbMode | None = typer.Option(None, help="W&B mode [default: WANDB_MODE, else online iff logged in]"),
+    wandb_mode: WandbMode | None = typer.Option(None, help=WANDB_MODE_HELP),
     wandb_project: str = typer.Option("rlbackdoor", help="W&B project"),
 ) -> None:
     """Evaluate a run: print a table of metrics, store them in its card.json and log them to W&B."""

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rlbackdoor.cli.checks import check_file_out, check_single_agent, check_single_agent_runs, write_json_out
-from rlbackdoor.cli.train import WandbMode
+from rlbackdoor.cli.train import WANDB_MODE_HELP, WandbMode
 from rlbackdoor.errors import SpecError
 from rlbackdoor.specs import MAX_CLEAN, MAX_EPISODES, MAX_SEED_COUNT, SanitizeSpec
 
@@ -48,19 +48,19 @@ def sanitize(
     dim: int | None = typer.Option(None, "--dim", min=1, help="subspace dimension (default: the clean data's rank)"),
     baseline: Path | None = typer.Option(None, "--baseline", help="a clean run of the same config, for ctp_ratio"),
     episodes: int | None = typer.Option(
-        None, "--episodes", min=1, max=MAX_EPISODES, help=f"evaluation episodes per seed [default: {EPISODES}]"
+        None, "--episodes", min=1, max=MAX_EPISODES, help=f"evaluation episodes per seed \\[default: {EPISODES}]"
     ),
     seeds: int | None = typer.Option(
-        None, "--seeds", min=1, max=MAX_SEED_COUNT, help=f"evaluation seeds [default: {SEEDS}]"
+        None, "--seeds", min=1, max=MAX_SEED_COUNT, help=f"evaluation seeds \\[default: {SEEDS}]"
     ),
     curve: str | None = typer.Option(None, "--curve", help="comma-separated other n values to report (e.g. 8,16,32)"),
     trajectories: Path | None = typer.Option(None, "--trajectories", help="filter this .npz dataset instead"),
     out: Path | None = typer.Option(None, "--out", help="with --trajectories: where to write the filtered dataset"),
     mode: FilterMode | None = typer.Option(
-        None, "--mode", help="with --trajectories: drop or repair flagged transitions [default: drop]"
+        None, "--mode", help="with --trajectories: drop or repair flagged transitions \\[default: drop]"
     ),
     json_out: Path | None = typer.Option(None, "--json", help="write the results as JSON"),
-    wandb_mode: WandbMode | None = typer.Option(None, "--wandb-mode", help="W&B mode"),
+    wandb_mode: WandbMode | None = typer.Option(None, "--wandb-mode", help=WANDB_MODE_HELP),
     list_methods: bool = typer.Option(False, "--list", help="print the methods and exit"),
 ) -> None:
     """Sanitize a backdoored agent at run time and report ASR/CTP before and after (with CIs and the

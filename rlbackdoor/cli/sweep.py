@@ -18,7 +18,7 @@ def sweep(
         None, min=1, max=MAX_RUNS, help="at most N runs (random sweeps need it, or run_cap)"
     ),
     out: Path | None = typer.Option(
-        None, help="folder for runs.jsonl and run logs [default: runs/sweeps/<name>/<timestamp>-<pid>]"
+        None, help="folder for runs.jsonl and run logs \\[default: runs/sweeps/<name>/<timestamp>-<pid>]"
     ),
     seed: int = typer.Option(0, min=0, help="seeds the random draws"),
     workers: int = typer.Option(1, min=1, help="runs at a time"),

@@ -29,6 +29,10 @@ class WandbMode(str, Enum):
     disabled = "disabled"
 
 
+WANDB_MODE_HELP = "W&B mode \\[default: WANDB_MODE, else online iff logged in]"
+"""The help of every --wandb-mode (the backslash keeps rich from reading "[default: ...]" as a markup tag)."""
+
+
 SanitizeMethod = Enum(  # type: ignore[misc]
     "SanitizeMethod", [(m, m) for m in get_args(SanitizeSpec.model_fields["method"].annotation)], type=str
 )
@@ -84,9 +88,9 @@ def train(
     ctx: typer.Context,
     config: Path = typer.Argument(..., help="experiment YAML (see configs/experiments/)"),
     set_: list[str] = typer.Option([], "--set", help="override key.path=value (repeatable)"),
-    out: Path | None = typer.Option(None, help="run directory [default: runs/<name>/<timestamp>-<pid>]"),
+    out: Path | None = typer.Option(None, help="run directory \\[default: runs/<name>/<timestamp>-<pid>]"),
     resume: Path | None = typer.Option(None, help="continue this interrupted run directory"),
-    wandb_mode: WandbMode | None = typer.Option(None, help="W&B mode [default: WANDB_MODE, else online iff logged in]"),
+    wandb_mode: WandbMode | None = typer.Option(None, help=WANDB_MODE_HELP),
     wandb_project: str = typer.Option("rlbackdoor", help="W&B project"),
     checkpoint_every: int = typer.Option(10_000, min=0, help="steps between checkpoints (0: none)"),
     progress: bool = typer.Option(True, help="show a progress bar on stderr"),

@@ -19,7 +19,9 @@ def zoo(
     out: Path = typer.Option(..., help="zoo directory (finished agents in it are kept)"),
     workers: int = typer.Option(1, min=1, help="training processes, one thread each"),
     set_: list[str] = typer.Option([], "--set", help="override key.path=value (repeatable)"),
-    wandb_mode: WandbMode | None = typer.Option(None, help="W&B mode of every training run [default: see rlbd train]"),
+    wandb_mode: WandbMode | None = typer.Option(
+        None, help="W&B mode of every training run \\[default: see rlbd train]"
+    ),
 ) -> None:
     """Train CONFIG's agents (half clean, half backdoored) under OUT and write OUT/manifest.json."""
     from rlbackdoor.zoo import build_zoo, load_zoo
