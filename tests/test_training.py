@@ -895,6 +895,8 @@ def test_wandb_offline_run_holds_resolved_config_train_metrics_and_card(wandb_di
         record.summary["train/steps"] == 2048
         and record.summary["train/poison_rate"] == read_card(run)["train"]["poison_rate"]
     )
+    counts = read_card(run)["train"]["poison_counts"]  # the final counts, not the last logged ones
+    assert {key: record.summary[f"train/{key}"] for key in counts} == counts
     assert [a.name for a in record.artifacts] == ["test-card"] and record.exit_code == 0
 
 

@@ -262,7 +262,9 @@ def train(
             "config": config,
         }
         write_artifacts(model, run_dir, card)
-        final = tracking.prefixed("train", {k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+        # the poison counts at the end, as the card has them (the last periodic log may be a rollout older)
+        final = tracking.prefixed("train", {**scalars, **summary["poison_counts"]})
         tracker.log(final, step=model.num_timesteps)
         tracker.summary(final)
         tracker.log_artifact(run_dir / CARD, name=f"{spec.name}-card", type="card")
