@@ -370,24 +370,37 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
 _UNION_FIELDS = {"trigger", "schedule", "payload", "target_action", "value", "env", "seeds"}
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line: ``source: field.path: problem (fix: ...)`` per problem, joined by ``; ``."""
+_FIELD_HINTS = {("poisoning", "literal_error"): "use inner, outer, or null for a clean run"}
+"""Hints for one field's problems, over :data:`_HINTS`."""
+
+
+def format_validation_error(err: ValidationError, source: str, overrides: Sequence[str] = ()) -> str:
+    """One line: ``source: field.path: problem (fix: ...)`` per problem, joined by ``; ``. A problem of a field that
+    an override of ``overrides`` set names ``--set <override>`` as its source instead."""
     parts = []
     for e in err.errors():
-        msg = e["msg"].removeprefix("Value error, ")
-        hint = _HINTS.get(e["type"])
-        parts.append(f"{source}: {_field_path(e['loc'])}: {msg}" + (f" (fix: {hint})" if hint else ""))
+        msg, path = e["msg"].removeprefix("Value error, "), _field_path(e["loc"])
+        hint = _FIELD_HINTS.get((path, e["type"]), _HINTS.get(e["type"]))
+        where = next((f"--set {item}" for item in overrides if _sets(item, path)), source)
+        parts.append(f"{where}: {path}: {msg}" + (f" (fix: {hint})" if hint else ""))
     return "; ".join(parts)
 
 
-def parse(model: type[S], data: Any, source: str) -> S:
-    """Validate ``data`` as ``model``; a failure raises :class:`SpecError` naming ``source`` and the field."""
+def _sets(override: str, path: str) -> bool:
+    """Whether ``override`` (``key.path=value``) set the field ``path``, or a mapping holding it or held by it."""
+    key = override.removeprefix("--").partition("=")[0]
+    return key == path or path.startswith(f"{key}.") or key.startswith(f"{path}.")
+
+
+def parse(model: type[S], data: Any, source: str, overrides: Sequence[str] = ()) -> S:
+    """Validate ``data`` as ``model``; a failure raises :class:`SpecError` naming ``source`` (or the override of
+    ``overrides`` that set the field) and the field."""
     if not isinstance(data, dict):
         raise SpecError(f"{source}: expected a mapping of fields, got {type(data).__name__}; write key: value pairs")
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise SpecError(format_validation_error(err, source)) from None
+        raise SpecError(format_validation_error(err, source, overrides)) from None
 
 
 class YamlValueError(yaml.YAMLError):
@@ -593,18 +606,19 @@ class ExperimentSpec(_Spec):
         return self
 
 
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str], option: str = "--set") -> dict[str, Any]:
     """A copy of ``data`` with ``a.b=value`` overrides set (values parsed as YAML; ``--a.b=value`` also accepted).
 
     :param data: the config mapping.
     :param overrides: ``key.path=value`` strings.
+    :param option: the command-line option they came from, for error messages.
     """
     out = copy.deepcopy(data)
     for item in overrides:
         key, sep, raw = item.removeprefix("--").partition("=")
         parts = key.split(".")
         if not sep or not all(parts):
-            raise SpecError(f"override '{item}': expected key.path=value; write e.g. --set hyperparams.n_steps=64")
+            raise SpecError(f"override '{item}': expected key.path=value; write {option} {key or 'key.path'}=VALUE")
         try:
             value = yaml.load(raw, Loader=Loader)
         except YamlValueError as err:
@@ -629,7 +643,7 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experime
     :param path: the YAML file.
     :param overrides: see :func:`apply_overrides`.
     """
-    return parse(ExperimentSpec, apply_overrides(read_yaml(path), overrides), str(path))
+    return parse(ExperimentSpec, apply_overrides(read_yaml(path), overrides), str(path), overrides)
 
 
 # ------------------------------------------------------------------------------------------ multi-agent

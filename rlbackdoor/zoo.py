@@ -176,7 +176,7 @@ def load_zoo(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Z
     :param path: the YAML file.
     :param overrides: see :func:`rlbackdoor.specs.apply_overrides`.
     """
-    spec = parse(ZooSpec, apply_overrides(read_yaml(path), overrides), str(path))
+    spec = parse(ZooSpec, apply_overrides(read_yaml(path), overrides), str(path), overrides)
     for name in ("poisoning", "outer_reward", "attack"):
         check_draws(getattr(spec, name), f"{path}: {name}")
     return spec

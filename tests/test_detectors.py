@@ -312,6 +312,8 @@ def test_rlbd_detect_bad_parameter_values_exit_2(tmp_path: Path, capsys) -> None
     assert "rlbd detect --seed" in one_line_error(capsys, ["detect", str(tmp_path), "-d", "probe", "--param", "seed=1"])
     bands = ["detect", str(tmp_path), "-d", "bands", "--param", "quantile=0.7"]
     assert "must lie in [0, 0.5) and (0, 1)" in one_line_error(capsys, bands)
+    bare = ["detect", str(tmp_path), "-d", "probe", "--param", "n_values"]
+    assert "expected key.path=value; write --param n_values=VALUE" in one_line_error(capsys, bare)
 
 
 def test_one_class_zoo_reports_auroc_undefined(zoo: Path, tmp_path: Path, capsys) -> None:

@@ -163,7 +163,7 @@ def load_bench(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     :param path: the YAML file.
     :param overrides: see :func:`rlbackdoor.specs.apply_overrides`.
     """
-    return parse(BenchSpec, apply_overrides(read_yaml(path), overrides), str(path))
+    return parse(BenchSpec, apply_overrides(read_yaml(path), overrides), str(path), overrides)
 
 
 def _env_base(entry: str, root: Path, source: str) -> tuple[str, dict[str, Any]]:

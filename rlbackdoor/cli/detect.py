@@ -55,7 +55,7 @@ def detect(
 
     check_file_out(json_out, "--json")
     check_single_agent_runs(target, "detect")
-    params = apply_overrides({}, param)
+    params = apply_overrides({}, param, "--param")
     report = run(target, detector, params, n_clean=n_clean, seed=seed, inputs=inputs)
     payload = report.to_json()
     write_json_out(json_out, payload)
