@@ -183,6 +183,9 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
 def test_bad_method_n_and_foreign_trajectories(smoke_run: Path, tmp_path: Path, capsys):
     assert main(["sanitize", str(smoke_run), "--method", "nope"]) == 2
     assert "use one of subspace, support, impute" in capsys.readouterr().err
+    for n in ("1", "5"):  # n = 1 advised 2, and n = 2 then advised 6: the least a fit on 4 features takes
+        assert main(["sanitize", str(smoke_run), "--n-clean", n, "--curve", "20", "--wandb-mode", "disabled"]) == 2
+        assert f"n_clean={n} is too few for support on 4 features; use n >= 6" in capsys.readouterr().err
     lava = collect(gym.make("CartPole-v1"), None, 50, 0, "rlbd/TrojanLavaGap-v0").save(tmp_path / "x.npz")
     assert main(["sanitize", "--trajectories", str(lava)]) == 2
     assert "do not come from rlbd/TrojanLavaGap-v0" in capsys.readouterr().err

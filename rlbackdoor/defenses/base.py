@@ -34,6 +34,10 @@ class Sanitizer(ABC):
     def __init__(self) -> None:
         self.shape: tuple[int, ...] | None = None
 
+    def min_clean(self, d: int) -> int:
+        """The fewest clean observations of ``d`` features a fit takes (a fit may ask for more, given the data)."""
+        return 2
+
     def fit(self, clean: np.ndarray) -> Sanitizer:
         """Fit on a batch of clean observations (leading batch axis); returns ``self``."""
         clean = np.asarray(clean)

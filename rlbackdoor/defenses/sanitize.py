@@ -175,6 +175,12 @@ def sanitize_agent(
     :param curve: other values of n to report ``asr_after`` and ``ctp_after`` for.
     """
     sizes = sorted({*curve, n_clean})
+    probe = run_env(card).make()
+    d = int(np.prod(probe.observation_space.shape))
+    probe.close()
+    least = make_sanitizer(method, dim).min_clean(d)
+    if sizes[0] < least:  # before any rollout
+        raise SpecError(f"sanitize: n_clean={sizes[0]} is too few for {method} on {d} features; use n >= {least}")
     pool = clean_transitions(policy, card, max(sizes))  # a random order: each prefix is a uniform sample
     before = evaluate(policy, card, episodes=episodes, seeds=seeds, baseline=baseline)
     out: dict[str, Any] = {"method": method, **_pick(before, "before")}

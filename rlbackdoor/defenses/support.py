@@ -58,10 +58,15 @@ class SupportSanitizer(Sanitizer):
         self.mode, self.q, self.slack, self.margin, self.shrinkage = repair, q, slack, margin, shrinkage
         self.name = "support" if repair == "clip" else "impute"
 
+    def min_clean(self, d: int) -> int:
+        return d + 2  # a covariance of d features, with a degree of freedom to spare
+
     def _fit(self, clean: np.ndarray) -> None:
         n, d = clean.shape
-        if n < d + 2:
-            raise SpecError(f"sanitizer: n={n} clean observations are too few for {d} features; use n >= {d + 2}")
+        if n < self.min_clean(d):
+            raise SpecError(
+                f"sanitizer: n={n} clean observations are too few for {d} features; use n >= {self.min_clean(d)}"
+            )
         self.low, self.high = np.quantile(clean, [self.q, 1.0 - self.q], axis=0)
         width = self.high - self.low
         self.outer_low, self.outer_high = self.low - self.slack * width, self.high + self.slack * width
