@@ -312,6 +312,10 @@ def test_rlbd_detect_bad_parameter_values_exit_2(tmp_path: Path, capsys) -> None
     assert "rlbd detect --seed" in one_line_error(capsys, ["detect", str(tmp_path), "-d", "probe", "--param", "seed=1"])
     bands = ["detect", str(tmp_path), "-d", "bands", "--param", "quantile=0.7"]
     assert "must lie in [0, 0.5) and (0, 1)" in one_line_error(capsys, bands)
+    (tmp_path / "zoo").mkdir()
+    (tmp_path / "zoo" / "manifest.json").write_text("{}")
+    manifest = ["detect", str(tmp_path / "zoo" / "manifest.json"), "-d", "probe"]
+    assert f"manifest.json: a file; pass its folder {tmp_path / 'zoo'}" in one_line_error(capsys, manifest)
     bare = ["detect", str(tmp_path), "-d", "probe", "--param", "n_values"]
     assert "expected key.path=value; write --param n_values=VALUE" in one_line_error(capsys, bare)
 

@@ -118,6 +118,10 @@ def test_rlbd_eval_bad_inputs_exit_2_with_one_line_and_leave_the_card(
     empty = tmp_path / "empty"
     empty.mkdir()
     fails(["eval", str(empty)], "no card.json")
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    (zoo / "manifest.json").write_text("{}")
+    fails(["eval", str(zoo)], f"{zoo}: a zoo, not a run; pass one of its agents ({zoo}/agents/<name>), or run rlbd")
     fails(["eval", str(run), "--json", str(run / "card.json" / "m.json")], "card.json is a file, not a folder")
     fails(["eval", str(run), "--json", str(tmp_path), "--episodes", "1", "--seeds", "1"], "is a folder; name a file")
     fails(["eval", str(run), "--baseline", str(empty)], "no card.json")

@@ -269,6 +269,8 @@ def _targets(target: Path) -> tuple[list[tuple[Path, bool | None]], bool]:
         return [(a.path, a.backdoored) for a in read_manifest(target)], True
     if (target / CARD).is_file():
         return [(target, None)], False
+    if target.name in (MANIFEST, CARD) and target.is_file():
+        raise ArtifactError(f"{target}: a file; pass its folder {target.parent}")
     raise ArtifactError(f"{target}: neither a run directory (card.json) nor a zoo (manifest.json); pass one of them")
 
 

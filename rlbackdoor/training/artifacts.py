@@ -101,6 +101,13 @@ def read_card(run_dir: str | Path) -> dict[str, Any]:
     if path.exists() and not path.is_file():
         raise ArtifactError(f"{path}: not a regular file; {RETRAIN}")
     if not path.is_file():
+        from rlbackdoor.zoo import MANIFEST
+
+        if (Path(run_dir) / MANIFEST).is_file():
+            raise ArtifactError(
+                f"{run_dir}: a zoo, not a run; pass one of its agents ({Path(run_dir) / 'agents'}/<name>), "
+                "or run rlbd detect on the zoo"
+            )
         raise ArtifactError(f"{run_dir}: no {CARD}; pass the directory of a finished run (rlbd train writes it last)")
     try:
         card = read_json(path, MAX_CARD_BYTES)
