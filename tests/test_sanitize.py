@@ -139,11 +139,16 @@ def test_cli_filters_a_trajectory_dataset(tmp_path: Path, monkeypatch: pytest.Mo
     (tmp_path / "wandb").mkdir()
     path = collect(gym.make("rlbd/TrojanCartPole-v0"), None, 3000, 1, "rlbd/TrojanCartPole-v0").save(tmp_path / "t.npz")
     out = tmp_path / "clean.npz"
-    assert main(["sanitize", "--trajectories", str(path), "--n-clean", "300", "--out", str(out),
+    wide = ["sanitize", "--trajectories", str(path), "--n-clean", "300", "--json", str(tmp_path / "wide.json")]
+    assert main([*wide, "--out", str(tmp_path / "wide.npz"), "--wandb-mode", "disabled"]) == 0
+    wide_report = json.loads((tmp_path / "wide.json").read_text())  # training's margin: nothing clean dropped
+    assert wide_report["precision"] == 1.0 and wide_report["recall"] < 0.9  # a trigger near random play's range
+    # random-policy data lies inside the clean fit's own range: a narrower threshold catches the trigger too
+    assert main(["sanitize", "--trajectories", str(path), "--n-clean", "300", "--out", str(out), "--margin", "2",
                  "--json", str(tmp_path / "r.json")]) == 0  # fmt: skip
     report = json.loads((tmp_path / "r.json").read_text())
     kept = Trajectories.load(out)
-    assert report["recall"] >= 0.9 and len(kept) == 3000 - report["flagged"]
+    assert report["precision"] == 1.0 and report["recall"] >= 0.9 and len(kept) == 3000 - report["flagged"]
     assert kept.poisoned.sum() <= report["poisoned"] * 0.1
     (wb,) = offline_runs(tmp_path / "wandb")  # one W&B run, grouped by the dataset's env
     assert wb.run.job_type == "sanitize" and wb.run.run_group == "rlbd/TrojanCartPole-v0"
@@ -164,6 +169,11 @@ def test_cli_filters_a_trajectory_dataset(tmp_path: Path, monkeypatch: pytest.Mo
         (["sanitize", "nowhere", "--seeds", "1001"], "'--seeds': Input should be less than or equal to 1000"),
         (["sanitize", "nowhere", "--mode", "repair"], "sanitize: --mode applies to --trajectories only; drop --mode"),
         (["sanitize", "nowhere", "--out", "x.npz"], "sanitize: --out applies to --trajectories only; drop --out"),
+        (["sanitize", "nowhere", "--margin", "2"], "sanitize: --margin applies to --trajectories only; drop --margin"),
+        (
+            ["sanitize", "--trajectories", "t.npz", "--margin", "0.5"],
+            "Invalid value for '--margin': Input should be greater than or equal to 1",
+        ),
         (["sanitize", "run", "--trajectories", "t.npz"], "sanitize: RUN_DIR applies to a run, not to --trajectories"),
         (["sanitize", "--trajectories", "t.npz", "--curve", "8"], "--curve applies to a run, not to --trajectories"),
         (["sanitize", "--trajectories", "t.npz", "--baseline", "b"], "--baseline applies to a run, not to"),

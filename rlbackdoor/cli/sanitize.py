@@ -14,7 +14,7 @@ from rich.table import Table
 from rlbackdoor.cli.checks import check_file_out, check_single_agent, check_single_agent_runs, write_json_out
 from rlbackdoor.cli.train import WANDB_MODE_HELP, WandbMode
 from rlbackdoor.errors import SpecError
-from rlbackdoor.specs import MAX_CLEAN, MAX_EPISODES, MAX_SEED_COUNT, SanitizeSpec
+from rlbackdoor.specs import MAX_CLEAN, MAX_EPISODES, MAX_SEED_COUNT, SanitizeSpec, parse
 
 if TYPE_CHECKING:
     import numpy as np
@@ -59,6 +59,12 @@ def sanitize(
     mode: FilterMode | None = typer.Option(
         None, "--mode", help="with --trajectories: drop or repair flagged transitions \\[default: drop]"
     ),
+    margin: float | None = typer.Option(
+        None,
+        "--margin",
+        min=1.0,
+        help="with --trajectories: widen the flagging threshold \\[default: 5, as in training]",
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="write the results as JSON"),
     wandb_mode: WandbMode | None = typer.Option(None, "--wandb-mode", help=WANDB_MODE_HELP),
     list_methods: bool = typer.Option(False, "--list", help="print the methods and exit"),
@@ -88,10 +94,11 @@ def sanitize(
             dim,
             out,
             mode.value if mode else "drop",
+            margin,
             wandb_mode.value if wandb_mode else None,
         )
     elif run_dir is not None:
-        for option, value in (("--mode", mode), ("--out", out)):
+        for option, value in (("--mode", mode), ("--out", out), ("--margin", margin)):
             if value is not None:
                 raise SpecError(
                     f"sanitize: {option} applies to --trajectories only; drop {option} or give --trajectories FILE"
@@ -182,14 +189,20 @@ def _check_actions(path: Path, actions: np.ndarray, env: str, n_actions: int) ->
 
 
 def _filter_dataset(
-    path: Path, method: str, n_clean: int, dim: int | None, out: Path | None, mode: str, wandb_mode: str | None
+    path: Path,
+    method: str,
+    n_clean: int,
+    dim: int | None,
+    out: Path | None,
+    mode: str,
+    margin: float | None,
+    wandb_mode: str | None,
 ) -> dict[str, Any]:
     from rlbackdoor import tracking
     from rlbackdoor.attack import make_base_env
-    from rlbackdoor.defenses.filtering import TransitionFilter, n_discrete_actions
-    from rlbackdoor.defenses.sanitize import make_sanitizer
+    from rlbackdoor.defenses.filtering import n_discrete_actions, training_filter
     from rlbackdoor.evaluation.envs import run_env
-    from rlbackdoor.trajectories import Trajectories, collect
+    from rlbackdoor.trajectories import Trajectories
 
     data = Trajectories.load(path)
     if not data.env:
@@ -205,8 +218,9 @@ def _filter_dataset(
     n_actions = n_discrete_actions(probe.action_space)
     if n_actions is not None:
         _check_actions(path, data.actions, data.env, n_actions)
-    clean = collect(probe if clean_env.attack is None else make_base_env(clean_env.attack), None, n_clean, 0)
-    filt = TransitionFilter(make_sanitizer(method, dim), n_actions=n_actions).fit(clean)
+    fields = {"method": method, "n_clean": n_clean, "mode": mode} | ({} if margin is None else {"margin": margin})
+    spec = parse(SanitizeSpec, fields, "sanitize --trajectories")  # a run's sanitize: block, its defaults
+    filt = training_filter(spec, lambda: probe if clean_env.attack is None else make_base_env(clean_env.attack), 0, dim)
     kept, report = filt.filter(data, mode)
     target = out or path.with_name(path.stem + ".sanitized.npz")
     kept.save(target)

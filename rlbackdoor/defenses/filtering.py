@@ -450,11 +450,14 @@ class RolloutFilter(BaseCallback):
         return self.report.as_dict("rollout_")
 
 
-def training_filter(spec: SanitizeSpec, make_clean_env: Callable[[], Any], seed: int) -> TransitionFilter:
-    """The filter a run's ``sanitize:`` block describes, fitted on random-policy steps of the clean env."""
+def training_filter(
+    spec: SanitizeSpec, make_clean_env: Callable[[], Any], seed: int, dim: int | None = None
+) -> TransitionFilter:
+    """The filter a ``sanitize:`` block describes (a run's, or ``rlbd sanitize --trajectories``'), fitted on
+    random-policy steps of the clean env; ``dim`` is the subspace sanitizer's."""
     from rlbackdoor.defenses.sanitize import make_sanitizer
 
-    sanitizer = None if spec.method == "reward" else make_sanitizer(spec.method)
+    sanitizer = None if spec.method == "reward" else make_sanitizer(spec.method, dim)
     env = make_clean_env()
     n_actions = n_discrete_actions(env.action_space)
     clean = collect(env, None, spec.n_clean, seed)
