@@ -265,17 +265,17 @@ def read_manifest(root: str | Path) -> list[ZooAgent]:
 
 
 # ------------------------------------------------------------------------------------------- build
-def _train_one(experiment: dict[str, Any], run_dir: str, wandb_mode: str | None) -> str:
-    """Worker: train (or resume) one agent; returns its run directory."""
+def _train_one(experiment: dict[str, Any], run_dir: str, wandb_mode: str | None, group: str) -> str:
+    """Worker: train (or resume) one agent, in W&B ``group``; returns its run directory."""
     from rlbackdoor.training.checkpoints import FOLDER
     from rlbackdoor.training.loop import train
 
     spec = ExperimentSpec.model_validate(experiment)
     path = Path(run_dir)
     if (path / FOLDER).is_dir() and any((path / FOLDER).iterdir()):
-        return str(train(spec, resume=path, wandb_mode=wandb_mode))
+        return str(train(spec, resume=path, wandb_mode=wandb_mode, wandb_group=group))
     shutil.rmtree(path, ignore_errors=True)
-    return str(train(spec, path, wandb_mode=wandb_mode))
+    return str(train(spec, path, wandb_mode=wandb_mode, wandb_group=group))
 
 
 def _check_previous(root: Path, config: dict[str, Any]) -> None:
@@ -358,7 +358,8 @@ def build_zoo(
         try:
             with ProcessPoolExecutor(max_workers=max(1, min(workers, len(todo))), mp_context=context) as pool:
                 futures = {
-                    pool.submit(_train_one, runs[i].model_dump(mode="json"), str(paths[i]), wandb_mode): i for i in todo
+                    pool.submit(_train_one, runs[i].model_dump(mode="json"), str(paths[i]), wandb_mode, spec.name): i
+                    for i in todo
                 }
                 pending = set(futures)
                 while pending and failure is None:

@@ -128,6 +128,7 @@ def test_cli_reports_before_and_after_as_json(smoke_run: Path, tmp_path: Path, m
     assert data["n_clean"] == 40 and len(data["curve"]) == 2
     (wb,) = offline_runs(tmp_path / "wandb")  # grouped with the run's experiment, its card attached
     assert wb.run.run_group == "cartpole_smoke" and wb.run.job_type == "sanitize"
+    assert wb.run.display_name == f"cartpole_smoke-sanitize-support-{smoke_run.name}"  # one name per method
     assert wb.config["sanitizer"]["method"] == "support" and wb.config["attack"]["trigger"]["kind"] == "value"
     assert "sanitize" in wb.config and wb.config["hyperparams"]["n_steps"] == 64  # the run's own, from its card
     assert "card" in [a.type for a in wb.artifacts] and wb.summary["sanitize/asr_before"] == data["asr_before"]

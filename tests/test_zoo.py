@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from wandb_offline import offline_runs
 
 from rlbackdoor.cli import main
 from rlbackdoor.errors import ArtifactError, SpecError
@@ -143,10 +144,16 @@ def test_malformed_draws_anywhere_in_the_config_fail_naming_the_file(tmp_path: P
 
 
 # ------------------------------------------------------------------------------------- build, resume
-def test_rlbd_zoo_trains_writes_the_manifest_and_resumes(tmp_path: Path) -> None:
+def test_rlbd_zoo_trains_writes_the_manifest_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config, out = write(tmp_path, TINY), tmp_path / "zoo"
-    argv = ["zoo", str(config), "--out", str(out), "--workers", "2", "--wandb-mode", "disabled"]
-    assert main(argv) == 0
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))  # the workers inherit it
+    (tmp_path / "wandb").mkdir()
+    argv = ["zoo", str(config), "--out", str(out), "--workers", "2"]
+    assert main([*argv, "--wandb-mode", "offline"]) == 0
+    runs = offline_runs(tmp_path / "wandb")  # one group for the zoo; each run named once after its agent
+    assert sorted(r.run.display_name for r in runs) == ["tiny-0-clean", "tiny-1-backdoored"]
+    assert {r.run.run_group for r in runs} == {"tiny"}
+    argv.extend(["--wandb-mode", "disabled"])
     manifest = json.loads((out / "manifest.json").read_text())
     rows = manifest["agents"]
     assert [(r["path"], r["backdoored"]) for r in rows] == [("agents/0-clean", False), ("agents/1-backdoored", True)]

@@ -161,7 +161,7 @@ def _sanitize_run(
     name = str(card.get("name", Path(run_dir).name))
     settings = {"run_dir": str(run_dir), "method": method, "n_clean": n_clean, "dim": dim, "baseline": str(baseline)}
     config = tracking.run_config(card, "sanitizer", settings)  # "sanitize" is the training-time sanitizer's field
-    run_name = f"{name}-sanitize-{Path(run_dir).name}"
+    run_name = f"{name}-sanitize-{method}-{Path(run_dir).name}"
     with tracking.wandb_run("sanitize", run_name, config, mode=wandb_mode, group=name) as tracker:
         tracker.summary(tracking.prefixed("sanitize", scalars))
         columns = ["n_clean", "asr_after", "ctp_after"]

@@ -124,6 +124,7 @@ def train(
     checkpoint_every: int = 10_000,
     progress: bool = False,
     callbacks: Sequence[BaseCallback] = (),
+    wandb_group: str | None = None,
 ) -> Path:
     """Train the agent an experiment describes; return its run directory (``model.zip``, ``policy.safetensors``, ``card.json``).
 
@@ -139,6 +140,7 @@ def train(
     :param checkpoint_every: steps between checkpoints (0: none).
     :param progress: show a progress bar on stderr.
     :param callbacks: more SB3 callbacks, called after the project's own.
+    :param wandb_group: the W&B group (default: the experiment's name; a zoo groups its agents under its own).
     """
     spec = spec if isinstance(spec, ExperimentSpec) else parse(ExperimentSpec, spec, "experiment")
     torch.set_num_threads(1)
@@ -204,10 +206,17 @@ def train(
 
     attack_json = attack.model_dump(mode="json") if attack is not None and spec.poisoning else None
     resolved = {**config, "attack": attack_json, "hyperparams": hyperparams}
+    # a zoo's agent is named after its folder already (zoo-0-clean in zoo/agents/0-clean)
+    run_name = spec.name if spec.name.endswith(f"-{run_dir.name}") else f"{spec.name}-{run_dir.name}"
     with (
         _run_directory(run_dir),
         tracking.wandb_run(
-            "train", f"{spec.name}-{run_dir.name}", resolved, mode=wandb_mode, project=wandb_project, group=spec.name
+            "train",
+            run_name,
+            resolved,
+            mode=wandb_mode,
+            project=wandb_project,
+            group=wandb_group or spec.name,
         ) as tracker,
     ):
         model.set_logger(Logger(folder=None, output_formats=[TrackerOutput(tracker)]))
