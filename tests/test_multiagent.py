@@ -62,6 +62,8 @@ def test_registered_ids_and_lazy_exports():
     assert {RPS, SPREAD} <= set(list_parallel_envs())
     assert rlbackdoor.list_parallel_envs() == list_parallel_envs()
     assert isinstance(rlbackdoor.make_parallel(RPS), BackdoorParallelEnv)
+    with pytest.raises(SpecError, match=r"poison: 'no' is not true or false; pass poison=True or poison=False"):
+        rlbackdoor.make_parallel(RPS, poison="no")  # read as true before
     assert isinstance(gym.make(f"rlbackdoor:{RPS}").unwrapped, SingleAgentEnv)
     assert dir(rlbackdoor) == sorted([*rlbackdoor.__all__, "__version__"])  # lazy names listed, helpers not
     assert all(getattr(rlbackdoor, name) is not None for name in rlbackdoor.__all__)

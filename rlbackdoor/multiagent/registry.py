@@ -114,6 +114,8 @@ def make_parallel(
     :param poison: poison the victims' rewards (``False``: the same triggers, clean rewards).
     :param overrides: spec fields to replace (``victims``, ``schedule``, ``seed``, ``base_kwargs``, ...).
     """
+    if not isinstance(poison, bool):  # a string such as "no" would read as true
+        raise SpecError(f"poison: {poison!r} is not true or false; pass poison=True or poison=False")
     return _attacked(_resolve(get_parallel_spec(env_id), overrides), render_mode, poison)
 
 
