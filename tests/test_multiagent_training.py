@@ -147,6 +147,17 @@ def test_rlbd_eval_refuses_a_baseline_of_another_env(rps_run, spread_run, tmp_pa
     assert read_card(rps_run) == card
 
 
+def test_rlbd_eval_refuses_a_baseline_of_the_other_sharing(rps_run, tmp_path, capsys):
+    """One policy for every agent plays another game than the adapter's one seat: ctp 0 against 26 before."""
+    shared = train(experiment(sharing=True, poisoning=None, timesteps=64), tmp_path / "shared", wandb_mode="disabled")
+    argv = ["eval", str(rps_run), "--baseline", str(shared), "--episodes", "1", "--seeds", "1"]
+    assert main([*argv, "--wandb-mode", "disabled"]) == 2
+    assert (
+        f"baseline {shared}: parameter sharing is on, but off in {rps_run}; pass a clean run of the same config "
+        "(sharing: false, poisoning: null)"
+    ) in one_line_error(capsys)
+
+
 def test_evaluate_refuses_a_baseline_with_other_actions():
     baseline = Always(PAPER)
     baseline.observation_space, baseline.action_space = spaces.Box(0.0, 1.0, (36,)), spaces.Discrete(5)

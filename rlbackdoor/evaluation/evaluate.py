@@ -175,6 +175,13 @@ def load_baseline(baseline_dir: str | Path, run_dir: str | Path, card: Mapping[s
             f"baseline {baseline_dir}: a run of {theirs}, but {run_dir} is a run of {ours}; "
             f"pass a clean run of {ours} as the baseline (the run's config with poisoning: null)"
         )
+    sharing = [bool((c.get("config") or {}).get("sharing")) for c in (card, baseline_card)]
+    if sharing[0] != sharing[1]:  # one policy for every agent against one for the adapter's seat: another game
+        state = {True: "on", False: "off"}
+        raise ArtifactError(
+            f"baseline {baseline_dir}: parameter sharing is {state[sharing[1]]}, but {state[sharing[0]]} in {run_dir}; "
+            f"pass a clean run of the same config (sharing: {str(sharing[0]).lower()}, poisoning: null)"
+        )
     rate = (baseline_card.get("train") or {}).get("poison_rate")
     if baseline_card.get("poisoning") is not None and rate != 0:
         raise ArtifactError(
