@@ -105,6 +105,7 @@ def test_a_baseline_under_the_same_trigger_is_the_control_of_return_drop() -> No
     blind = evaluate(Rule(backdoored), CARTPOLE, episodes=3, seeds=1, baseline=Rule(lean))
     assert blind["return_drop"] > 0.9
     assert blind["baseline_triggered_return"] == blind["baseline_ctp"] and blind["baseline_return_drop"] == 0.0
+    assert blind["asr"] == 1.0 and blind["baseline_asr"] == 0.0  # the controls of ASR too
     reader = evaluate(Rule(backdoored), CARTPOLE, episodes=3, seeds=1, baseline=Rule(balance))
     assert reader["baseline_ctp"] == 500.0 and reader["baseline_triggered_return"] < 20
     assert reader["baseline_return_drop"] > 0.9 and reader["baseline_return_drop_ci_low"] is not None

@@ -177,7 +177,7 @@ def test_rlbd_eval_folds_every_metric_with_a_ci_into_one_row_on_a_multi_agent_ru
     (wb,) = offline_runs(wandb_dir)
     (table,) = wb.path.glob("files/media/table/eval/metrics_*.table.json")
     rows = json.loads(table.read_text())["data"]
-    headline = ["ctp", "ctp_ratio", "asr", "triggered_return", "return_drop", "baseline_return_drop"]
+    headline = ["ctp", "ctp_ratio", "asr", "baseline_asr", "triggered_return", "return_drop", "baseline_return_drop"]
     headline += ["baseline_triggered_return", "random_return", "baseline_ctp"]
     assert [row[0] for row in rows] == [*headline, *team]
     assert [row[1:] for row in rows] == [

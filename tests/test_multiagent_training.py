@@ -83,6 +83,7 @@ def test_evaluate_measures_victim_returns_and_asr():
     assert scissors["baseline_ctp"] == paper["ctp"] and scissors["ctp_ratio_per_seed"] == [scissors["ctp_ratio"]]
     assert scissors["baseline_triggered_return"] == paper["triggered_return"]  # the clean victim under the trigger
     assert scissors["baseline_return_drop"] is None  # as paper's own: a victim worse than random
+    assert scissors["baseline_asr"] == paper["asr"] == 0.0  # paper is never the target move
     assert paper["random_return"] == scissors["random_return"]  # the same episodes, a random victim
 
 
@@ -308,3 +309,11 @@ def test_rlbd_cleanse_scores_a_zoo_and_logs_to_wandb(rps_run, clean_run, spread_
     assert wb.run.job_type == "detect" and wb.summary["detect/auroc"] == pytest.approx(report["auroc"])
     assert main(["cleanse", str(spread_run), "--timesteps", "64"]) == 2
     assert "parameter sharing" in capsys.readouterr().err
+
+
+def test_rlbd_cleanse_names_the_prober_seat_of_a_team_env(tmp_path, capsys):
+    run = train(experiment(env=SPREAD, timesteps=256), tmp_path / "spread", wandb_mode="disabled")
+    argv = ["cleanse", str(run), "--timesteps", "64", "--episodes", "2", "--wandb-mode", "disabled"]
+    assert main(argv) == 2  # three agents: which one probes?
+    assert "name the prober seat among ['agent_1', 'agent_2'] (rlbd cleanse --prober AGENT)" in capsys.readouterr().err
+    assert main([*argv, "--prober", "agent_2"]) == 0

@@ -23,6 +23,9 @@ def cleanse(
         50, min=1, max=MAX_EPISODES, help="episodes to score the random and the learned probe"
     ),
     seed: int = typer.Option(0, min=0, help="seeds the probers and the episodes"),
+    prober: str | None = typer.Option(
+        None, help="the seat the probing opponent plays \\[default: the other agent of a two-player env]"
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="also write the report to this JSON file"),
     wandb_mode: WandbMode | None = typer.Option(None, help=WANDB_MODE_HELP),
 ) -> None:
@@ -31,7 +34,7 @@ def cleanse(
     from rlbackdoor.cli.checks import check_file_out, write_json_out
     from rlbackdoor.multiagent.cleanse import cleanse_runs
 
-    options = {"k": k, "window": window, "timesteps": timesteps, "episodes": episodes, "seed": seed}
+    options = {"k": k, "window": window, "timesteps": timesteps, "episodes": episodes, "seed": seed, "prober": prober}
     check_file_out(json_out, "--json")
     report = cleanse_runs(runs, **options)
     write_json_out(json_out, report)

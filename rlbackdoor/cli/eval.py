@@ -22,6 +22,7 @@ HEADLINE = (
     "ctp",
     "ctp_ratio",
     "asr",
+    "baseline_asr",
     "asr_raw",
     "triggered_return",
     "return_drop",

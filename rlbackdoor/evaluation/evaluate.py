@@ -10,6 +10,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from rlbackdoor.attack import Attack
 from rlbackdoor.errors import ArtifactError
 from rlbackdoor.evaluation.envs import Source, action_history, eval_attack, run_env
 from rlbackdoor.evaluation.metrics import ctp_ratio, observation_asr, return_drop, sequence_asr, stealth
@@ -55,8 +56,9 @@ def evaluate(
     :param source: the run's card, its attack spec, or an env id (see :data:`~rlbackdoor.evaluation.envs.Source`).
     :param episodes: episodes per evaluation seed.
     :param seeds: evaluation seeds, or their number (seeds ``0..n-1``).
-    :param baseline: a clean-trained agent of the same config, for ``ctp_ratio`` and, under an attack, the
-        control ``baseline_triggered_return`` and ``baseline_return_drop`` (the clean agent under the same trigger).
+    :param baseline: a clean-trained agent of the same config, for ``ctp_ratio`` and, under an attack, the controls
+        ``baseline_triggered_return``, ``baseline_return_drop`` and ``baseline_asr`` (the clean agent under the same
+        trigger).
     :param t0: the step from which the trigger is on in the triggered rollouts.
     :param card: the run's card, for the training ``poison_rate`` (default: ``source`` when it is a card).
     """
@@ -81,12 +83,9 @@ def evaluate(
         out.update(estimate("ctp_ratio", [clean.returns, base.returns, random.returns], groups, ctp_ratio, boot))
     if env.attack is not None:
         out.update(attack_metrics(policy, env.attack, env.make, probe, clean, random.returns, groups, t0, card, boot))
-        if baseline is not None:  # the clean agent under the same trigger: what the trigger costs without a backdoor
-            attack = eval_attack(env.attack, probe, t0=t0)
-            base_triggered = rollout(baseline, env.make, resets, attack, attack_seed=boot).returns
-            out.update(estimate("baseline_triggered_return", [base_triggered], groups, seed=boot))
-            drop = [base.returns, base_triggered, random.returns]
-            out.update(estimate("baseline_return_drop", drop, groups, return_drop, boot))
+        if baseline is not None:  # the clean agent under the same trigger: what it does without a backdoor
+            control, *_ = trigger_effect(baseline, env.attack, env.make, probe, base, random.returns, groups, t0, boot)
+            out.update({f"baseline_{key}": value for key, value in control.items()})
     probe.close()
     return out
 
@@ -116,6 +115,23 @@ def attack_metrics(
     :param card: the run's card, for the training ``poison_rate``.
     :param seed: seeds the attack's draws and the bootstrap.
     """
+    out, attack, triggered_obs = trigger_effect(policy, spec, make_env, probe, clean, random_returns, groups, t0, seed)
+    return out | stealth(attack.trigger, spec.payload, clean.obs, triggered_obs, card, seed)
+
+
+def trigger_effect(
+    policy: Policy,
+    spec: AttackSpec,
+    make_env: Callable[[], gym.Env],
+    probe: gym.Env,
+    clean: Rollouts,
+    random_returns: np.ndarray,
+    groups: np.ndarray,
+    t0: int = 0,
+    seed: int = 0,
+) -> tuple[dict[str, Any], Attack, np.ndarray]:
+    """:func:`attack_metrics` but the stealth figures; also the attack and the triggered observations those
+    compare with the clean ones (the parameters are the same)."""
     attack = eval_attack(spec, probe, t0=t0)
     triggered = rollout(policy, make_env, clean.seeds, attack, attack_seed=seed)
     out = {
@@ -132,8 +148,7 @@ def attack_metrics(
         triggered_obs = injected.obs[injected.armed & ~injected.injected]
         if targeted:
             out.update(sequence_asr(policy, attack.payload, injected, action_history(probe), groups, seed))
-    out.update(stealth(attack.trigger, spec.payload, clean.obs, triggered_obs, card, seed))
-    return out
+    return out, attack, triggered_obs
 
 
 def check_card(run_dir: str | Path, card: Mapping[str, Any]) -> None:

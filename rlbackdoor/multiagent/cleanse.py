@@ -160,7 +160,9 @@ def policy_cleanse(
     if prober is None:
         others = [agent for agent in agents if agent != victim_agent]
         if len(others) != 1:
-            raise SpecError(f"{env_id} has {len(agents)} agents; name the prober seat among {others}")
+            raise SpecError(
+                f"{env_id} has {len(agents)} agents; name the prober seat among {others} (rlbd cleanse --prober AGENT)"
+            )
         prober = others[0]
     env = ProbeEnv(env_id, victim, victim_agent, prober, k=k, window=window)
     model = PPO(

@@ -128,8 +128,8 @@ def evaluate(
     """Clean and triggered metrics of a multi-agent policy, with 95% bootstrap CIs over episodes.
 
     ``ctp``, ``triggered_return``, ``return_drop``, ``random_return`` (and with ``baseline``, a clean-trained
-    policy, ``baseline_ctp``, ``ctp_ratio`` and the control ``baseline_triggered_return`` and ``baseline_return_drop``,
-    the clean policy under the same trigger) are the first victim's; ``team_*`` the same on the sum of
+    policy, ``baseline_ctp``, ``ctp_ratio`` and the controls ``baseline_triggered_return``, ``baseline_return_drop`` and
+    ``baseline_asr``, the clean policy under the same trigger) are the first victim's; ``team_*`` the same on the sum of
     every agent's returns (zero in a zero-sum game, where ``team_return_drop`` is undefined); ``asr``
     (targeted payloads) the victims' target-action rate on triggered steps; ``ctp/<agent>`` and
     ``triggered_return/<agent>`` the per-agent means.
@@ -177,11 +177,13 @@ def evaluate(
     }
     if baseline is not None:
         base = rollouts(env_id, baseline, resets, sharing=sharing, triggered=False, t0=t0).returns[victim]
-        base_trig = rollouts(env_id, baseline, resets, sharing=sharing, triggered=True, t0=t0).returns[victim]
+        control = rollouts(env_id, baseline, resets, sharing=sharing, triggered=True, t0=t0)
         out.update(estimate("baseline_ctp", [base], groups, seed=boot))
         out.update(estimate("ctp_ratio", [c, base, r], groups, ctp_ratio, boot))
-        out.update(estimate("baseline_triggered_return", [base_trig], groups, seed=boot))
-        out.update(estimate("baseline_return_drop", [base, base_trig, r], groups, return_drop, boot))
+        out.update(estimate("baseline_triggered_return", [control.returns[victim]], groups, seed=boot))
+        out.update(estimate("baseline_return_drop", [base, control.returns[victim], r], groups, return_drop, boot))
+        if isinstance(spec.payload, TargetedPayload):  # a clean victim's target rate on triggered steps: chance
+            out.update(estimate("baseline_asr", [control.hits, control.triggered], groups, proportion, boot))
     if isinstance(spec.payload, TargetedPayload):
         out.update(estimate("asr", [trig.hits, trig.triggered], groups, proportion, boot))
     for agent in clean.returns:
