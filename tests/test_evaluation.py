@@ -127,6 +127,7 @@ def test_numpy_counts_and_seeds_are_taken() -> None:
     ("change", "error", "message"),
     [
         ({"episodes": 0}, SpecError, "episodes: 0 is not a count in 1..10000; give the episodes per seed"),
+        ({"t0": 1000}, SpecError, "t0: no triggered episode reached step 1000, so the trigger never fired; lower t0"),
         ({"seeds": 0}, SpecError, "seeds: 0 is not a count in 1..1000; give a count or a list of seeds"),
         ({"seeds": []}, SpecError, "seeds: give a count, or 1 to 1000 whole numbers in 0..4294967295 (got [])"),
         ({"seeds": [-1]}, SpecError, "seeds: give a count, or 1 to 1000 whole numbers"),

@@ -84,6 +84,8 @@ def test_evaluate_measures_victim_returns_and_asr():
     assert scissors["baseline_triggered_return"] == paper["triggered_return"]  # the clean victim under the trigger
     assert scissors["baseline_return_drop"] is None  # as paper's own: a victim worse than random
     assert scissors["baseline_asr"] == paper["asr"] == 0.0  # paper is never the target move
+    with pytest.raises(SpecError, match="t0: no triggered episode reached step 100"):  # 30 rounds: return_drop 0 before
+        evaluate(RPS, Always(PAPER), episodes=1, seeds=1, t0=100)
     assert paper["random_return"] == scissors["random_return"]  # the same episodes, a random victim
 
 

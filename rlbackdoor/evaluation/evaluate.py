@@ -11,7 +11,7 @@ import gymnasium as gym
 import numpy as np
 
 from rlbackdoor.attack import Attack
-from rlbackdoor.errors import ArtifactError
+from rlbackdoor.errors import ArtifactError, SpecError
 from rlbackdoor.evaluation.envs import Source, action_history, eval_attack, run_env
 from rlbackdoor.evaluation.metrics import ctp_ratio, observation_asr, return_drop, sequence_asr, stealth
 from rlbackdoor.evaluation.rollouts import (
@@ -134,6 +134,8 @@ def trigger_effect(
     compare with the clean ones (the parameters are the same)."""
     attack = eval_attack(spec, probe, t0=t0)
     triggered = rollout(policy, make_env, clean.seeds, attack, attack_seed=seed)
+    if not triggered.armed.any():
+        raise SpecError(f"t0: no triggered episode reached step {t0}, so the trigger never fired; lower t0")
     out = {
         **estimate("triggered_return", [triggered.returns], groups, seed=seed),
         **estimate("return_drop", [clean.returns, triggered.returns, random_returns], groups, return_drop, seed),

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from rlbackdoor.errors import SpecError
 from rlbackdoor.evaluation.metrics import ctp_ratio, return_drop
 from rlbackdoor.evaluation.rollouts import episode_seeds, evaluation_seeds
 from rlbackdoor.evaluation.stats import estimate, iqm, proportion
@@ -158,6 +159,8 @@ def evaluate(
     boot = int(np.random.SeedSequence([*seeds, episodes]).generate_state(1)[0])
     clean = rollouts(env_id, policy, resets, sharing=sharing, triggered=False, t0=t0)
     trig = rollouts(env_id, policy, resets, sharing=sharing, triggered=True, t0=t0)
+    if not trig.triggered.any():
+        raise SpecError(f"t0: no triggered episode reached step {t0}, so the trigger never fired; lower t0")
     rand = rollouts(env_id, None, resets, sharing=sharing, triggered=False, t0=t0)
     victim = spec.victims[0]
     c, t, r = clean.returns[victim], trig.returns[victim], rand.returns[victim]
