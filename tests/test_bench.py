@@ -362,3 +362,14 @@ def test_a_bench_over_an_unreadable_results_file_fails_before_writing_anything(
     assert f"{out / 'results.jsonl'}: unreadable ({reason}); move it away" in err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert [p.name for p in out.iterdir()] == ["results.jsonl"]
+
+
+def test_a_bench_refuses_the_folder_of_another_bench(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Its report overwrote the other's and its records joined the other's results.jsonl."""
+    bench, out = write_bench(tmp_path / "b.yaml"), tmp_path / "out"
+    out.mkdir()
+    (out / "bench.json").write_text(json.dumps({"config": {"name": "other"}, "cells": []}))
+    assert main(["bench", str(bench), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: holds the results of bench 'other', not " in err and "choose another --out" in err
+    assert [p.name for p in out.iterdir()] == ["bench.json"]
