@@ -587,14 +587,21 @@ class ExperimentSpec(_Spec):
             data = {**data, "attack": {"base": data.get("env"), **data["attack"]}}
         return data
 
+    @field_validator("attack", mode="before")
+    @classmethod
+    def _own_attack(cls, attack: Any, info: ValidationInfo) -> Any:
+        env = info.data.get("env")
+        if attack is not None and isinstance(env, str) and env.removeprefix("rlbackdoor:").startswith("rlbd/"):
+            raise ValueError(  # before the block's own checks, whose errors would hide this one
+                f"env {env} is a registered backdoor env and carries its own attack; remove the attack block, or set "
+                "env to a base Gymnasium id for an inline attack (a multi-agent id's attack changes in Python: "
+                "make_parallel(ID, **fields))"
+            )
+        return attack
+
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentSpec:
         registered = self.env.removeprefix("rlbackdoor:").startswith("rlbd/")
-        if self.attack is not None and registered:
-            raise ValueError(
-                f"env {self.env} is a registered backdoor env and carries its own attack; "
-                "remove the attack block, or set env to a base Gymnasium id for an inline attack"
-            )
         if self.attack is not None and self.attack.base != self.env:
             raise ValueError(
                 f"attack.base {self.attack.base} disagrees with env {self.env}; drop attack.base or make them equal"

@@ -939,3 +939,17 @@ def test_train_takes_an_experiment_mapping(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match=r"experiment: timestep: Extra inputs are not permitted"):
         train({**data, "timestep": 5}, tmp_path / "other", wandb_mode="disabled")
     assert not (tmp_path / "other").exists()
+
+
+def test_an_attack_override_on_a_registered_env_says_it_carries_its_own(capsys) -> None:
+    """One message, not the missing trigger and payload of a partial attack block."""
+    argv = [
+        "train",
+        str(ROOT / "configs" / "experiments" / "cartpole_registered.yaml"),
+        "--set",
+        "attack.schedule.rate=0.5",
+    ]
+    assert main([*argv, "--wandb-mode", "disabled"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rlbd: error: --set attack.schedule.rate=0.5: attack: env rlbd/TrojanCartPole-v0 is a")
+    assert "carries its own attack" in err and "Field required" not in err and "\n" not in err
