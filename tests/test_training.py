@@ -791,6 +791,10 @@ NAN_OBS, NAN_REWARD = "observation contains NaN or inf; fix", "reward is NaN or 
         (["--set", "hyperparams.tensorboard_log=tb"], "hyperparams.tensorboard_log: rlbd logs to W&B (offline runs"),
         (["--set", "timestep=100"], "--set timestep=100: timestep: Extra inputs are not permitted (fix: remove it"),
         (["--set", "timesteps=64", "--set", "timesteps=-1"], "--set timesteps=-1: timesteps: Input should be greater"),
+        (
+            ["--sanitize", "support", "--set", "sanitize=null"],
+            "--sanitize support and --set sanitize=null both set the",
+        ),
         (["--set", "poisoning=none"], "--set poisoning=none: poisoning: Input should be 'inner' or 'outer' (fix: use"),
         (["--set", "hyperparams"], "override 'hyperparams': expected key.path=value; write --set hyperparams=VALUE"),
         (["--set", "hyperparams.seed=3"], "hyperparams.seed: the run's seed is the experiment's seed field"),

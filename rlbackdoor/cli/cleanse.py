@@ -46,7 +46,7 @@ def cleanse(
             f"{row['score']:.3f}",
             f"{row['random_return']:.3f}",
             f"{row['probed_return']:.3f}",
-            " ".join(map(str, row["trigger"])),
+            " ".join(map(str, row["trigger"])) if row["score"] > 0 else "-",  # no collapse: no trigger found
             f"{row['seconds']:.1f}",
         )
     console.print(table)

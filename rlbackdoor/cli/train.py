@@ -105,8 +105,15 @@ def train(
     check_out_dir(out, "--out")
     if resume is not None and out is not None and out.resolve() != resume.resolve():
         raise SpecError(f"--out {out}: a resumed run goes on in its own directory, {resume}; drop --out")
-    sanitized = [f"sanitize.method={sanitize.value}"] if sanitize is not None else []
-    spec = load_experiment(config, [*set_, *sweep_overrides(ctx.args, ExperimentSpec.model_fields), *sanitized])
+    overrides = [*set_, *sweep_overrides(ctx.args, ExperimentSpec.model_fields)]
+    if sanitize is not None:
+        clash = next(
+            (o for o in overrides if o.removeprefix("--").partition("=")[0] in ("sanitize", "sanitize.method")), None
+        )
+        if clash is not None:
+            raise SpecError(f"--sanitize {sanitize.value} and --set {clash} both set the sanitizer; keep one")
+        overrides.append(f"sanitize.method={sanitize.value}")
+    spec = load_experiment(config, overrides)
     try:
         run_dir = run(
             spec,
