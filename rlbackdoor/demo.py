@@ -80,7 +80,7 @@ def run(timesteps: int, out: Path, episodes: int, seeds: int, n_clean: int, wand
 
 def table(results: dict[str, Any]) -> Table:
     """The demo's table: CTP, ctp_ratio and ASR with 95% CIs, training poison rate."""
-    t = Table(title="CartPole-v1, PPO: clean vs backdoored (95% bootstrap CIs)", box=box.SIMPLE_HEAD)
+    t = Table(title="CartPole-v1, PPO: clean vs backdoored (95% CIs over episodes)", box=box.SIMPLE_HEAD)
     t.add_column("agent")  # the one column that wraps in a narrow terminal
     for col in ("CTP", "ctp_ratio", "ASR", "poison rate"):
         t.add_column(col, justify="right", no_wrap=True)
