@@ -625,7 +625,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], option: str 
         key, sep, raw = item.removeprefix("--").partition("=")
         parts = key.split(".")
         if not sep or not all(parts):
-            raise SpecError(f"override '{item}': expected key.path=value; write {option} {key or 'key.path'}=VALUE")
+            raise SpecError(
+                f"override '{item}': expected key.path=value; write {option} {key if all(parts) else 'key.path'}=VALUE"
+            )
         try:
             value = yaml.load(raw, Loader=Loader)
         except YamlValueError as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -110,6 +111,9 @@ def test_a_baseline_under_the_same_trigger_is_the_control_of_return_drop() -> No
     assert reader["baseline_ctp"] == 500.0 and reader["baseline_triggered_return"] < 20
     assert reader["baseline_return_drop"] > 0.9 and reader["baseline_return_drop_ci_low"] is not None
     assert "baseline_return_drop" not in evaluate(Rule(lean), "CartPole-v1", episodes=2, seeds=1, baseline=Rule(lean))
+    left = Rule(lambda obs: np.zeros(len(obs), dtype=np.int64))  # falls within ~10 steps: never meets a trigger at 40
+    late = evaluate(Rule(backdoored), CARTPOLE, episodes=2, seeds=1, baseline=left, t0=40)
+    assert late["baseline_triggered_return"] == late["baseline_ctp"] and late["return_drop"] > 0.9  # no refusal
 
 
 def test_an_attack_spec_mapping_is_a_source_as_its_id_is() -> None:
@@ -120,7 +124,9 @@ def test_an_attack_spec_mapping_is_a_source_as_its_id_is() -> None:
 def test_numpy_counts_and_seeds_are_taken() -> None:
     counted = evaluate(Rule(lean), CARTPOLE, episodes=np.int64(2), seeds=np.int64(2))
     assert counted == evaluate(Rule(lean), CARTPOLE, episodes=2, seeds=np.arange(2))
-    assert counted["seeds"] == [0, 1]
+    assert counted == evaluate(Rule(lean), CARTPOLE, episodes=2, seeds=(s for s in range(2)))  # any iterable
+    assert counted["seeds"] == [0, 1] and type(counted["episodes"]) is int
+    json.dumps(counted)  # numpy counts became Python ints
 
 
 @pytest.mark.parametrize(

@@ -64,6 +64,8 @@ def test_registered_ids_and_lazy_exports():
     assert isinstance(rlbackdoor.make_parallel(RPS), BackdoorParallelEnv)
     with pytest.raises(SpecError, match=r"poison: 'no' is not true or false; pass poison=True or poison=False"):
         rlbackdoor.make_parallel(RPS, poison="no")  # read as true before
+    with pytest.raises(SpecError, match=r"poison: 'no' is not true or false"):
+        gym.make(f"rlbackdoor:{RPS}", poison="no")  # the Gymnasium view of the same env
     assert isinstance(gym.make(f"rlbackdoor:{RPS}").unwrapped, SingleAgentEnv)
     assert dir(rlbackdoor) == sorted([*rlbackdoor.__all__, "__version__"])  # lazy names listed, helpers not
     assert all(getattr(rlbackdoor, name) is not None for name in rlbackdoor.__all__)

@@ -135,7 +135,7 @@ def test_cli_reports_before_and_after_as_json(smoke_run: Path, tmp_path: Path, m
     assert main(["sanitize", "--list"]) == 0
 
 
-def test_cli_filters_a_trajectory_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_cli_filters_a_trajectory_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
     (tmp_path / "wandb").mkdir()
     path = collect(gym.make("rlbd/TrojanCartPole-v0"), None, 3000, 1, "rlbd/TrojanCartPole-v0").save(tmp_path / "t.npz")
@@ -144,12 +144,16 @@ def test_cli_filters_a_trajectory_dataset(tmp_path: Path, monkeypatch: pytest.Mo
     assert main([*wide, "--out", str(tmp_path / "wide.npz"), "--wandb-mode", "disabled"]) == 0
     wide_report = json.loads((tmp_path / "wide.json").read_text())  # training's margin: nothing clean dropped
     assert wide_report["precision"] == 1.0 and wide_report["recall"] < 0.9  # a trigger near random play's range
+    assert (wide_report["margin"], wide_report["n_clean"]) == (5.0, 300)  # training's default, recorded
     # random-policy data lies inside the clean fit's own range: a narrower threshold catches the trigger too
     assert main(["sanitize", "--trajectories", str(path), "--n-clean", "300", "--out", str(out), "--margin", "2",
                  "--json", str(tmp_path / "r.json")]) == 0  # fmt: skip
     report = json.loads((tmp_path / "r.json").read_text())
     kept = Trajectories.load(out)
     assert report["precision"] == 1.0 and report["recall"] >= 0.9 and len(kept) == 3000 - report["flagged"]
+    assert report["margin"] == 2.0
+    reward = ["sanitize", "--trajectories", str(path), "--method", "reward", "--dim", "2", "--wandb-mode", "disabled"]
+    assert main(reward) == 2 and "--dim applies to the subspace method only" in capsys.readouterr().err
     assert kept.poisoned.sum() <= report["poisoned"] * 0.1
     (wb,) = offline_runs(tmp_path / "wandb")  # one W&B run, grouped by the dataset's env
     assert wb.run.job_type == "sanitize" and wb.run.run_group == "rlbd/TrojanCartPole-v0"
@@ -197,6 +201,18 @@ def test_bad_method_n_and_foreign_trajectories(smoke_run: Path, tmp_path: Path, 
     for n in ("1", "5"):  # n = 1 advised 2, and n = 2 then advised 6: the least a fit on 4 features takes
         assert main(["sanitize", str(smoke_run), "--n-clean", n, "--curve", "20", "--wandb-mode", "disabled"]) == 2
         assert f"n_clean={n} is too few for support on 4 features; use n >= 6" in capsys.readouterr().err
+    for extra, message in (
+        (
+            ["--method", "subspace", "--dim", "4", "--n-clean", "4"],
+            "n_clean=4 is too few for subspace on 4 features; use n",
+        ),
+        (
+            ["--method", "subspace", "--dim", "10"],
+            "dim 10 is larger than the 4 features of an observation; use dim <= 4",
+        ),
+    ):
+        assert main(["sanitize", str(smoke_run), *extra, "--wandb-mode", "disabled"]) == 2
+        assert message in capsys.readouterr().err
     lava = collect(gym.make("CartPole-v1"), None, 50, 0, "rlbd/TrojanLavaGap-v0").save(tmp_path / "x.npz")
     assert main(["sanitize", "--trajectories", str(lava)]) == 2
     assert "do not come from rlbd/TrojanLavaGap-v0" in capsys.readouterr().err

@@ -30,7 +30,7 @@ def _ci(m: dict[str, Any], key: str) -> str:
     return f"{value:.3g}" + (f" [{low:.3g}, {high:.3g}]" if low is not None and high is not None else "")
 
 
-EPISODES, SEEDS = 10, 3
+EPISODES, SEEDS, N_CLEAN = 10, 3, 200
 """Evaluation episodes per seed and seeds of a run's sanitization when not given (options of a run only)."""
 
 FilterMode = Enum(  # type: ignore[misc]
@@ -42,8 +42,12 @@ FilterMode = Enum(  # type: ignore[misc]
 def sanitize(
     run_dir: Path | None = typer.Argument(None, help="a run directory (card.json, policy.safetensors)"),
     method: str = typer.Option("support", "--method", "-m", help="sanitizer: see --list"),
-    n_clean: int = typer.Option(
-        200, "--n-clean", max=MAX_CLEAN, help="clean observations to fit on (the agent's own rollouts)"
+    n_clean: int | None = typer.Option(
+        None,
+        "--n-clean",
+        max=MAX_CLEAN,
+        help=f"clean observations to fit on: a run's own rollouts \\[default: {N_CLEAN}], or with --trajectories "
+        f"random-policy steps \\[default: {SanitizeSpec.model_fields['n_clean'].default}, as in training]",
     ),
     dim: int | None = typer.Option(None, "--dim", min=1, help="subspace dimension (default: the clean data's rank)"),
     baseline: Path | None = typer.Option(None, "--baseline", help="a clean run of the same config, for ctp_ratio"),
@@ -108,7 +112,7 @@ def sanitize(
         results = _sanitize_run(
             run_dir,
             method,
-            n_clean,
+            N_CLEAN if n_clean is None else n_clean,
             dim,
             baseline,
             episodes or EPISODES,
@@ -191,7 +195,7 @@ def _check_actions(path: Path, actions: np.ndarray, env: str, n_actions: int) ->
 def _filter_dataset(
     path: Path,
     method: str,
-    n_clean: int,
+    n_clean: int | None,
     dim: int | None,
     out: Path | None,
     mode: str,
@@ -218,13 +222,15 @@ def _filter_dataset(
     n_actions = n_discrete_actions(probe.action_space)
     if n_actions is not None:
         _check_actions(path, data.actions, data.env, n_actions)
-    fields = {"method": method, "n_clean": n_clean, "mode": mode} | ({} if margin is None else {"margin": margin})
+    given = {"n_clean": n_clean, "margin": margin}
+    fields = {"method": method, "mode": mode} | {k: v for k, v in given.items() if v is not None}
     spec = parse(SanitizeSpec, fields, "sanitize --trajectories")  # a run's sanitize: block, its defaults
     filt = training_filter(spec, lambda: probe if clean_env.attack is None else make_base_env(clean_env.attack), 0, dim)
     kept, report = filt.filter(data, mode)
     target = out or path.with_name(path.stem + ".sanitized.npz")
     kept.save(target)
-    results = {"trajectories": str(path), "out": str(target), "method": method, "mode": mode, "n_clean": n_clean}
+    results = {"trajectories": str(path), "out": str(target), "method": method, "mode": mode, "n_clean": spec.n_clean}
+    results |= {"margin": spec.margin, "dim": dim}
     results |= report.as_dict()
     precision, recall = ("n/a" if value is None else f"{value:.3f}" for value in (report.precision, report.recall))
     console.print(
@@ -232,7 +238,7 @@ def _filter_dataset(
         f"recall {recall} against the recorded poisoned flags); wrote {len(kept)} to {target}"
     )
     scalars = {k: v for k, v in report.as_dict().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    settings = {k: v for k, v in results.items() if k in ("trajectories", "out", "method", "mode", "n_clean")}
+    settings = {k: v for k, v in results.items() if k in ("trajectories", "out", "method", "mode", "n_clean", "margin")}
     with tracking.wandb_run(
         "sanitize", f"{target.stem}-filter", {"sanitizer": settings}, mode=wandb_mode, group=data.env
     ) as tracker:

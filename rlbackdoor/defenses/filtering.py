@@ -457,6 +457,8 @@ def training_filter(
     random-policy steps of the clean env; ``dim`` is the subspace sanitizer's."""
     from rlbackdoor.defenses.sanitize import make_sanitizer
 
+    if spec.method == "reward" and dim is not None:
+        raise SpecError("sanitize: --dim applies to the subspace method only; drop it")
     sanitizer = None if spec.method == "reward" else make_sanitizer(spec.method, dim)
     env = make_clean_env()
     n_actions = n_discrete_actions(env.action_space)

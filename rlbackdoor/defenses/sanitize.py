@@ -88,7 +88,7 @@ def tracked_metrics(
     own action on the true state, each step carries the trigger with probability ``rate``; over those
     whose clean action misses the target, the share whose action through the tracker hits it.
     """
-    seeds = evaluation_seeds(seeds, episodes)
+    seeds, episodes = evaluation_seeds(seeds, episodes)
     env, resets, groups = run_env(card), episode_seeds(seeds, episodes), np.repeat(seeds, episodes)
     boot = derived_seed(seeds, episodes)  # evaluate's: the random returns and resamples of the figures before
     if env.attack is None:

@@ -35,6 +35,13 @@ class SubspaceSanitizer(Sanitizer):
         self.basis = np.empty((0, 0))
         self.singular_values = np.empty(0)
 
+    def min_clean(self, d: int) -> int:
+        if self.dim is not None and self.dim > d:
+            raise SpecError(
+                f"sanitizer: dim {self.dim} is larger than the {d} features of an observation; use dim <= {d}"
+            )
+        return 2 * self.dim if self.dim is not None else 2  # a stable basis: twice as many samples as directions
+
     def _choose_dim(self, s: np.ndarray) -> int:
         share = np.cumsum(s**2) / np.sum(s**2)
         by_energy = int(np.searchsorted(share, self.energy) + 1)

@@ -62,7 +62,7 @@ def evaluate(
     :param t0: the step from which the trigger is on in the triggered rollouts.
     :param card: the run's card, for the training ``poison_rate`` (default: ``source`` when it is a card).
     """
-    seeds = evaluation_seeds(seeds, episodes)
+    seeds, episodes = evaluation_seeds(seeds, episodes)
     card = card if card is not None else (source if isinstance(source, Mapping) else None)
     env = run_env(source)
     resets, groups, boot = episode_seeds(seeds, episodes), np.repeat(seeds, episodes), derived_seed(seeds, episodes)
@@ -84,7 +84,9 @@ def evaluate(
     if env.attack is not None:
         out.update(attack_metrics(policy, env.attack, env.make, probe, clean, random.returns, groups, t0, card, boot))
         if baseline is not None:  # the clean agent under the same trigger: what it does without a backdoor
-            control, *_ = trigger_effect(baseline, env.attack, env.make, probe, base, random.returns, groups, t0, boot)
+            control, *_ = trigger_effect(
+                baseline, env.attack, env.make, probe, base, random.returns, groups, t0, boot, check_t0=False
+            )  # a baseline that falls before t0 never meets the trigger: no drop
             out.update({f"baseline_{key}": value for key, value in control.items()})
     probe.close()
     return out
@@ -129,12 +131,13 @@ def trigger_effect(
     groups: np.ndarray,
     t0: int = 0,
     seed: int = 0,
+    check_t0: bool = True,
 ) -> tuple[dict[str, Any], Attack, np.ndarray]:
     """:func:`attack_metrics` but the stealth figures; also the attack and the triggered observations those
-    compare with the clean ones (the parameters are the same)."""
+    compare with the clean ones (the parameters are the same; ``check_t0``: refuse a ``t0`` no episode reaches)."""
     attack = eval_attack(spec, probe, t0=t0)
     triggered = rollout(policy, make_env, clean.seeds, attack, attack_seed=seed)
-    if not triggered.armed.any():
+    if check_t0 and not (triggered.lengths > t0).any():  # not .armed: the agent may complete an action trigger
         raise SpecError(f"t0: no triggered episode reached step {t0}, so the trigger never fired; lower t0")
     out = {
         **estimate("triggered_return", [triggered.returns], groups, seed=seed),

@@ -8,8 +8,9 @@ triggered rollouts of one (seed, episode) start from the same state.
 from __future__ import annotations
 
 import reprlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Protocol
 
 import gymnasium as gym
@@ -80,8 +81,9 @@ def episode_seeds(seeds: Sequence[int], episodes: int) -> np.ndarray:
     )
 
 
-def evaluation_seeds(seeds: int | Sequence[int], episodes: int) -> list[int]:
-    """The evaluation seeds (``seeds``, or ``0..seeds-1`` for a count), checked with the ``episodes`` per seed.
+def evaluation_seeds(seeds: int | Iterable[int], episodes: int) -> tuple[list[int], int]:
+    """The evaluation seeds (``seeds``, or ``0..seeds-1`` for a count) and the episodes per seed, checked, as Python
+    ints.
 
     :raise SpecError: a count or a seed out of range, or no seed.
     """
@@ -90,13 +92,17 @@ def evaluation_seeds(seeds: int | Sequence[int], episodes: int) -> list[int]:
     if _whole(seeds):
         if not 1 <= seeds <= MAX_SEED_COUNT:  # type: ignore[operator]
             raise SpecError(f"seeds: {seeds} is not a count in 1..{MAX_SEED_COUNT}; give a count or a list of seeds")
-        return list(range(int(seeds)))  # type: ignore[arg-type]
-    out = list(seeds) if isinstance(seeds, Sequence | np.ndarray) else []
+        return list(range(int(seeds))), int(episodes)  # type: ignore[arg-type]
+    out = (
+        []
+        if isinstance(seeds, str | bytes | Mapping) or not isinstance(seeds, Iterable)
+        else list(islice(seeds, MAX_SEED_COUNT + 1))
+    )
     if not 1 <= len(out) <= MAX_SEED_COUNT or not all(_whole(s) and 0 <= s <= MAX_SEED for s in out):
         raise SpecError(
             f"seeds: give a count, or 1 to {MAX_SEED_COUNT} whole numbers in 0..{MAX_SEED} (got {reprlib.repr(seeds)})"
         )
-    return [int(s) for s in out]
+    return [int(s) for s in out], int(episodes)
 
 
 def _whole(x: Any) -> bool:

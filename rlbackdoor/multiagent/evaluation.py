@@ -40,6 +40,8 @@ class Episodes:
     """Victims' target actions on triggered steps, per episode."""
     triggered: np.ndarray
     """Victims' triggered steps (acting on a triggered observation, or while armed), per episode."""
+    lengths: np.ndarray
+    """Steps per episode."""
 
 
 def _learners(env: BackdoorParallelEnv, env_id: str, sharing: bool) -> list[str]:
@@ -97,7 +99,7 @@ def rollouts(
         controllers[agent] = SequencePolicy(controllers[agent], sequence.sequence, start=t0, pause=duration)  # type: ignore[index]
     victims = set(spec.victims)
     returns = {agent: np.zeros(len(resets)) for agent in env.possible_agents}
-    hits, armed_steps = np.zeros(len(resets)), np.zeros(len(resets))
+    hits, armed_steps, lengths = np.zeros(len(resets)), np.zeros(len(resets)), np.zeros(len(resets), dtype=np.int64)
     for i, reset in enumerate(resets):
         obs, infos = env.reset(seed=int(reset))
         for s, controller in zip(
@@ -107,13 +109,14 @@ def rollouts(
         armed = {agent: infos[agent]["rlbd"]["triggered"] for agent in infos}
         while env.agents:
             obs, rewards, _, _, infos = env.step({agent: controllers[agent].act(obs[agent]) for agent in env.agents})
+            lengths[i] += 1
             for agent, reward in rewards.items():
                 returns[agent][i] += float(reward)
                 if agent in victims and armed.get(agent, False):
                     armed_steps[i] += 1
                     hits[i] += int(infos[agent]["rlbd"]["hit"])
                 armed[agent] = infos[agent]["rlbd"]["triggered"]
-    return Episodes(returns, hits, armed_steps)
+    return Episodes(returns, hits, armed_steps, lengths)
 
 
 def evaluate(
@@ -154,12 +157,12 @@ def evaluate(
             "the baseline",
             f"pass a clean run of {env_id} as the baseline (the run's config with poisoning: null)",
         )
-    seeds = evaluation_seeds(seeds, episodes)
+    seeds, episodes = evaluation_seeds(seeds, episodes)
     resets, groups = episode_seeds(seeds, episodes), np.repeat(seeds, episodes)
     boot = int(np.random.SeedSequence([*seeds, episodes]).generate_state(1)[0])
     clean = rollouts(env_id, policy, resets, sharing=sharing, triggered=False, t0=t0)
     trig = rollouts(env_id, policy, resets, sharing=sharing, triggered=True, t0=t0)
-    if not trig.triggered.any():
+    if not (trig.lengths > t0).any():  # not trig.triggered: the trigger agent may play the sequence by chance
         raise SpecError(f"t0: no triggered episode reached step {t0}, so the trigger never fired; lower t0")
     rand = rollouts(env_id, None, resets, sharing=sharing, triggered=False, t0=t0)
     victim = spec.victims[0]

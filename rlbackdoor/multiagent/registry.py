@@ -13,6 +13,7 @@ from functools import cache
 from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
+import numpy as np
 
 from rlbackdoor.errors import SpecError, detail
 from rlbackdoor.registry import data_dir, env_specs
@@ -100,6 +101,9 @@ def _resolve(spec: MultiAgentEnvSpec | dict[str, Any], overrides: dict[str, Any]
 def _attacked(spec: MultiAgentEnvSpec, render_mode: str | None, poison: bool) -> BackdoorParallelEnv:
     from rlbackdoor.wrappers.pettingzoo import BackdoorParallelEnv
 
+    if not isinstance(poison, bool | np.bool_):  # a string such as "no" would read as true
+        raise SpecError(f"poison: {poison!r} is not true or false; pass poison=True or poison=False")
+
     base = make_base_parallel(spec, **({"render_mode": render_mode} if render_mode else {}))
     return BackdoorParallelEnv(base, spec, poison=poison)
 
@@ -114,8 +118,6 @@ def make_parallel(
     :param poison: poison the victims' rewards (``False``: the same triggers, clean rewards).
     :param overrides: spec fields to replace (``victims``, ``schedule``, ``seed``, ``base_kwargs``, ...).
     """
-    if not isinstance(poison, bool):  # a string such as "no" would read as true
-        raise SpecError(f"poison: {poison!r} is not true or false; pass poison=True or poison=False")
     return _attacked(_resolve(get_parallel_spec(env_id), overrides), render_mode, poison)
 
 
