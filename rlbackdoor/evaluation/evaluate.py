@@ -10,7 +10,6 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from rlbackdoor.attack import Attack
 from rlbackdoor.errors import ArtifactError, SpecError
 from rlbackdoor.evaluation.envs import Source, action_history, eval_attack, run_env
 from rlbackdoor.evaluation.metrics import ctp_ratio, observation_asr, return_drop, sequence_asr, stealth
@@ -84,9 +83,9 @@ def evaluate(
     if env.attack is not None:
         out.update(attack_metrics(policy, env.attack, env.make, probe, clean, random.returns, groups, t0, card, boot))
         if baseline is not None:  # the clean agent under the same trigger: what it does without a backdoor
-            control, *_ = trigger_effect(
-                baseline, env.attack, env.make, probe, base, random.returns, groups, t0, boot, check_t0=False
-            )  # a baseline that falls before t0 never meets the trigger: no drop
+            control = attack_metrics(
+                baseline, env.attack, env.make, probe, base, random.returns, groups, t0, seed=boot, control=True
+            )
             out.update({f"baseline_{key}": value for key, value in control.items()})
     probe.close()
     return out
@@ -103,6 +102,7 @@ def attack_metrics(
     t0: int = 0,
     card: Mapping[str, Any] | None = None,
     seed: int = 0,
+    control: bool = False,
 ) -> dict[str, Any]:
     """``triggered_return``, ``return_drop``, ``asr`` (targeted payloads) and the stealth figures.
 
@@ -113,31 +113,15 @@ def attack_metrics(
     :param clean: the agent's clean rollouts; the triggered ones reuse their episode seeds.
     :param random_returns: a random policy's returns on the same episode seeds.
     :param groups: evaluation seed of each episode.
-    :param t0: the step from which the trigger is on in the triggered rollouts.
+    :param t0: the step from which the trigger is on in the triggered rollouts (refused if no episode reaches it).
     :param card: the run's card, for the training ``poison_rate``.
     :param seed: seeds the attack's draws and the bootstrap.
+    :param control: ``policy`` is a clean baseline, the control of these metrics: no stealth figures, and no
+        refusal of ``t0`` (a baseline that falls before it never meets the trigger).
     """
-    out, attack, triggered_obs = trigger_effect(policy, spec, make_env, probe, clean, random_returns, groups, t0, seed)
-    return out | stealth(attack.trigger, spec.payload, clean.obs, triggered_obs, card, seed)
-
-
-def trigger_effect(
-    policy: Policy,
-    spec: AttackSpec,
-    make_env: Callable[[], gym.Env],
-    probe: gym.Env,
-    clean: Rollouts,
-    random_returns: np.ndarray,
-    groups: np.ndarray,
-    t0: int = 0,
-    seed: int = 0,
-    check_t0: bool = True,
-) -> tuple[dict[str, Any], Attack, np.ndarray]:
-    """:func:`attack_metrics` but the stealth figures; also the attack and the triggered observations those
-    compare with the clean ones (the parameters are the same; ``check_t0``: refuse a ``t0`` no episode reaches)."""
     attack = eval_attack(spec, probe, t0=t0)
     triggered = rollout(policy, make_env, clean.seeds, attack, attack_seed=seed)
-    if check_t0 and not (triggered.lengths > t0).any():  # not .armed: the agent may complete an action trigger
+    if not control and not (triggered.lengths > t0).any():  # not .armed: the agent may complete an action trigger
         raise SpecError(f"t0: no triggered episode reached step {t0}, so the trigger never fired; lower t0")
     out = {
         **estimate("triggered_return", [triggered.returns], groups, seed=seed),
@@ -153,7 +137,9 @@ def trigger_effect(
         triggered_obs = injected.obs[injected.armed & ~injected.injected]
         if targeted:
             out.update(sequence_asr(policy, attack.payload, injected, action_history(probe), groups, seed))
-    return out, attack, triggered_obs
+    if control:
+        return out
+    return out | stealth(attack.trigger, spec.payload, clean.obs, triggered_obs, card, seed)
 
 
 def check_card(run_dir: str | Path, card: Mapping[str, Any]) -> None:
