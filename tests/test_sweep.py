@@ -204,6 +204,20 @@ def test_bad_out_paths_are_refused_before_any_run(tmp_path: Path, capsys: pytest
         assert f"--out {out}: {message}" in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_seed_of_a_grid_and_relative_configs_outside_their_folder_are_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    grid = ROOT / "configs" / "sweeps" / "cartpole_smoke_grid.yaml"
+    monkeypatch.chdir(ROOT)
+    assert main(["sweep", str(grid), "--seed", "3", "--out", str(tmp_path / "o")]) == 2  # it was ignored
+    assert (
+        "--seed seeds the draws of a random sweep; a grid sweep draws nothing: drop --seed" in capsys.readouterr().err
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", str(grid)]) == 2
+    assert f"does not exist (from {tmp_path}: commands run in the current folder); fix" in capsys.readouterr().err
+
+
 def test_repository_sweep_files_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)  # their commands name configs relative to the repository
     for path in sorted((ROOT / "configs" / "sweeps").glob("*.yaml")):

@@ -156,7 +156,8 @@ class Sweep:
         kind, config = self._target()
         load = load_experiment if kind == "train" else load_bench
         if not config.is_file():
-            raise SpecError(f"{self.path}: the command's config {config} does not exist; fix the path")
+            where = "" if Path(config).is_absolute() else f" (from {Path.cwd()}: commands run in the current folder)"
+            raise SpecError(f"{self.path}: the command's config {config} does not exist{where}; fix the path")
         base = load(config)
         algos = [a for a in ALGOS if a == getattr(base, "algo", None) or a in map(str, self._values("algo"))]
         for name, spec in self.parameters.items():

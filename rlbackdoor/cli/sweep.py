@@ -20,7 +20,7 @@ def sweep(
     out: Path | None = typer.Option(
         None, help="folder for runs.jsonl and run logs \\[default: runs/sweeps/<name>/<timestamp>-<pid>]"
     ),
-    seed: int = typer.Option(0, min=0, help="seeds the random draws"),
+    seed: int | None = typer.Option(None, min=0, help="seeds a random sweep's draws \\[default: 0]"),
     workers: int = typer.Option(1, min=1, help="runs at a time"),
     backend: str = typer.Option("local", help="local (process pool) | ray"),
     ray_address: str | None = typer.Option(None, help="an existing Ray cluster (host:port); default: a local one"),
@@ -30,6 +30,8 @@ def sweep(
     from rlbackdoor.training.loop import default_run_dir
 
     spec = Sweep(path)  # read and checked once, before anything is written
+    if seed is not None and spec.method == "grid":
+        raise SpecError("--seed seeds the draws of a random sweep; a grid sweep draws nothing: drop --seed")
     target = out or default_run_dir(spec.name, Path("runs") / "sweeps")
     check_out_dir(target, "--out" if out is not None else "sweep folder")
     if (target / "runs.jsonl").exists():
@@ -39,7 +41,7 @@ def sweep(
         status = "ok" if record.get("returncode") == 0 else f"failed (exit {record.get('returncode')})"
         typer.echo(f"run {record['index']}: {record['command']}: {status}", err=True)
 
-    records = run_sweep(spec, target, count, seed, workers, backend, ray_address, progress)
+    records = run_sweep(spec, target, count, seed or 0, workers, backend, ray_address, progress)
     failed = sum(r.get("returncode") != 0 for r in records)
     typer.echo(f"{len(records)} runs, {failed} failed; log in {target / 'runs.jsonl'}")
     if failed:
