@@ -381,7 +381,7 @@ def format_validation_error(err: ValidationError, source: str, overrides: Sequen
     for e in err.errors():
         msg, path = e["msg"].removeprefix("Value error, "), _field_path(e["loc"])
         hint = _FIELD_HINTS.get((path, e["type"]), _HINTS.get(e["type"]))
-        where = next((f"--set {item}" for item in reversed(overrides) if _sets(item, path)), source)  # the last wins
+        where = next((f"--set {o.removeprefix('--')}" for o in reversed(overrides) if _sets(o, path)), source)
         parts.append(f"{where}: {path}: {msg}" + (f" (fix: {hint})" if hint else ""))
     return "; ".join(parts)
 

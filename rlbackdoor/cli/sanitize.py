@@ -31,7 +31,8 @@ def _ci(m: dict[str, Any], key: str) -> str:
 
 
 EPISODES, SEEDS, N_CLEAN = 10, 3, 200
-"""Evaluation episodes per seed and seeds of a run's sanitization when not given (options of a run only)."""
+"""A run's sanitization when not given: evaluation episodes per seed, seeds, clean observations (a dataset's filter
+takes :class:`~rlbackdoor.specs.SanitizeSpec`'s defaults instead)."""
 
 FilterMode = Enum(  # type: ignore[misc]
     "FilterMode", [(m, m) for m in get_args(SanitizeSpec.model_fields["mode"].annotation)], type=str
