@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from rlbackdoor.errors import SpecError
+from rlbackdoor.evaluation.evaluate import derived_seed
 from rlbackdoor.evaluation.metrics import ctp_ratio, return_drop
 from rlbackdoor.evaluation.rollouts import episode_seeds, evaluation_seeds
 from rlbackdoor.evaluation.stats import estimate, iqm, proportion
@@ -159,7 +160,7 @@ def evaluate(
         )
     seeds, episodes = evaluation_seeds(seeds, episodes)
     resets, groups = episode_seeds(seeds, episodes), np.repeat(seeds, episodes)
-    boot = int(np.random.SeedSequence([*seeds, episodes]).generate_state(1)[0])
+    boot = derived_seed(seeds, episodes)
     clean = rollouts(env_id, policy, resets, sharing=sharing, triggered=False, t0=t0)
     trig = rollouts(env_id, policy, resets, sharing=sharing, triggered=True, t0=t0)
     if not (trig.lengths > t0).any():  # not trig.triggered: the trigger agent may play the sequence by chance

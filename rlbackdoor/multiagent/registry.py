@@ -103,7 +103,6 @@ def _attacked(spec: MultiAgentEnvSpec, render_mode: str | None, poison: bool) ->
 
     if not isinstance(poison, bool | np.bool_):  # a string such as "no" would read as true
         raise SpecError(f"poison: {poison!r} is not true or false; pass poison=True or poison=False")
-
     base = make_base_parallel(spec, **({"render_mode": render_mode} if render_mode else {}))
     return BackdoorParallelEnv(base, spec, poison=poison)
 
