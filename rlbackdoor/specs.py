@@ -386,9 +386,14 @@ def format_validation_error(err: ValidationError, source: str, overrides: Sequen
     return "; ".join(parts)
 
 
+def override_key(override: str) -> str:
+    """The ``key.path`` an override (``key.path=value``, or W&B's ``--key.path=value``) sets."""
+    return override.removeprefix("--").partition("=")[0]
+
+
 def _sets(override: str, path: str) -> bool:
     """Whether ``override`` (``key.path=value``) set the field ``path``, or a mapping holding it or held by it."""
-    key = override.removeprefix("--").partition("=")[0]
+    key = override_key(override)
     return key == path or path.startswith(f"{key}.") or key.startswith(f"{path}.")
 
 

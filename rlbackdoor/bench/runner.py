@@ -23,9 +23,11 @@ from rlbackdoor.bench.backends import check_backend, make_backend
 from rlbackdoor.bench.cells import METRICS, RUNS, SOURCE, init_worker, run_cell
 from rlbackdoor.bench.matrix import Cell
 from rlbackdoor.errors import ArtifactError, RlbdError
-from rlbackdoor.jsonfile import loads, read_bytes
+from rlbackdoor.jsonfile import loads, read_bytes, read_json
 
 RESULTS = "results.jsonl"
+BENCH = "bench.json"
+"""The bench's config and cells, as the last run into the folder expanded them."""
 ATTEMPTS = 2
 """Tries of a cell before it is recorded as failed."""
 MAX_RESULTS_BYTES = 256 * 2**20
@@ -232,7 +234,7 @@ def run_bench(
     read_results(root / RESULTS)  # a results file that cannot be read fails before anything is written
     _check_same_bench(root, spec.name)
     root.mkdir(parents=True, exist_ok=True)
-    write_json(root / "bench.json", {"config": spec.model_dump(mode="json"), "cells": [asdict(c) for c in cells]})
+    write_json(root / BENCH, {"config": spec.model_dump(mode="json"), "cells": [asdict(c) for c in cells]})
     summary = run_cells(cells, root, workers, backend, ray_address, on_record)
     files = write_report(spec, cells, root, mode, wandb_project)
     return summary, files
@@ -241,12 +243,10 @@ def run_bench(
 def _check_same_bench(root: Path, name: str) -> None:
     """Refuse a folder that holds another bench's results (a rerun of the same bench, extended or not, may add to
     it: its finished cells are skipped)."""
-    from rlbackdoor.jsonfile import read_json
-
-    if not (root / "bench.json").is_file():
+    if not (root / BENCH).is_file():
         return
     try:
-        earlier = read_json(root / "bench.json", MAX_RESULTS_BYTES)["config"]["name"]
+        earlier = read_json(root / BENCH, MAX_RESULTS_BYTES)["config"]["name"]
     except (RlbdError, KeyError, TypeError):  # a damaged record of the earlier bench: it is rewritten
         return
     if earlier != name:

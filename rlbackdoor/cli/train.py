@@ -18,7 +18,7 @@ import typer
 
 from rlbackdoor.errors import SpecError
 from rlbackdoor.jsonfile import loads
-from rlbackdoor.specs import ExperimentSpec, SanitizeSpec, load_experiment, locate
+from rlbackdoor.specs import ExperimentSpec, SanitizeSpec, load_experiment, locate, override_key
 
 CONTEXT = {"ignore_unknown_options": True, "allow_extra_args": True}
 
@@ -107,9 +107,7 @@ def train(
         raise SpecError(f"--out {out}: a resumed run goes on in its own directory, {resume}; drop --out")
     overrides = [*set_, *sweep_overrides(ctx.args, ExperimentSpec.model_fields)]
     if sanitize is not None:
-        clash = next(
-            (o for o in overrides if o.removeprefix("--").partition("=")[0] in ("sanitize", "sanitize.method")), None
-        )
+        clash = next((o for o in overrides if override_key(o) in ("sanitize", "sanitize.method")), None)
         if clash is not None:
             raise SpecError(f"--sanitize {sanitize.value} and --set {clash} both set the sanitizer; keep one")
         overrides.append(f"sanitize.method={sanitize.value}")
